@@ -1,0 +1,106 @@
+"""Shared test fixtures: real vLLM source releases (downloaded once per run into a
+cache, sha256 checked) and real git upstreams made with gitpython."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tarfile
+import urllib.request
+from pathlib import Path
+
+import git
+
+# sha256 of the real sdists on the package index
+VLLM_SDISTS = {
+    "0.19.0": "81e59cf87175e7a62eb8d9acf5989484bbd17089d5eface353f89067bda282d9",
+    "0.20.0": "a6d50152936ee292455af3ffbe359f7a284ac43bf3b68caccf29f368e196cc72",
+    "0.21.0": "05ff89c3e926b88b77d7878e317a659ffba678afc21c1d48952037aa5457f058",
+    "0.23.0": "760269db3d9611e12e524681df1bca0977d5d2f5fcb4481cc34d33efc4ae7ff5",
+}
+
+
+def test_cache_dir() -> Path:
+    d = Path(os.environ.get("STACKBUILD_TEST_CACHE", Path.home() / ".cache" / "stackbuild-tests"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def vllm_sdist(version: str) -> Path:
+    """The real vLLM sdist from the package index, downloaded once into the test cache."""
+    sha = VLLM_SDISTS[version]
+    dest = test_cache_dir() / f"vllm-{version}.tar.gz"
+    if dest.exists() and _sha256(dest) == sha:
+        return dest
+    import json
+
+    req = urllib.request.Request(
+        "https://pypi.org/simple/vllm/",
+        headers={"Accept": "application/vnd.pypi.simple.v1+json"},
+    )
+    with urllib.request.urlopen(req, timeout=60) as r:
+        files = json.load(r)["files"]
+    url = next(f["url"] for f in files if f["filename"] == f"vllm-{version}.tar.gz")
+    tmp = dest.with_suffix(".part")
+    with urllib.request.urlopen(url, timeout=300) as r, open(tmp, "wb") as out:
+        shutil.copyfileobj(r, out)
+    if _sha256(tmp) != sha:
+        tmp.unlink()
+        raise RuntimeError(f"sha256 mismatch for vllm-{version}.tar.gz")
+    tmp.replace(dest)
+    return dest
+
+
+def vllm_tree(version: str) -> Path:
+    """The extracted pristine vLLM source release (read-only by convention: copy it
+    before changing anything)."""
+    root = test_cache_dir() / "trees"
+    tree = root / f"vllm-{version}"
+    if (tree / "pyproject.toml").exists():
+        return tree
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".vllm-{version}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    with tarfile.open(vllm_sdist(version)) as tf:
+        tf.extractall(tmp, filter="data")
+    (tmp / f"vllm-{version}").rename(tree)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tree
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def make_upstream_repo(path: Path, files: dict[str, str], tag: str | None = "v1.0") -> git.Repo:
+    """A real git repository with one commit holding `files` (and `tag` on it)."""
+    path.mkdir(parents=True, exist_ok=True)
+    repo = git.Repo.init(path, initial_branch="main")
+    with repo.config_writer() as cw:
+        cw.set_value("user", "name", "Upstream")
+        cw.set_value("user", "email", "upstream@example.com")
+    for rel, text in files.items():
+        p = path / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+    repo.index.add(list(files))
+    repo.index.commit("initial")
+    if tag:
+        repo.create_tag(tag)
+    return repo
+
+
+def commit_files(repo: git.Repo, files: dict[str, str], message: str) -> str:
+    root = Path(repo.working_tree_dir or ".")
+    for rel, text in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+    repo.index.add(list(files))
+    return repo.index.commit(message).hexsha
