@@ -1,0 +1,183 @@
+"""The command line: parse, call a domain function, render its result. Nothing else.
+
+Exit codes: 0 ok, 1 a check failed, 2 bad input, 3 internal bug (with a log),
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform as _platform
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from stackbuild import __version__
+from stackbuild.errors import ExitCode, StackbuildError
+from stackbuild.report import Table, to_json
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Patch-and-build manager for vLLM on Intel XPU (Arc Pro B70, Lunar Lake).",
+    pretty_exceptions_enable=False,
+)
+
+_state: dict[str, Any] = {"debug": False}
+
+JsonOpt = typer.Option(False, "--json", help="Machine-readable output on stdout.")
+WorkdirOpt = typer.Option(None, "--workdir", help="Workspace directory (default: work/RECIPE).")
+
+
+def _progress(msg: str) -> None:
+    print(f"stackbuild: {msg}", file=sys.stderr, flush=True)
+
+
+def _emit(result: Any, as_json: bool) -> None:
+    if as_json:
+        print(to_json(result.to_dict()))
+    else:
+        for t in result.tables():
+            print(t.render())
+            print()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+) -> None:
+    _state["debug"] = debug
+    if version:
+        print(f"stackbuild {__version__}")
+        raise typer.Exit(0)
+
+
+@app.command("list")
+def list_cmd(as_json: bool = JsonOpt) -> None:
+    """The recipes, one line each."""
+    from stackbuild.recipe import list_recipe_names, load_recipe
+
+    rows = []
+    for name in list_recipe_names():
+        r = load_recipe(name)
+        srcs = ", ".join(s.requirement or s.url or s.path or s.name for s in r.sources if s.name in r.patched_sources)
+        rows.append({"name": r.name, "platform": r.platform.name, "sources": srcs,
+                     "patches": len(r.patches), "description": r.description})
+    if as_json:
+        print(to_json(rows))
+        return
+    print(Table("", ("recipe", "platform", "patched", "patches", "description"),
+                tuple((x["name"], x["platform"], x["sources"], str(x["patches"]), x["description"]) for x in rows)).render())
+
+
+@app.command()
+def show(recipe: str = typer.Argument(..., help="Recipe name or path."), as_json: bool = JsonOpt) -> None:
+    """The resolved recipe (extends applied)."""
+    from stackbuild.recipe import load_recipe
+
+    r = load_recipe(recipe)
+    d = r.to_dict()
+    if as_json:
+        print(to_json(d))
+        return
+    print(f"{r.name}  ({r.path})")
+    if r.extends:
+        print(f"extends: {' -> '.join(r.extends)}")
+    print(f"platform: {r.platform.name} - {r.platform.product}, {r.platform.device_count} x {r.platform.memory_gb_per_device} GB, "
+          f"{r.platform.memory_model.value} memory, TP {r.platform.tensor_parallel}")
+    print(f"sha256: {r.sha256}")
+    print(Table("sources", ("name", "pin"), tuple((s.name, s.describe()) for s in r.sources)).render())
+    print(Table("patches (series order)", ("#", "patch", "source", "from"),
+                tuple((str(i + 1), p.name, p.source, p.file or (f"{p.from_source}:{p.path}" if p.from_source else f"{p.release}: {', '.join(p.files)}"))
+                      for i, p in enumerate(r.patches))).render())
+    if r.pins:
+        print(Table("pins", ("package", "pin", "note"),
+                    tuple((p.name, p.spec or p.url or "", p.override or (f"index {p.index}" if p.index else "")) for p in r.pins)).render())
+    env = dict(r.environment.vars)
+    if env:
+        print("environment: " + " ".join(f"{k}={v}" for k, v in env.items()))
+
+
+@app.command()
+def apply(
+    recipe: str = typer.Argument(..., help="Recipe name or path."),
+    workdir: Path | None = WorkdirOpt,
+    force: bool = typer.Option(False, "--force", help="Rebuild even when the inputs are unchanged."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; fetch and apply nothing."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Fetch the pinned sources and apply the patch series, with a verdict per patch."""
+    from stackbuild.recipe import load_recipe
+    from stackbuild.workspace import apply_recipe
+
+    r = load_recipe(recipe)
+    result = apply_recipe(r, workdir, progress=None if as_json else _progress, force=force, dry_run=dry_run)
+    if dry_run and not as_json:
+        print("\n".join(result.plan))
+        return
+    _emit(result, as_json)
+    if not result.ok and not as_json:
+        print(f"stackbuild: error: {result.message}", file=sys.stderr)
+    raise typer.Exit(result.exit_code)
+
+
+def _log_crash(exc: BaseException) -> Path:
+    from stackbuild.cache import cache_dir
+
+    try:
+        d = cache_dir() / "logs"
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        d = Path(os.environ.get("TMPDIR", "/tmp"))
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = d / f"crash-{stamp}-{os.getpid()}.log"
+    path.write_text(
+        f"stackbuild {__version__}\npython {sys.version}\nplatform {_platform.platform()}\n"
+        f"argv {sys.argv}\n\n" + "".join(traceback.format_exception(exc))
+    )
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        rc = app(args=argv, standalone_mode=False)
+        return int(rc) if isinstance(rc, int) else 0
+    except SystemExit as e:  # typer.Exit inside standalone_mode=False
+        return int(e.code or 0)
+    except KeyboardInterrupt:
+        print("stackbuild: interrupted; nothing was swapped in", file=sys.stderr)
+        return int(ExitCode.INTERRUPTED)
+    except StackbuildError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"stackbuild: error: {e.render()}", file=sys.stderr)
+        return int(e.exit_code)
+    except Exception as e:  # noqa: BLE001 - the one place that catches everything
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            return 2
+        if isinstance(e, click.exceptions.Exit):
+            return int(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            return int(ExitCode.INTERRUPTED)
+        if debug:
+            traceback.print_exc()
+        log = _log_crash(e)
+        print(f"stackbuild: internal error: {type(e).__name__}: {e}\n  this is a bug; details in {log}", file=sys.stderr)
+        return int(ExitCode.INTERNAL)
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,584 @@
+"""Patches: parsing the forms they come in, and applying them with a verdict each.
+
+Parsing accepts what real patches look like and is safe to accept: CRLF line endings,
+hunk headers whose line counts were edited by hand (recounted), plain `diff -u`
+output without git headers, extra leading path components (diffs made against an
+installed site-packages), `git format-patch` mbox series and gzip+base64 artifacts.
+Anything else is `malformed`, with the reason.
+
+Applying is done in memory against the files of a tree: each hunk must match exactly
+at its stated line or at an offset; fuzz (dropping context lines) is refused unless
+the recipe allows it for that patch, because fuzz is how applied-twice and
+wrong-place patches hide. A patch whose reverse applies is `already applied`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import gzip
+import hashlib
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path, PurePosixPath
+
+DEP3_FIELDS = (
+    "Description", "Subject", "Author", "From", "Origin", "Bug", "Forwarded",
+    "Applied-Upstream", "Last-Update", "Reviewed-By", "Signed-off-by",
+)
+
+_HUNK_RE = re.compile(r"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@(.*)$")
+_MBOX_FROM_RE = re.compile(r"^From [0-9a-f]{40} ")
+_DEV_NULL = "/dev/null"
+
+
+class PatchVerdict(str, Enum):
+    APPLIED = "applied"
+    APPLIED_OFFSET = "applied with offset"
+    APPLIED_FUZZ = "applied with fuzz"
+    ALREADY_APPLIED = "already applied"
+    CONFLICT = "conflict"
+    MALFORMED = "malformed"
+    MISSING_FILE = "missing file"
+    NOT_ATTEMPTED = "not attempted"
+
+    @property
+    def ok(self) -> bool:
+        return self in (
+            PatchVerdict.APPLIED,
+            PatchVerdict.APPLIED_OFFSET,
+            PatchVerdict.APPLIED_FUZZ,
+            PatchVerdict.ALREADY_APPLIED,
+        )
+
+
+class MalformedPatch(Exception):
+    """The text is not a patch we can apply safely; the message says why."""
+
+
+@dataclass(frozen=True)
+class Hunk:
+    old_start: int
+    old_len: int
+    new_start: int
+    new_len: int
+    lines: tuple[str, ...]  # each starts with ' ', '-' or '+' (no newline)
+    section: str = ""
+    no_newline_old: bool = False
+    no_newline_new: bool = False
+
+    @property
+    def old_lines(self) -> list[str]:
+        return [ln[1:] for ln in self.lines if ln[0] in " -"]
+
+    @property
+    def new_lines(self) -> list[str]:
+        return [ln[1:] for ln in self.lines if ln[0] in " +"]
+
+
+@dataclass(frozen=True)
+class FilePatch:
+    old_path: str | None  # None for a new file (after strip)
+    new_path: str | None  # None for a deleted file
+    hunks: tuple[Hunk, ...]
+    raw_old: str = ""
+    raw_new: str = ""
+    new_mode: str | None = None
+    is_rename: bool = False
+
+    @property
+    def path(self) -> str:
+        return self.new_path or self.old_path or ""
+
+    @property
+    def is_new(self) -> bool:
+        return self.old_path is None
+
+    @property
+    def is_delete(self) -> bool:
+        return self.new_path is None
+
+
+@dataclass(frozen=True)
+class ParsedPatch:
+    header: dict[str, str]
+    description: str
+    files: tuple[FilePatch, ...]
+    notes: tuple[str, ...] = ()  # what was repaired on the way (CRLF, recounts, ...)
+
+
+@dataclass(frozen=True)
+class ApplyOutcome:
+    verdict: PatchVerdict
+    detail: str
+    new_contents: dict[str, str | None] = field(default_factory=dict)  # path -> text (None: delete)
+    modes: dict[str, str] = field(default_factory=dict)
+    files: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+# ------------------------------------------------------------------ decoding
+
+
+def decode_patch_bytes(data: bytes, name: str = "") -> tuple[str, list[str]]:
+    """Bytes as found on disk -> patch text, undoing gzip and base64 wrappers."""
+    notes: list[str] = []
+    stripped = data.strip()
+    if name.endswith(".b64") or (stripped and _looks_base64(stripped)):
+        try:
+            data = base64.b64decode(b"".join(stripped.split()), validate=True)
+            notes.append("base64-decoded")
+        except (binascii.Error, ValueError) as e:
+            raise MalformedPatch(f"looks base64-encoded but does not decode: {e}") from None
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+            notes.append("gunzipped")
+        except (OSError, EOFError) as e:
+            raise MalformedPatch(f"gzip data is corrupt: {e}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = data.decode("latin-1")
+        notes.append("not UTF-8; read as latin-1")
+    if "\r\n" in text:
+        text = text.replace("\r\n", "\n")
+        notes.append("CRLF line endings normalised")
+    return text, notes
+
+
+def _looks_base64(data: bytes) -> bool:
+    head = data[:4096]
+    if b"\n---" in head or head.startswith((b"---", b"diff", b"From ", b"Index:")):
+        return False
+    return re.fullmatch(rb"[A-Za-z0-9+/=\s]+", head) is not None and data.startswith(b"H4sI")
+
+
+def split_mbox(text: str) -> list[str]:
+    """A `git format-patch` series (several mails in one file) -> one text per commit."""
+    lines = text.split("\n")
+    starts = [i for i, ln in enumerate(lines) if _MBOX_FROM_RE.match(ln)]
+    if len(starts) <= 1:
+        return [text]
+    return ["\n".join(lines[a:b]) for a, b in zip(starts, [*starts[1:], len(lines)])]
+
+
+# ------------------------------------------------------------------ parsing
+
+
+def parse_patch(text: str, strip: int = 1, notes: list[str] | None = None) -> ParsedPatch:
+    notes = list(notes or [])
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    # header: everything before the first file header
+    i = 0
+    while i < len(lines) and not _is_file_start(lines, i):
+        i += 1
+    header_lines = lines[:i]
+    header, description = _parse_header(header_lines)
+    files: list[FilePatch] = []
+    while i < len(lines):
+        if not _is_file_start(lines, i):
+            i += 1
+            continue
+        fp, i = _parse_file(lines, i, strip, notes)
+        files.append(fp)
+    if not files:
+        raise MalformedPatch("no file changes found (no 'diff --git' or '---'/'+++' headers)")
+    for fp in files:
+        for p in (fp.old_path, fp.new_path):
+            if p is not None:
+                check_safe_path(p)
+    return ParsedPatch(header, description, tuple(files), tuple(notes))
+
+
+def _is_file_start(lines: list[str], i: int) -> bool:
+    ln = lines[i]
+    if ln.startswith("diff --git "):
+        return True
+    return ln.startswith("--- ") and i + 1 < len(lines) and lines[i + 1].startswith("+++ ")
+
+
+def _parse_header(lines: list[str]) -> tuple[dict[str, str], str]:
+    header: dict[str, str] = {}
+    key: str | None = None
+    body: list[str] = []
+    for ln in lines:
+        m = re.match(r"^([A-Za-z][A-Za-z-]*):\s?(.*)$", ln)
+        if m and (m.group(1) in DEP3_FIELDS or m.group(1).startswith("X-")):
+            key = m.group(1)
+            header[key] = m.group(2).strip()
+        elif key and ln.startswith((" ", "\t")) and ln.strip():
+            header[key] += "\n" + ln.strip()
+        else:
+            key = None
+            if ln.strip() and not ln.startswith(("From ", "Date: ", "---", "index ")) and not re.match(r"^ \S.*\|\s+\d+", ln):
+                body.append(ln)
+    subject = header.get("Subject", "")
+    subject = re.sub(r"^\[PATCH[^\]]*\]\s*", "", subject)
+    desc = header.get("Description") or subject or (body[0].strip() if body else "")
+    return header, desc.split("\n")[0].strip()
+
+
+def _strip_path(raw: str, strip: int) -> str | None:
+    path = raw.split("\t")[0].strip()
+    if path.startswith('"') and path.endswith('"'):
+        path = path[1:-1]
+    if path == _DEV_NULL:
+        return None
+    parts = [p for p in path.split("/") if p != ""]
+    lead = 1 if path.startswith("/") else 0
+    if len(parts) <= strip - lead and strip > 0:
+        raise MalformedPatch(f"path {path!r} has fewer than {strip} leading components to strip")
+    if path.startswith("/"):
+        # an absolute path only survives if strip removes its root-relative components
+        kept = parts[strip - 1 :] if strip > 0 else None
+        if kept is None:
+            raise MalformedPatch(f"path {path!r} is absolute")
+        return "/".join(kept)
+    return "/".join(parts[strip:])
+
+
+def check_safe_path(path: str) -> None:
+    p = PurePosixPath(path)
+    if path.startswith("/") or p.is_absolute():
+        raise MalformedPatch(f"path {path!r} is absolute")
+    if ".." in p.parts:
+        raise MalformedPatch(f"path {path!r} escapes the tree ('..')")
+    if path.startswith(".git/") or path == ".git":
+        raise MalformedPatch(f"path {path!r} points into the git metadata")
+
+
+def _parse_file(lines: list[str], i: int, strip: int, notes: list[str]) -> tuple[FilePatch, int]:
+    old_raw = new_raw = ""
+    new_mode = None
+    is_new = is_delete = is_rename = False
+    rename_from = rename_to = None
+    if lines[i].startswith("diff --git "):
+        m = re.match(r"^diff --git (\S+) (\S+)$", lines[i])
+        if m:
+            old_raw, new_raw = m.group(1), m.group(2)
+        i += 1
+        while i < len(lines) and not lines[i].startswith(("--- ", "@@", "diff --git ")):
+            ln = lines[i]
+            if ln.startswith("new file mode "):
+                is_new = True
+                new_mode = ln.split()[-1]
+            elif ln.startswith("deleted file mode "):
+                is_delete = True
+            elif ln.startswith("new mode "):
+                new_mode = ln.split()[-1]
+            elif ln.startswith("rename from "):
+                is_rename, rename_from = True, ln[len("rename from "):]
+            elif ln.startswith("rename to "):
+                rename_to = ln[len("rename to "):]
+            elif ln.startswith(("Binary files ", "GIT binary patch")):
+                raise MalformedPatch(f"binary change to {new_raw or old_raw}: binary patches are not supported")
+            i += 1
+    if i < len(lines) and lines[i].startswith("--- "):
+        if i + 1 >= len(lines) or not lines[i + 1].startswith("+++ "):
+            raise MalformedPatch(f"line {i + 1}: '---' header without '+++'")
+        old_raw, new_raw = lines[i][4:], lines[i + 1][4:]
+        i += 2
+    if not old_raw and not new_raw:
+        raise MalformedPatch(f"line {i}: file header without paths")
+    old_path = None if is_new else _strip_path(old_raw, strip)
+    new_path = None if is_delete else _strip_path(new_raw, strip)
+    if is_rename and rename_from and rename_to:
+        old_path, new_path = rename_from, rename_to
+    if old_raw.split("\t")[0].strip() == _DEV_NULL:
+        old_path = None
+    if new_raw.split("\t")[0].strip() == _DEV_NULL:
+        new_path = None
+    hunks: list[Hunk] = []
+    while i < len(lines) and lines[i].startswith("@@"):
+        h, i = _parse_hunk(lines, i, notes, new_path or old_path or "")
+        hunks.append(h)
+    return FilePatch(old_path, new_path, tuple(hunks), old_raw, new_raw, new_mode, is_rename), i
+
+
+def _parse_hunk(lines: list[str], i: int, notes: list[str], path: str) -> tuple[Hunk, int]:
+    m = _HUNK_RE.match(lines[i])
+    if not m:
+        raise MalformedPatch(f"line {i + 1}: bad hunk header {lines[i]!r}")
+    old_start, old_len = int(m.group(1)), int(m.group(2) if m.group(2) is not None else 1)
+    new_start, new_len = int(m.group(3)), int(m.group(4) if m.group(4) is not None else 1)
+    header_line = i + 1
+    i += 1
+    body: list[str] = []
+    nn_old = nn_new = False
+    n_old = n_new = 0
+    while i < len(lines):
+        ln = lines[i]
+        if ln.startswith("\\"):
+            # "\ No newline at end of file" applies to the previous line
+            if body and body[-1][0] in " -":
+                nn_old = True
+            if body and body[-1][0] in " +":
+                nn_new = True
+            i += 1
+            continue
+        if ln.startswith("@@") or ln.startswith("diff --git ") or _is_file_start(lines, i):
+            break
+        if ln == "":
+            # an empty context line whose leading space was eaten by an editor; only
+            # when the hunk evidently goes on (the header said more lines follow)
+            if n_old < old_len or n_new < new_len:
+                ln = " "
+            else:
+                break
+        if ln[0] not in " +-":
+            break
+        if ln[0] == "-" and ln.startswith("-- ") and n_old >= old_len and n_new >= new_len:
+            break  # the signature separator of a format-patch mail
+        body.append(ln)
+        if ln[0] in " -":
+            n_old += 1
+        if ln[0] in " +":
+            n_new += 1
+        i += 1
+    if not body:
+        raise MalformedPatch(f"{path}: hunk at line {header_line} is empty")
+    if (n_old, n_new) != (old_len, new_len):
+        notes.append(
+            f"{path}: hunk at line {header_line} header said -{old_len} +{new_len}, "
+            f"recounted -{n_old} +{n_new}"
+        )
+    return Hunk(old_start, n_old, new_start, n_new, tuple(body), m.group(5).strip(), nn_old, nn_new), i
+
+
+# ------------------------------------------------------------------ applying
+
+
+def resolve_paths(parsed: ParsedPatch, exists: callable[[str], bool]) -> tuple[ParsedPatch, list[str]]:  # type: ignore[valid-type]
+    """Drop extra leading components (a diff made against site-packages) when the
+    stripped path is not in the tree but a shorter suffix of it is."""
+    notes: list[str] = []
+    out: list[FilePatch] = []
+    for fp in parsed.files:
+        target = fp.old_path
+        if target is None or exists(target):
+            out.append(fp)
+            continue
+        parts = target.split("/")
+        fixed = None
+        for k in range(1, len(parts)):
+            cand = "/".join(parts[k:])
+            if exists(cand):
+                fixed = k
+                break
+        if fixed is None:
+            out.append(fp)
+            continue
+        def cut(p: str | None) -> str | None:
+            return "/".join(p.split("/")[fixed:]) if p else p
+        notes.append(f"{target}: dropped {fixed} extra leading path component(s) -> {cut(target)}")
+        out.append(FilePatch(cut(fp.old_path), cut(fp.new_path), fp.hunks, fp.raw_old, fp.raw_new, fp.new_mode, fp.is_rename))
+    return ParsedPatch(parsed.header, parsed.description, tuple(out), parsed.notes), notes
+
+
+def _find(haystack: list[str], needle: list[str], start: int) -> int | None:
+    """Nearest position of `needle` in `haystack` to `start` (0-based), or None."""
+    n = len(needle)
+    if n == 0:
+        return max(0, min(start, len(haystack)))
+    limit = len(haystack) - n
+    if limit < 0:
+        return None
+    first = needle[0]
+    for delta in range(0, max(start, limit - start) + 1):
+        for pos in (start - delta, start + delta) if delta else (start,):
+            if 0 <= pos <= limit and haystack[pos] == first and haystack[pos : pos + n] == needle:
+                return pos
+    return None
+
+
+@dataclass
+class _FileResult:
+    lines: list[str] | None
+    offset_used: bool = False
+    fuzz_used: int = 0
+    conflict: str | None = None
+
+
+def _apply_hunks(path: str, lines: list[str], hunks: tuple[Hunk, ...], fuzz: int, reverse: bool) -> _FileResult:
+    out = list(lines)
+    shift = 0
+    res = _FileResult(None)
+    for n, h in enumerate(hunks, 1):
+        old = h.new_lines if reverse else h.old_lines
+        new = h.old_lines if reverse else h.new_lines
+        start = (h.new_start if reverse else h.old_start) - 1 + shift
+        if (h.new_len if reverse else h.old_len) == 0:
+            start += 1  # "-0,0" / "@@ -N,0" means: insert after line N
+        start = max(start, 0)
+        pos = _find(out, old, start)
+        used_fuzz = 0
+        if pos is None and fuzz > 0:
+            for f in range(1, fuzz + 1):
+                lead = _leading_context(h, reverse)
+                trail = _trailing_context(h, reverse)
+                cut_lead, cut_trail = min(f, lead), min(f, trail)
+                core = old[cut_lead : len(old) - cut_trail]
+                if not core:
+                    continue
+                p = _find(out, core, start + cut_lead)
+                if p is not None:
+                    pos, used_fuzz = p - cut_lead, f
+                    new = new[cut_lead : len(new) - cut_trail]
+                    old = core
+                    pos = p
+                    break
+        if pos is None:
+            res.conflict = f"{path}: hunk {n} (@@ -{h.old_start},{h.old_len} +{h.new_start},{h.new_len} @@{' ' + h.section if h.section else ''}) does not match"
+            return res
+        if pos != start:
+            res.offset_used = True
+        res.fuzz_used = max(res.fuzz_used, used_fuzz)
+        out[pos : pos + len(old)] = new
+        shift += len(new) - len(old) + (pos - start)
+    res.lines = out
+    return res
+
+
+def _leading_context(h: Hunk, reverse: bool) -> int:
+    n = 0
+    for ln in h.lines:
+        if ln[0] != " ":
+            break
+        n += 1
+    return n
+
+
+def _trailing_context(h: Hunk, reverse: bool) -> int:
+    n = 0
+    for ln in reversed(h.lines):
+        if ln[0] != " ":
+            break
+        n += 1
+    return n
+
+
+def _split(text: str) -> tuple[list[str], bool]:
+    if text == "":
+        return [], True
+    ends_nl = text.endswith("\n")
+    return text.split("\n")[:-1] if ends_nl else text.split("\n"), ends_nl
+
+
+def _join(lines: list[str], ends_nl: bool) -> str:
+    if not lines:
+        return ""
+    return "\n".join(lines) + ("\n" if ends_nl else "")
+
+
+def apply_parsed(
+    parsed: ParsedPatch,
+    read: callable[[str], str | None],  # type: ignore[valid-type]
+    fuzz: int = 0,
+) -> ApplyOutcome:
+    """Apply in memory. `read(path)` returns a file's text or None when absent."""
+    parsed, path_notes = resolve_paths(parsed, lambda p: read(p) is not None)
+    notes = list(parsed.notes) + path_notes
+    touched = tuple(dict.fromkeys(fp.path for fp in parsed.files))
+
+    # forward
+    forward, fwd_problem, fwd_missing = _try(parsed, read, fuzz, reverse=False)
+    if forward is not None:
+        contents, modes, offset, fz = forward
+        if fz:
+            verdict, detail = PatchVerdict.APPLIED_FUZZ, f"fuzz {fz} (allowed by the recipe)"
+        elif offset:
+            verdict, detail = PatchVerdict.APPLIED_OFFSET, "hunks matched at an offset"
+        else:
+            verdict, detail = PatchVerdict.APPLIED, ""
+        return ApplyOutcome(verdict, _with_notes(detail, notes), contents, modes, touched, tuple(notes))
+    # reverse: is the change already there?
+    backward, _, _ = _try(parsed, read, 0, reverse=True)
+    if backward is not None:
+        return ApplyOutcome(
+            PatchVerdict.ALREADY_APPLIED,
+            _with_notes("the reverse applies: change already present; skipped", notes),
+            {}, {}, touched, tuple(notes),
+        )
+    if fwd_missing:
+        return ApplyOutcome(PatchVerdict.MISSING_FILE, _with_notes(fwd_missing, notes), {}, {}, touched, tuple(notes))
+    return ApplyOutcome(PatchVerdict.CONFLICT, _with_notes(fwd_problem or "does not apply", notes), {}, {}, touched, tuple(notes))
+
+
+def _with_notes(detail: str, notes: list[str]) -> str:
+    return "; ".join(x for x in [detail, *notes] if x)
+
+
+def _try(parsed: ParsedPatch, read, fuzz: int, reverse: bool):  # type: ignore[no-untyped-def]
+    contents: dict[str, str | None] = {}
+    modes: dict[str, str] = {}
+    any_offset = False
+    max_fuzz = 0
+    for fp in parsed.files:
+        src_path = fp.new_path if reverse else fp.old_path
+        dst_path = fp.old_path if reverse else fp.new_path
+        creating = src_path is None
+        deleting = dst_path is None
+        if creating:
+            assert dst_path is not None
+            existing = contents.get(dst_path) if dst_path in contents else read(dst_path)
+            if existing is not None:
+                new_text = _join(*_new_file_lines(fp, reverse))
+                if existing == new_text and not reverse:
+                    return None, f"{dst_path}: already exists with the patch's content", None
+                return None, f"{dst_path}: is to be created but already exists", None
+            lines, ends = _new_file_lines(fp, reverse)
+            contents[dst_path] = _join(lines, ends)
+            if fp.new_mode and not reverse:
+                modes[dst_path] = fp.new_mode
+            continue
+        assert src_path is not None
+        text = contents[src_path] if src_path in contents else read(src_path)
+        if text is None:
+            return None, None, f"{src_path}: not in the tree"
+        lines, ends = _split(text)
+        r = _apply_hunks(src_path, lines, fp.hunks, fuzz, reverse)
+        if r.lines is None:
+            return None, r.conflict, None
+        any_offset |= r.offset_used
+        max_fuzz = max(max_fuzz, r.fuzz_used)
+        last = fp.hunks[-1] if fp.hunks else None
+        if last is not None:
+            nn = last.no_newline_old if reverse else last.no_newline_new
+            touches_end = r.lines and (last.old_start - 1 + last.old_len >= len(lines) - 1)
+            if touches_end:
+                ends = not nn
+        if deleting:
+            if r.lines:
+                return None, f"{src_path}: to be deleted but content differs", None
+            contents[src_path] = None
+            continue
+        if fp.is_rename and dst_path != src_path:
+            contents[src_path] = None
+        assert dst_path is not None
+        contents[dst_path] = _join(r.lines, ends)
+        if fp.new_mode and not reverse:
+            modes[dst_path] = fp.new_mode
+    return (contents, modes, any_offset, max_fuzz), None, None
+
+
+def _new_file_lines(fp: FilePatch, reverse: bool) -> tuple[list[str], bool]:
+    lines: list[str] = []
+    nn = False
+    for h in fp.hunks:
+        lines.extend(h.old_lines if reverse else h.new_lines)
+        nn = h.no_newline_old if reverse else h.no_newline_new
+    return lines, not nn
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_patch_file(path: Path) -> tuple[bytes, str, list[str]]:
+    data = path.read_bytes()
+    text, notes = decode_patch_bytes(data, path.name)
+    return data, text, notes

@@ -1,0 +1,1 @@
+"""Fetching pinned sources into the cache: PyPI sdists, git repositories, local paths."""
