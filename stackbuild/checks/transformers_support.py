@@ -1,0 +1,206 @@
+"""Transformers support: the pinned transformers release knows the recipe's model types.
+
+Read from the release itself (its wheel, downloaded once into the cache, opened as a
+zip, never installed): `CONFIG_MAPPING_NAMES` of models/auto/configuration_auto.py,
+following where it is built (5.x imports it from the generated auto_mappings.py and
+then `.update()`s it). No version table is kept here.
+"""
+
+from __future__ import annotations
+
+import ast
+import posixpath
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import InvalidWheelFilename, parse_wheel_filename
+from packaging.version import Version
+
+from stackbuild.cache import cache_dir, locked
+from stackbuild.checks import CheckContext, CheckResult, CheckStatus
+from stackbuild.errors import SourceError
+from stackbuild.recipe import Pin
+from stackbuild.sources.pypi import _download, configured_index, list_files
+
+CHECK = "transformers"
+PROJECT = "transformers"
+AUTO_FILE = "transformers/models/auto/configuration_auto.py"
+MAPPING = "CONFIG_MAPPING_NAMES"
+
+
+@dataclass(frozen=True)
+class ReleaseModelTypes:
+    version: str
+    wheel: Path
+    config_mapping: dict[str, str]  # model type -> config class name
+    defined_in: str  # the file whose statements built the mapping
+
+
+def pinned_version(pin: Pin) -> str | None:
+    """The one release an exact pin names ("==5.10.2"), else None."""
+    if not pin.spec:
+        return None
+    spec = list(Requirement(f"{pin.name}{pin.spec}").specifier)
+    if len(spec) == 1 and spec[0].operator in ("==", "===") and "*" not in spec[0].version:
+        return spec[0].version
+    return None
+
+
+def fetch_wheel(version: str, index: str | None = None) -> Path:
+    """The transformers wheel of `version`, from the cache or the index (sha256 checked
+    against what the index publishes)."""
+    dest_dir = cache_dir() / "wheels" / PROJECT / version
+    cached = sorted(dest_dir.glob("*.whl")) if dest_dir.is_dir() else []
+    if cached:
+        return cached[0]
+    idx = index or configured_index()
+    files = list_files(PROJECT, idx)
+    wheels = []
+    for f in files:
+        try:
+            _, v, _, tags = parse_wheel_filename(f.filename)
+        except InvalidWheelFilename:
+            continue
+        if v == Version(version):
+            pure = any(t.abi == "none" and t.platform == "any" for t in tags)
+            wheels.append((not pure, f.filename, f))
+    if not wheels:
+        raise SourceError(f"no wheel of {PROJECT}=={version} on the index", file=idx)
+    _, _, match = min(wheels, key=lambda w: (w[0], w[1]))
+    if not match.sha256:
+        raise SourceError(f"the index publishes no sha256 for {match.filename}; refusing an unverified wheel", file=idx)
+    dest = dest_dir / match.filename
+    with locked(cache_dir() / "locks" / f"{match.sha256}.lock", f"cache entry {match.filename}", timeout=600):
+        if not dest.exists():
+            _download(match.url, dest, match.sha256)
+    return dest
+
+
+def release_model_types(wheel: Path, version: str) -> ReleaseModelTypes:
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            mapping, where = _evaluate_mapping(z, AUTO_FILE, MAPPING, set())
+    except zipfile.BadZipFile:
+        wheel.unlink(missing_ok=True)  # a damaged cache entry is fetched again next time
+        raise SourceError("not a valid wheel (removed from the cache)", file=wheel) from None
+    if mapping is None:
+        raise SourceError(f"cannot find {MAPPING} in {AUTO_FILE}: the layout of this release is unknown", file=wheel)
+    return ReleaseModelTypes(version, wheel, mapping, where)
+
+
+def run(ctx: CheckContext) -> list[CheckResult]:
+    model_types = ctx.recipe.checks.model_types
+    if not model_types:
+        return [CheckResult(CHECK, CheckStatus.SKIP, "the recipe lists no model types ([checks] model_types)")]
+    pin = ctx.recipe.pin(PROJECT)
+    if pin is None:
+        return [CheckResult(CHECK, CheckStatus.FAIL, "the recipe pins no transformers release ([pins] transformers)",
+                            subject=mt) for mt in model_types]
+    version = pinned_version(pin)
+    if version is None:
+        return [CheckResult(CHECK, CheckStatus.SKIP,
+                            f"pin transformers {pin.spec or pin.url!r} names no single release to look into",
+                            subject=mt) for mt in model_types]
+    wheel = fetch_wheel(version, pin.index)
+    release = release_model_types(wheel, version)
+    results = []
+    for mt in model_types:
+        cls = release.config_mapping.get(mt)
+        if cls:
+            results.append(CheckResult(CHECK, CheckStatus.PASS,
+                                       f"transformers {version}: {mt} -> {cls} ({release.defined_in})",
+                                       subject=mt, data={"version": version, "config_class": cls}))
+        else:
+            near = sorted(k for k in release.config_mapping if k.split("_")[0] == mt.split("_")[0])[:6]
+            hint = f" (it has: {', '.join(near)})" if near else ""
+            results.append(CheckResult(CHECK, CheckStatus.FAIL,
+                                       f"transformers {version} has no model type {mt!r} in {MAPPING}{hint}",
+                                       subject=mt, data={"version": version, "similar": near}))
+    return results
+
+
+# ---------------------------------------------------------------- reading the mapping
+
+
+def _evaluate_mapping(z: zipfile.ZipFile, file: str, name: str, seen: set[tuple[str, str]]) -> tuple[dict[str, str] | None, str]:
+    """The value `name` has after the module-level statements of `file` run, for the
+    few forms transformers uses (literal dicts and pair lists, OrderedDict(...),
+    `**` merges, `.update(...)`, `from .x import name`)."""
+    if (file, name) in seen:
+        return None, file
+    seen.add((file, name))
+    try:
+        source = z.read(file)
+    except KeyError:
+        return None, file
+    tree = ast.parse(source, filename=file)
+    env: dict[str, dict[str, str]] = {}
+    where = file
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.level and any((a.asname or a.name) == name for a in node.names):
+            alias = next(a for a in node.names if (a.asname or a.name) == name)
+            base = posixpath.dirname(file)
+            for _ in range(node.level - 1):
+                base = posixpath.dirname(base)
+            target = posixpath.join(base, *(node.module or "").split(".")) + ".py"
+            value, where = _evaluate_mapping(z, target, alias.name, seen)
+            if value is not None:
+                env[name] = value
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if node.value is not None and any(isinstance(t, ast.Name) and t.id == name for t in targets):
+                value = _eval(node.value, env)
+                if value is not None:
+                    env[name] = value
+                    where = file
+        elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
+            f = node.value.func
+            if (isinstance(f, ast.Attribute) and f.attr == "update" and isinstance(f.value, ast.Name)
+                    and f.value.id == name and name in env):
+                for arg in node.value.args:
+                    extra = _eval(arg, env)
+                    if extra:
+                        env[name].update(extra)
+    return env.get(name), where
+
+
+def _eval(node: ast.expr, env: dict[str, dict[str, str]]) -> dict[str, str] | None:
+    if isinstance(node, ast.Name):
+        return dict(env[node.id]) if node.id in env else None
+    if isinstance(node, ast.Dict):
+        out: dict[str, str] = {}
+        for k, v in zip(node.keys, node.values, strict=True):
+            if k is None:
+                part = _eval(v, env)
+                if part:
+                    out.update(part)
+            elif isinstance(k, ast.Constant) and isinstance(v, ast.Constant):
+                out[str(k.value)] = str(v.value)
+        return out
+    if isinstance(node, ast.List | ast.Tuple):
+        out = {}
+        for e in node.elts:
+            if (isinstance(e, ast.Tuple) and len(e.elts) == 2 and isinstance(e.elts[0], ast.Constant)
+                    and isinstance(e.elts[1], ast.Constant)):
+                out[str(e.elts[0].value)] = str(e.elts[1].value)
+        return out
+    if not isinstance(node, ast.Call):
+        return None
+    callee = node.func.value if isinstance(node.func, ast.Subscript) else node.func  # OrderedDict[str, str](...)
+    if isinstance(callee, ast.Name) and callee.id in ("OrderedDict", "dict"):
+        out = {}
+        for arg in node.args:
+            part = _eval(arg, env)
+            if part:
+                out.update(part)
+        for kw in node.keywords:
+            if kw.arg is None:
+                part = _eval(kw.value, env)
+                if part:
+                    out.update(part)
+            elif isinstance(kw.value, ast.Constant):
+                out[kw.arg] = str(kw.value.value)
+        return out
+    return None
