@@ -38,6 +38,7 @@ def atomic_file(dest: Path) -> Iterator[BinaryIO]:
     a crash or Ctrl-C never leaves a half-written file under the final name."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    os.fchmod(fd, 0o644)  # mkstemp makes 0600; cached files are shared like any download
     try:
         with os.fdopen(fd, "wb") as f:
             yield f

@@ -126,6 +126,58 @@ def apply(
     raise typer.Exit(result.exit_code)
 
 
+def _split_csv(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    return [x.strip() for v in values for x in v.split(",") if x.strip()]
+
+
+@app.command()
+def verify(
+    recipe: str = typer.Argument(..., help="Recipe name or path."),
+    workdir: Path | None = WorkdirOpt,
+    python: Path | None = typer.Option(None, "--python", help="The target environment's interpreter."),
+    only: list[str] | None = typer.Option(None, "--only", help="Checks to run (repeat or comma-separate)."),
+    device: str | None = typer.Option(None, "--device", help="numerics: xpu, cuda or cpu (default: the first available)."),
+    adapter: list[str] | None = typer.Option(None, "--adapter", help="numerics: extra adapter module:function."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Check the applied workspace (and with --python, a target environment)."""
+    from stackbuild.checks import CheckContext
+    from stackbuild.errors import StackbuildError as _E
+    from stackbuild.manifest import read_manifest
+    from stackbuild.recipe import load_recipe
+    from stackbuild.verify import CHECKS, run_verify
+    from stackbuild.workspace import default_workdir
+
+    r = load_recipe(recipe)
+    wd = (workdir or default_workdir(r)).resolve()
+    checks = _split_csv(only)
+    for c in checks or []:
+        if c not in CHECKS:
+            raise _E(f"unknown check {c!r} (known: {', '.join(CHECKS)})", key="--only")
+    if python is not None and not python.exists():
+        raise _E(f"interpreter {python} does not exist", key="--python")
+    if device is not None and device not in ("xpu", "cuda", "cpu"):
+        raise _E(f"must be xpu, cuda or cpu, got {device!r}", key="--device")
+    manifest = read_manifest(wd)
+    needs_tree = checks is None or any(c in ("compile", "registry", "imports", "numerics") for c in checks)
+    if manifest is None and needs_tree:
+        raise _E(f"no applied workspace at {wd}; run `stackbuild apply {r.name}` first", file=r.path)
+    if manifest is not None and manifest.recipe_sha256 != r.sha256 and not as_json:
+        _progress(f"warning: the workspace was applied from a different version of {r.name}; re-run `stackbuild apply {r.name}`")
+    options: dict[str, Any] = {}
+    if device:
+        options["device"] = device
+    if adapter:
+        options["adapters"] = list(adapter)
+    ctx = CheckContext(recipe=r, workspace=wd, touched=manifest.touched() if manifest else {},
+                       python=python, options=options)
+    report = run_verify(ctx, checks)
+    _emit(report, as_json)
+    raise typer.Exit(report.exit_code)
+
+
 def _log_crash(exc: BaseException) -> Path:
     from stackbuild.cache import cache_dir
 

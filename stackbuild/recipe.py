@@ -282,6 +282,7 @@ def _load_raw(path: Path, chain: tuple[Path, ...]) -> tuple[dict[str, Any], tupl
     if not base_path.exists():
         raise RecipeError(f"extends unknown recipe {ext!r} ({base_path} does not exist)", file=path, key="extends")
     base, base_chain = _load_raw(base_path, (*chain, path))
+    base = {k: v for k, v in base.items() if k not in ("name", "description")}  # never inherited
     merged = _merge(base, {k: v for k, v in data.items() if k != "extends"})
     return merged, (ext, *base_chain)
 
