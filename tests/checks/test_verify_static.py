@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 import vllm_backport as vb
 
-from stackbuild.checks import CheckStatus
+from stackbuild.checks import CheckStatus, imports, registry
 from stackbuild.checks import compile as compile_check
-from stackbuild.checks import imports, registry
 from stackbuild.checks.imports import ModuleIndex, check_files
 
 PY310 = Path("/root/.pyenv/versions/3.10.13/bin/python")

@@ -17,8 +17,9 @@ from stackbuild.recipe import Checks, Pin, Recipe
 REPO = Path(__file__).resolve().parents[2]
 PATCH_DIR = REPO / "patches" / "vllm" / "0.19.0"
 BACKPORT = "vllm/model_executor/models/gemma4_unified.py"
-# the series, in recipe order, as far as it exists yet
-SERIES = ("gemma4-unified-prereqs.patch", "gemma4-unified-register.patch")
+# the Gemma 4 part of recipes/b70-gemma4.toml's series: patches before the backport, then after
+BEFORE_BACKPORT = ("gemma4-unified-prereqs.patch", "gemma4-mm-embedder-prenorm.patch")
+AFTER_BACKPORT = ("gemma4-unified-register.patch",)
 
 
 def backport_tree(dest: Path) -> Path:
@@ -29,8 +30,23 @@ def backport_tree(dest: Path) -> Path:
     return tree
 
 
-def series_patches() -> list[Path]:
-    return [PATCH_DIR / name for name in SERIES if (PATCH_DIR / name).is_file()]
+def series_patches(names: tuple[str, ...]) -> list[Path]:
+    return [PATCH_DIR / name for name in names if (PATCH_DIR / name).is_file()]
+
+
+def applied_tree(dest: Path) -> tuple[Path, list[str]] | None:
+    """0.19.0 with the Gemma 4 series applied around the backport, as `stackbuild apply`
+    would; (tree, touched files), or None while a patch of the series is missing."""
+    before, after = series_patches(BEFORE_BACKPORT), series_patches(AFTER_BACKPORT)
+    if len(before) + len(after) != len(BEFORE_BACKPORT) + len(AFTER_BACKPORT):
+        return None
+    tree = dest / "vllm"
+    shutil.copytree(fixtures.vllm_tree("0.19.0"), tree, symlinks=True)
+    touched = apply_series(tree, before)
+    shutil.copy2(fixtures.vllm_tree("0.23.0") / BACKPORT, tree / BACKPORT)
+    touched.append(BACKPORT)
+    touched += apply_series(tree, after)
+    return tree, list(dict.fromkeys(touched))
 
 
 def apply_series(tree: Path, patches: list[Path]) -> list[str]:
