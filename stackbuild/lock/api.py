@@ -1,0 +1,799 @@
+"""`stackbuild lock`: the patched source's runtime requirements with the recipe's pins
+applied, resolved by pip-tools (or uv) into lockfiles/NAME.txt with a hash for every
+package; and `--check`, which compares the recipe with the lockfile's header records
+without touching the network.
+
+Planning (what goes into the resolver, which declarations the recipe overrides, what
+cannot be resolved here) is separate from running the resolver and writing the file.
+"""
+
+from __future__ import annotations
+
+import os
+import platform as _platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
+
+from stackbuild.lock import backends
+from stackbuild.lock.errors import IndexUnreachable, LockError, ResolutionFailed
+from stackbuild.lock.lockfile import (
+    FIRST_LINE,
+    UNRESOLVED_PREFIX,
+    LockedPackage,
+    inputs_digest,
+    parse_resolver_output,
+    patch_record,
+    pin_record,
+    read_header,
+    record_line,
+    render_packages,
+)
+from stackbuild.lock.requirements import (
+    DeclaredRequirement,
+    SourceRequirements,
+    read_source_requirements,
+    requirement_files_for,
+)
+from stackbuild.recipe import Pin, Recipe, project_root
+from stackbuild.report import Table
+
+RECIPE_LABEL = "recipe pins"
+MAX_OFFLINE_RETRIES = 12
+
+
+# ---------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class Override:
+    """A pin that replaces what the source declares (pip-tools has no override
+    mechanism, so the declaration is dropped from the resolver's input)."""
+
+    name: str
+    pin: str
+    replaces: tuple[str, ...]  # "transformers>=4.56.0,<5 (vllm requirements/common.txt:10)"
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "pin": self.pin, "replaces": list(self.replaces), "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class Unresolved:
+    """Pinned by the recipe (or declared by the source) but not resolved by this lock."""
+
+    name: str
+    requirement: str
+    origin: str  # "pins.torch", "vllm requirements/common.txt:12"
+    reason: str
+    sha256: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "requirement": self.requirement, "origin": self.origin,
+                "reason": self.reason, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
+class FirstUse:
+    """A pin marked trust_on_first_use: its sha256 was not known before this lock."""
+
+    pin: str
+    url: str
+    sha256: str | None  # recorded from the download this lock made; None: not downloaded here
+
+    @property
+    def message(self) -> str:
+        if self.sha256:
+            return (f"trust on first use: pins.{self.pin} had no known sha256; the first download "
+                    f"({self.url}) recorded sha256 {self.sha256}. It is trusted because it was the first "
+                    f"seen, not because it matched anything; record it in the recipe.")
+        return (f"trust on first use: pins.{self.pin} has no known sha256 and was not downloaded here; "
+                f"it stays unverified until the first download on a host that reaches {self.url} records it.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pin": self.pin, "url": self.url, "sha256": self.sha256, "message": self.message}
+
+
+@dataclass(frozen=True)
+class LockResult:
+    recipe: str
+    lockfile: Path
+    resolver: str
+    resolver_version: str
+    offline: bool
+    command: str  # regenerates the lockfile
+    recipe_sha256: str
+    inputs_sha256: str
+    packages: tuple[LockedPackage, ...]
+    overrides: tuple[Override, ...]
+    unresolved: tuple[Unresolved, ...]
+    first_use: tuple[FirstUse, ...]
+    excluded: tuple[str, ...]  # "vllm: built from the patched source, installed with --no-deps"
+    requirement_files: tuple[str, ...]
+    indexes: tuple[str, ...]
+    seconds: float
+    resolver_runs: int
+
+    @property
+    def exit_code(self) -> int:
+        return 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "recipe": self.recipe,
+            "lockfile": str(self.lockfile),
+            "resolver": self.resolver,
+            "resolver_version": self.resolver_version,
+            "offline": self.offline,
+            "command": self.command,
+            "recipe_sha256": self.recipe_sha256,
+            "inputs_sha256": self.inputs_sha256,
+            "packages": [p.to_dict() for p in self.packages],
+            "overrides": [o.to_dict() for o in self.overrides],
+            "unresolved": [u.to_dict() for u in self.unresolved],
+            "first_use": [f.to_dict() for f in self.first_use],
+            "excluded": list(self.excluded),
+            "requirement_files": list(self.requirement_files),
+            "indexes": list(self.indexes),
+            "seconds": round(self.seconds, 3),
+            "resolver_runs": self.resolver_runs,
+            "exit_code": self.exit_code,
+        }
+
+    def tables(self) -> list[Table]:
+        out = [Table(
+            title=f"Lockfile {self.lockfile.name} ({self.resolver} {self.resolver_version})",
+            columns=("package", "pinned", "hashes", "via"),
+            rows=tuple((p.name, p.version or p.url or p.requirement, str(len(p.hashes)), ", ".join(p.via))
+                       for p in self.packages),
+            summary=f"{len(self.packages)} packages pinned with sha256 hashes in {self.seconds:.1f} s; "
+                    f"regenerate with: {self.command}",
+        )]
+        if self.overrides:
+            out.append(Table("Overrides (the recipe replaces what the source declares)",
+                             ("package", "pin", "replaces", "why"),
+                             tuple((o.name, o.pin, "; ".join(o.replaces) or "(not declared)", o.reason)
+                                   for o in self.overrides)))
+        if self.unresolved:
+            out.append(Table("Pinned by the recipe, not resolved", ("package", "requirement", "from", "why"),
+                             tuple((u.name, u.requirement, u.origin, u.reason) for u in self.unresolved)))
+        if self.first_use:
+            out.append(Table("Trust on first use", ("pin", "sha256", "note"),
+                             tuple((f.pin, f.sha256 or "(unknown)", f.message) for f in self.first_use)))
+        return out
+
+
+@dataclass(frozen=True)
+class LockChange:
+    kind: str  # pin | patch | series | recipe | lockfile
+    name: str
+    change: str  # added | removed | changed | reordered
+    detail: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "name": self.name, "change": self.change, "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class LockCheckResult:
+    recipe: str
+    lockfile: Path
+    up_to_date: bool
+    changes: tuple[LockChange, ...]
+    notes: tuple[str, ...]
+    command: str  # what to run to bring the lockfile up to date
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.up_to_date else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"recipe": self.recipe, "lockfile": str(self.lockfile), "up_to_date": self.up_to_date,
+                "changes": [c.to_dict() for c in self.changes], "notes": list(self.notes),
+                "command": self.command, "exit_code": self.exit_code}
+
+    def tables(self) -> list[Table]:
+        summary = ("up to date: pins, overrides and patch series match the lockfile"
+                   if self.up_to_date else
+                   f"{len(self.changes)} change(s) since the lockfile was written; run: {self.command}")
+        if self.notes:
+            summary += "\n" + "\n".join(self.notes)
+        return [Table(f"Lock check {self.lockfile.name}", ("what", "name", "change", "detail"),
+                      tuple((c.kind, c.name, c.change, c.detail) for c in self.changes), summary)]
+
+
+# ---------------------------------------------------------------- planning
+
+
+@dataclass(frozen=True)
+class _Input:
+    name: str
+    requirement: str  # the line given to the resolver
+    origin: str  # "pins.x" or "vllm requirements/common.txt:3"
+    group: str  # input file stem: "recipe-pins" or the source label
+    pin: Pin | None = None
+    constraint: bool = False
+    remote_urls: tuple[str, ...] = ()  # indexes / URLs this input needs
+
+
+@dataclass(frozen=True)
+class _Plan:
+    inputs: tuple[_Input, ...]
+    overrides: tuple[Override, ...]
+    excluded: tuple[str, ...]
+    indexes: tuple[tuple[str, str], ...]  # (url, origin): extra indexes
+    find_links: tuple[tuple[str, str], ...]
+    source: SourceRequirements | None
+    label: str
+
+
+def _pin_requirement(pin: Pin, extras: set[str] | None = None) -> str:
+    name = pin.name + (f"[{','.join(sorted(extras))}]" if extras else "")
+    if pin.url:
+        req = f"{name} @ {pin.url}"
+        return f"{req} ; {pin.markers}" if pin.markers else req
+    req = f"{name}{pin.spec}"
+    return f"{req} ; {pin.markers}" if pin.markers else req
+
+
+def _compatible(pin: Pin, decl: Requirement) -> bool | None:
+    """True: the pin satisfies the declaration; False: it contradicts it; None: cannot tell."""
+    if pin.url:
+        if decl.url:
+            return decl.url == pin.url
+        return None if str(decl.specifier) else True
+    if decl.url:
+        return False
+    spec = SpecifierSet(pin.spec)
+    exact = [s for s in spec if s.operator in ("==", "===") and "*" not in s.version]
+    if len(exact) == 1 and len(list(spec)) == 1:
+        return decl.specifier.contains(exact[0].version, prereleases=True)
+    return True if not str(decl.specifier) else None
+
+
+def _source_label(recipe: Recipe) -> str:
+    names = [s.name for s in recipe.sources]
+    if "vllm" in names:
+        return "vllm"
+    return recipe.patched_sources[0] if recipe.patched_sources else "source"
+
+
+def _excluded_names(recipe: Recipe, label: str) -> dict[str, str]:
+    out: dict[str, str] = {canonicalize_name(label): label}
+    for s in recipe.sources:
+        if s.name in recipe.patched_sources:
+            out[canonicalize_name(s.project or s.name)] = s.name
+    return out
+
+
+def plan_lock(recipe: Recipe, requirements_from: Path | None) -> _Plan:
+    """What goes into the resolver: pure, no network."""
+    label = _source_label(recipe)
+    source = (read_source_requirements(Path(requirements_from), requirement_files_for(recipe.build.target_device))
+              if requirements_from is not None else None)
+    excluded_names = _excluded_names(recipe, label)
+    pins: dict[str, Pin] = {canonicalize_name(p.name): p for p in recipe.pins}
+    for cname, pin in pins.items():
+        if cname in excluded_names:
+            raise LockError(f"{pin.name} is built from the patched source {excluded_names[cname]!r} and "
+                            "installed from its wheel with --no-deps; it cannot also be pinned",
+                            file=recipe.path, key=f"pins.{pin.name}")
+
+    excluded: list[str] = [f"{label}: built from the patched source; install its wheel with --no-deps"]
+    declared_by_name: dict[str, list[DeclaredRequirement]] = {}
+    inputs: list[_Input] = []
+    for d in source.requirements if source else ():
+        if d.name in excluded_names:
+            excluded.append(f"{d.text} ({label} {d.where}): built from the patched source")
+            continue
+        declared_by_name.setdefault(d.name, []).append(d)
+
+    overrides: list[Override] = []
+    kept_declared: list[DeclaredRequirement] = []
+    extras_for_pin: dict[str, set[str]] = {}
+    for dname, decls in declared_by_name.items():
+        maybe_pin = pins.get(dname)
+        if maybe_pin is None:
+            kept_declared += decls
+            continue
+        pin = maybe_pin
+        cname = dname
+        replaced: list[DeclaredRequirement] = []
+        for d in decls:
+            req = d.parsed()
+            verdict = _compatible(pin, req)
+            if pin.override:
+                replaced.append(d)
+            elif verdict is True:
+                replaced.append(d)  # the pin stands in for it and satisfies it
+            elif verdict is None:
+                kept_declared.append(d)  # both go in; the resolver intersects them
+                continue
+            else:
+                raise LockError(
+                    f"{_pin_requirement(pin)} contradicts {label}'s `{d.text}` ({d.where}); add "
+                    "override = \"why\" to the pin to replace the declaration",
+                    file=recipe.path, key=f"pins.{pin.name}")
+            extras_for_pin.setdefault(cname, set()).update(req.extras)
+        if pin.override and replaced:
+            overrides.append(Override(cname, _pin_requirement(pin),
+                                      tuple(f"{d.text} ({label} {d.where})" for d in replaced), pin.override))
+    for cname, pin in pins.items():
+        if pin.override and not any(o.name == cname for o in overrides):
+            overrides.append(Override(cname, _pin_requirement(pin), (), pin.override))
+
+    for cname, pin in pins.items():
+        remote = tuple(u for u in (pin.index, pin.url) if u)
+        inputs.append(_Input(cname, _pin_requirement(pin, extras_for_pin.get(cname)), f"pins.{pin.name}",
+                             "recipe-pins", pin=pin, remote_urls=remote))
+    for d in kept_declared:
+        req = d.parsed()
+        inputs.append(_Input(d.name, d.text, f"{label} {d.where}", label, constraint=d.constraint,
+                             remote_urls=(req.url,) if req.url else ()))
+
+    indexes: list[tuple[str, str]] = []
+    find_links: list[tuple[str, str]] = []
+    for pin in recipe.pins:
+        if pin.index and pin.index not in [u for u, _ in indexes]:
+            indexes.append((pin.index, f"pins.{pin.name}.index"))
+    for ix in source.indexes if source else ():
+        target = find_links if ix.find_links else indexes
+        if ix.url not in [u for u, _ in target]:
+            target.append((ix.url, f"{label} {ix.file}:{ix.line}"))
+    return _Plan(tuple(inputs), tuple(sorted(overrides, key=lambda o: o.name)), tuple(excluded),
+                 tuple(indexes), tuple(find_links), source, label)
+
+
+# ---------------------------------------------------------------- locking
+
+
+def default_lockfile(recipe: Recipe) -> Path:
+    return project_root() / "lockfiles" / f"{recipe.name}.txt"
+
+
+def regenerate_command(recipe: Recipe, *, resolver: str, offline: bool, pins_only: bool,
+                       index_url: str | None) -> str:
+    parts = ["stackbuild", "lock", recipe.name]
+    if resolver != "pip-tools":
+        parts += ["--resolver", resolver]
+    if offline:
+        parts.append("--offline")
+    if pins_only:
+        parts.append("--pins-only")
+    if index_url and not backends.is_local(index_url):
+        parts += ["--index-url", index_url]
+    return " ".join(parts)
+
+
+def _primary_index(index_url: str | None) -> str:
+    # An index the user asked for explicitly (argument, or PIP_INDEX_URL in the
+    # environment) is honoured; the machine's pip.conf is not.
+    return index_url or os.environ.get("PIP_INDEX_URL") or backends.DEFAULT_INDEX
+
+
+def _available_locally(name: str, local_indexes: list[str], local_links: list[str]) -> bool:
+    for ix in local_indexes:
+        root = backends.local_path(ix)
+        if (root / name).is_dir() or any(canonicalize_name(p.name) == name for p in root.glob("*/")
+                                         if p.is_dir()):
+            return True
+    for fl in local_links:
+        d = backends.local_path(fl)
+        for p in d.glob("*") if d.is_dir() else ():
+            stem = p.name.split("-")[0]
+            if canonicalize_name(stem) == name:
+                return True
+    return False
+
+
+def lock(
+    recipe: Recipe,
+    *,
+    requirements_from: Path | None,
+    resolver: str = "pip-tools",
+    offline: bool = False,
+    output: Path | None = None,
+    index_url: str | None = None,
+    probe_timeout: float = backends.PROBE_TIMEOUT_S,
+) -> LockResult:
+    """Resolve the recipe's pins plus the source's own requirements into a lockfile.
+
+    `index_url`: the primary index (default: PIP_INDEX_URL if set, else PyPI). Extra
+    indexes come only from the recipe's pins and the source's requirement files.
+    On any failure the previous lockfile is left byte-for-byte as it was."""
+    started = time.monotonic()
+    if resolver not in backends.RESOLVERS:
+        raise LockError(f"unknown resolver {resolver!r} (one of: {', '.join(backends.RESOLVERS)})",
+                        key="--resolver")
+    if resolver == "uv":
+        backends.find_uv()  # fail before doing anything else
+    out_path = Path(output) if output is not None else default_lockfile(recipe)
+    plan = plan_lock(recipe, requirements_from)
+    primary = _primary_index(index_url)
+
+    # ---- reachability: fail fast, naming what does not answer
+    unresolved: list[Unresolved] = []
+    first_use: list[FirstUse] = []
+    inputs = list(plan.inputs)
+    index_urls = [(primary, "--index-url" if index_url else "the default index"), *plan.indexes]
+    if not offline:
+        probes = [(u, False) for u, _ in index_urls] + [(u, False) for u, _ in plan.find_links]
+        probes += [(i.pin.url, True) for i in inputs if i.pin is not None and i.pin.url]
+        probes += [(u, True) for i in inputs if i.pin is None for u in i.remote_urls]
+        results = backends.probe_all(list(dict.fromkeys(probes)), probe_timeout)
+        failed: list[tuple[str, str, str]] = []
+        origins = {u: o for u, o in (*index_urls, *plan.find_links)}
+        origins.update({u: i.origin for i in inputs for u in i.remote_urls})
+        for url, why in results.items():
+            if why is not None:
+                failed.append((url, origins.get(url, "?"), why))
+        if failed:
+            index_set = {u for u, _ in (*index_urls, *plan.find_links)}
+            what = "; ".join(f"{'index' if url in index_set else 'URL'} {url} ({origin}) unreachable: {why}"
+                             for url, origin, why in failed)
+            raise IndexUnreachable(f"{what}; nothing was resolved (use --offline to lock the rest and mark "
+                                   "these as pinned by the recipe)", file=recipe.path, key=failed[0][1])
+        active_indexes = [u for u, _ in plan.indexes]
+        links = [u for u, _ in plan.find_links]
+        resolver_primary: str | None = primary
+    else:
+        # Offline: nothing remote is contacted. Pins that need a remote index or URL are
+        # recorded as pinned by the recipe; the rest comes from local indexes (and uv's cache).
+        kept: list[_Input] = []
+        for i in inputs:
+            remote = [u for u in i.remote_urls if not backends.is_local(u)]
+            if remote:
+                unresolved.append(Unresolved(i.name, i.requirement, i.origin,
+                                             f"offline: {remote[0]} not contacted",
+                                             i.pin.sha256 if i.pin else None))
+            else:
+                kept.append(i)
+        inputs = kept
+        local_ix = [u for u, _ in index_urls if backends.is_local(u)]
+        links = [u for u, _ in plan.find_links if backends.is_local(u)]
+        if resolver == "uv":
+            resolver_primary = primary
+            active_indexes = [u for u, _ in plan.indexes]
+        else:
+            resolver_primary = local_ix[0] if local_ix else None
+            active_indexes = local_ix[1:]
+            kept = []
+            for i in inputs:
+                if i.pin is not None and i.pin.url or _available_locally(i.name, local_ix, links):
+                    kept.append(i)
+                else:
+                    unresolved.append(Unresolved(i.name, i.requirement, i.origin,
+                                                 "offline: in no local index",
+                                                 i.pin.sha256 if i.pin else None))
+            inputs = kept
+
+    for i in plan.inputs:
+        if i.pin is not None and i.pin.trust_on_first_use and i not in inputs:
+            first_use.append(FirstUse(i.pin.name, i.pin.url or "", None))
+
+    # ---- resolve
+    packages: list[LockedPackage] = []
+    runs = 0
+    version = backends.pip_tools_version() if resolver == "pip-tools" else backends.uv_version(backends.find_uv())
+    with tempfile.TemporaryDirectory(prefix="stackbuild-lock-") as tmp_s:
+        tmp = Path(tmp_s)
+        labels = {"recipe-pins.in": RECIPE_LABEL, f"{plan.label}.in": plan.label,
+                  f"{plan.label}-constraints.in": f"{plan.label} constraints", "overrides.txt": RECIPE_LABEL}
+        replacements = {str(tmp) + os.sep: "", str(tmp): ""}
+        for name, lab in labels.items():
+            replacements[name] = lab
+        while inputs:
+            runs += 1
+            req = _write_inputs(tmp, inputs, plan.label, resolver_primary, active_indexes, links, offline,
+                                resolver == "uv")
+            run = backends.run_resolver(resolver, req)
+            if run.ok:
+                packages = parse_resolver_output(run.output, labels)
+                version = run.version
+                break
+            missing = backends.missing_requirement(run.stderr)
+            top = [i for i in inputs if missing and i.name == _req_name(missing)]
+            if offline and top and runs <= MAX_OFFLINE_RETRIES:
+                for i in top:
+                    unresolved.append(Unresolved(i.name, i.requirement, i.origin,
+                                                 "offline: not resolvable from local indexes"
+                                                 + (" or the uv cache" if resolver == "uv" else ""),
+                                                 i.pin.sha256 if i.pin else None))
+                inputs = [i for i in inputs if i not in top]
+                continue
+            raise ResolutionFailed(f"{resolver} found no solution: "
+                                   f"{backends.failure_summary(run.stderr, replacements)}", file=recipe.path)
+        leaked = [p.requirement for p in packages if str(tmp) in p.requirement]
+        if leaked:
+            raise LockError(f"resolver output names a temporary path: {leaked[0]}", file=recipe.path)
+
+    packages, notes = _verify(recipe, plan, packages, inputs, first_use)
+    pins_rec = [pin_record(p) for p in recipe.pins]
+    patches_rec = [patch_record(n, p) for n, p in enumerate(recipe.patches, start=1)]
+    digest = inputs_digest(pins_rec, patches_rec)
+    command = regenerate_command(recipe, resolver=resolver, offline=offline,
+                                 pins_only=requirements_from is None, index_url=index_url)
+    result = LockResult(
+        recipe=recipe.name,
+        lockfile=out_path,
+        resolver=resolver,
+        resolver_version=version,
+        offline=offline,
+        command=command,
+        recipe_sha256=recipe.sha256,
+        inputs_sha256=digest,
+        packages=tuple(packages),
+        overrides=plan.overrides,
+        unresolved=tuple(sorted(unresolved, key=lambda u: u.name)),
+        first_use=tuple(first_use),
+        excluded=plan.excluded,
+        requirement_files=plan.source.files if plan.source else (),
+        indexes=tuple(u for u, _ in plan.indexes),
+        seconds=0.0,
+        resolver_runs=runs,
+    )
+    text = render_lockfile(result, plan, pins_rec, patches_rec, primary, notes)
+    _atomic_write(out_path, text)
+    return _replace_seconds(result, time.monotonic() - started)
+
+
+def _req_name(text: str) -> str:
+    try:
+        return canonicalize_name(Requirement(text).name)
+    except Exception:  # noqa: BLE001 - resolver wording varies
+        return canonicalize_name(text.split("==")[0].split("[")[0])
+
+
+def _write_inputs(tmp: Path, inputs: list[_Input], label: str, primary: str | None, extra: list[str],
+                  links: list[str], offline: bool, uv: bool) -> backends.ResolveRequest:
+    groups: dict[str, list[str]] = {"recipe-pins": [], label: [], f"{label}-constraints": []}
+    overrides: list[str] = []
+    for i in inputs:
+        key = f"{label}-constraints" if i.constraint else i.group
+        groups[key].append(i.requirement)
+        if uv and i.pin is not None and i.pin.override:
+            overrides.append(i.requirement)
+    files: list[Path] = []
+    constraints = groups.pop(f"{label}-constraints")
+    if constraints:
+        cpath = tmp / f"{label}-constraints.in"
+        cpath.write_text("\n".join(constraints) + "\n")
+        groups[label].insert(0, f"-c {cpath.name}")
+    for stem, lines in groups.items():
+        if lines and not all(ln.startswith("-c ") for ln in lines):
+            p = tmp / f"{stem}.in"
+            p.write_text("\n".join(lines) + "\n")
+            files.append(p)
+    opath = None
+    if overrides:
+        opath = tmp / "overrides.txt"
+        opath.write_text("\n".join(overrides) + "\n")
+    out = tmp / "resolved.txt"
+    if out.exists():
+        out.unlink()
+    return backends.ResolveRequest(tuple(files), out, primary, tuple(extra), tuple(links), opath, offline)
+
+
+def _verify(recipe: Recipe, plan: _Plan, packages: list[LockedPackage], inputs: list[_Input],
+            first_use: list[FirstUse]) -> tuple[list[LockedPackage], dict[str, str]]:
+    """Every package hashed; direct URLs match the recipe's sha256; first downloads said so."""
+    notes: dict[str, str] = {}
+    excluded = _excluded_names(recipe, plan.label)
+    kept: list[LockedPackage] = []
+    for p in packages:
+        if p.name in excluded:
+            continue  # pulled in by something else; it is installed from the built wheel
+        if not p.hashes:
+            raise LockError(f"the resolver gave no sha256 for {p.requirement}; refusing to write a lock "
+                            "that cannot be verified", file=recipe.path)
+        kept.append(p)
+    by_name = {p.name: p for p in kept}
+    for i in inputs:
+        pin = i.pin
+        if pin is None or not pin.url:
+            continue
+        locked = by_name.get(canonicalize_name(pin.name))
+        if locked is None:
+            raise LockError(f"{pin.url} was locked under another name (the wheel's metadata does not "
+                            f"name {pin.name!r})", file=recipe.path, key=f"pins.{pin.name}.url")
+        if pin.sha256:
+            if pin.sha256 not in locked.hashes:
+                raise LockError(f"sha256 mismatch for {pin.url}: the recipe says {pin.sha256}, the file has "
+                                f"{', '.join(locked.hashes)}", file=recipe.path, key=f"pins.{pin.name}.sha256")
+            by_name[locked.name] = _with_hashes(locked, (pin.sha256,))
+            notes[locked.name] = "sha256 from the recipe, checked against the download"
+        elif pin.trust_on_first_use:
+            sha = locked.hashes[0]
+            first_use.append(FirstUse(pin.name, pin.url, sha))
+            notes[locked.name] = ("trust on first use: sha256 recorded from the first download, "
+                                  "not checked against a known value")
+    return [by_name[p.name] for p in kept], notes
+
+
+def _with_hashes(p: LockedPackage, hashes: tuple[str, ...]) -> LockedPackage:
+    return LockedPackage(p.name, p.requirement, p.version, p.url, hashes, p.via)
+
+
+def _replace_seconds(r: LockResult, seconds: float) -> LockResult:
+    from dataclasses import replace
+
+    return replace(r, seconds=seconds)
+
+
+def render_lockfile(result: LockResult, plan: _Plan, pins_rec: list[dict[str, Any]],
+                    patches_rec: list[dict[str, Any]], primary: str, notes: dict[str, str]) -> str:
+    import json
+
+    h: list[str] = [
+        f"{FIRST_LINE}{result.recipe}. Do not edit; regenerate with:",
+        f"#   {result.command}",
+        f"# recipe sha256: {result.recipe_sha256}",
+        f"# inputs sha256: {result.inputs_sha256}  (pins, overrides, patch series: `--check` compares them)",
+        f"# resolver: {result.resolver} {result.resolver_version}, for Python "
+        f"{sys.version_info.major}.{sys.version_info.minor} on {sys.platform} {_platform.machine()}"
+        + (" (offline)" if result.offline else ""),
+        f"# primary index: {primary if not backends.is_local(primary) else 'a local index (not recorded)'}",
+    ]
+    for url, origin in plan.indexes:
+        shown = url if not backends.is_local(url) else "a local index (not recorded)"
+        h.append(f"# extra index: {shown} ({origin})")
+    if plan.source is not None:
+        h.append(f"# requirements of {plan.label}: {', '.join(plan.source.files)} "
+                 f"(sha256 {plan.source.sha256[:16]})")
+    else:
+        h.append("# requirements: the recipe's pins only (no source requirements)")
+    for e in result.excluded:
+        h.append(f"# not in this file: {e}")
+    if result.overrides:
+        h.append("#")
+        h.append("# overrides (the recipe replaces what the source declares):")
+        for o in result.overrides:
+            what = ", ".join(o.replaces) if o.replaces else f"nothing ({plan.label} does not declare it)"
+            h.append(f"#   {o.pin} replaces {what}: {o.reason}")
+    if result.first_use:
+        h.append("#")
+        for f in result.first_use:
+            h.append(f"# {f.message}")
+    h.append("#")
+    h += [record_line("pin", r) for r in pins_rec]
+    h += [record_line("patch", r) for r in patches_rec]
+    h.append("#")
+    body = render_packages(list(result.packages), notes)
+    tail: list[str] = []
+    if result.unresolved:
+        tail.append("#")
+        tail.append("# pinned by the recipe, not resolved (install these separately; their dependencies "
+                    "are not in this file):")
+        for u in result.unresolved:
+            tail.append(f"#   {u.requirement}  ({u.origin}; {u.reason}"
+                        + (f"; sha256 {u.sha256})" if u.sha256 else ")"))
+        for u in result.unresolved:
+            tail.append(UNRESOLVED_PREFIX + json.dumps(u.to_dict(), sort_keys=True, separators=(",", ":")))
+    text = "\n".join(h) + "\n" + body + ("\n".join(tail) + "\n" if tail else "")
+    for line in text.splitlines():
+        if line.startswith("-"):
+            raise LockError(f"refusing to write a machine-local option line: {line!r}", file=result.lockfile)
+    return text
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------- --check
+
+
+def _describe(rec: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(rec.items()) if k not in ("name", "position"))
+
+
+def check_lock(recipe: Recipe, lockfile: Path) -> LockCheckResult:
+    """Compare the recipe's pins, overrides and patch series with the records in the
+    lockfile's header. No network; exit_code 1 when anything changed."""
+    header = read_header(Path(lockfile))
+    changes: list[LockChange] = []
+    notes: list[str] = []
+    pins_now = {r["name"]: r for r in (pin_record(p) for p in recipe.pins)}
+    pins_then = {r.get("name", "?"): r for r in header.pins}
+    for name in sorted(set(pins_now) | set(pins_then)):
+        now, then = pins_now.get(name), pins_then.get(name)
+        if then is None and now is not None:
+            changes.append(LockChange("pin", name, "added", _describe(now)))
+        elif now is None and then is not None:
+            changes.append(LockChange("pin", name, "removed", _describe(then)))
+        elif now != then and now is not None and then is not None:
+            for key in sorted(set(now) | set(then)):
+                if now.get(key) != then.get(key):
+                    kind = "override" if key == "override" else "pin"
+                    changes.append(LockChange(kind, name, "changed",
+                                              f"{key}: {then.get(key, '(none)')} -> {now.get(key, '(none)')}"))
+    patches_now = [patch_record(n, p) for n, p in enumerate(recipe.patches, start=1)]
+    by_now = {r["name"]: r for r in patches_now}
+    by_then = {r.get("name", "?"): r for r in header.patches}
+    for r in patches_now:
+        then = by_then.get(r["name"])
+        if then is None:
+            changes.append(LockChange("patch", r["name"], "added", f"at position {r['position']}"))
+            continue
+        for key in sorted((set(r) | set(then)) - {"position"}):
+            if r.get(key) != then.get(key):
+                changes.append(LockChange("patch", r["name"], "changed",
+                                          f"{key}: {then.get(key, '(none)')} -> {r.get(key, '(none)')}"))
+    for name, then in by_then.items():
+        if name not in by_now:
+            changes.append(LockChange("patch", name, "removed", f"was at position {then.get('position')}"))
+    order_then = [r.get("name") for r in header.patches if r.get("name") in by_now]
+    order_now = [r["name"] for r in patches_now if r["name"] in by_then]
+    if order_then != order_now:
+        changes.append(LockChange("series", "patches", "reordered",
+                                  f"{' -> '.join(map(str, order_then))}  now  {' -> '.join(order_now)}"))
+    if header.recipe != recipe.name:
+        changes.append(LockChange("recipe", recipe.name, "changed",
+                                  f"the lockfile was written for recipe {header.recipe!r}"))
+    digest_then = inputs_digest(list(header.pins), list(header.patches))
+    if digest_then != header.inputs_sha256:
+        changes.append(LockChange("lockfile", str(lockfile), "changed",
+                                  "its header records do not match its inputs sha256 (edited by hand?)"))
+    if not changes and header.recipe_sha256 != recipe.sha256:
+        notes.append("the recipe changed elsewhere (its sha256 differs) but not in pins, overrides "
+                     "or the patch series")
+    if header.unresolved:
+        notes.append(f"{len(header.unresolved)} pin(s) are pinned by the recipe but not resolved in this "
+                     "lockfile (written --offline)")
+    command = f"stackbuild lock {recipe.name}"
+    if "(offline)" in header.resolver:
+        command += " --offline"
+    if header.resolver.startswith("uv "):
+        command += " --resolver uv"
+    return LockCheckResult(recipe.name, Path(lockfile), not changes, tuple(changes), tuple(notes), command)
+
+
+# ---------------------------------------------------------------- trust on first use
+
+
+@dataclass(frozen=True)
+class FirstUseRecorded:
+    recipe: Path
+    pin: str
+    sha256: str
+    message: str = field(default="")
+
+    @property
+    def exit_code(self) -> int:
+        return 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"recipe": str(self.recipe), "pin": self.pin, "sha256": self.sha256, "message": self.message}
+
+    def tables(self) -> list[Table]:
+        return [Table("Trust on first use", ("recipe", "pin", "sha256"),
+                      ((str(self.recipe), self.pin, self.sha256),), self.message)]
+
+
+def record_first_use(recipe_path: Path, pin_name: str, sha256: str) -> FirstUseRecorded:
+    """Write the sha256 the first download produced into the recipe, replacing
+    `trust_on_first_use = true`. From now on the artifact is checked against it."""
+    from stackbuild.lock.tofu import write_first_use
+
+    write_first_use(Path(recipe_path), pin_name, sha256)
+    msg = (f"trust on first use: recorded sha256 {sha256} for pins.{pin_name} in {recipe_path}; it was "
+           "trusted because it was the first download seen, and every later download is checked against it")
+    return FirstUseRecorded(Path(recipe_path), pin_name, sha256, msg)

@@ -1,0 +1,225 @@
+"""Resolver backends (pip-tools, uv) run as subprocesses in a clean environment, and
+the reachability probes that make an unreachable index fail fast.
+
+The machine's pip configuration (extra indexes, find-links, a global constraints
+file) never reaches the resolver: `PIP_CONFIG_FILE=/dev/null` and no `PIP_*`/`UV_*`
+variables that change what is resolved. Only the indexes the caller names are used.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from stackbuild.lock.errors import ResolutionFailed, ResolverMissing
+
+RESOLVERS = ("pip-tools", "uv")
+DEFAULT_INDEX = "https://pypi.org/simple"
+PROBE_TIMEOUT_S = 5.0
+
+# Kept for the resolver: where to find certificates, proxies, caches. Everything else
+# named PIP_* or UV_* (index URLs, find-links, constraints, config files) is dropped.
+_KEEP_ENV = {
+    "PIP_CERT", "PIP_CLIENT_CERT", "PIP_PROXY", "PIP_CACHE_DIR", "PIP_DEFAULT_TIMEOUT",
+    "UV_CACHE_DIR", "UV_NATIVE_TLS", "UV_HTTP_TIMEOUT",
+}
+
+
+def clean_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    for k in list(env):
+        if (k.startswith("PIP_") or k.startswith("UV_")) and k not in _KEEP_ENV:
+            del env[k]
+    env["PIP_CONFIG_FILE"] = os.devnull  # no global/user/site pip.conf, no constraint= from it
+    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    env["UV_NO_CONFIG"] = "1"
+    if "PIP_CERT" in env and "SSL_CERT_FILE" not in env:
+        env["SSL_CERT_FILE"] = env["PIP_CERT"]
+    env.setdefault("PYTHONIOENCODING", "utf-8")
+    return env
+
+
+def is_local(url: str) -> bool:
+    return url.startswith("file:") or "://" not in url
+
+
+def local_path(url: str) -> Path:
+    if url.startswith("file:"):
+        return Path(urllib.request.url2pathname(urllib.parse.urlparse(url).path))
+    return Path(url)
+
+
+def probe(url: str, timeout: float = PROBE_TIMEOUT_S, *, artifact: bool = False) -> str | None:
+    """None when `url` answers; else why not. For an index any HTTP answer counts (a 404
+    on the index root still means the host serves); for an artifact it must exist."""
+    if is_local(url):
+        p = local_path(url)
+        ok = p.is_file() if artifact else p.exists()
+        return None if ok else f"{p} does not exist"
+    scheme = urllib.parse.urlparse(url).scheme
+    if scheme not in ("http", "https"):
+        return f"unsupported URL scheme {scheme!r}"
+    req = urllib.request.Request(url, method="HEAD", headers={"User-Agent": "stackbuild-lock"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout):
+            return None
+    except urllib.error.HTTPError as e:
+        if artifact and e.code in (404, 410):
+            return f"HTTP {e.code} (no such file)"
+        return None
+    except urllib.error.URLError as e:
+        reason = e.reason
+        if isinstance(reason, TimeoutError) or "timed out" in str(reason):
+            return f"no answer within {timeout:g} s"
+        return f"{getattr(reason, 'strerror', None) or reason}"
+    except TimeoutError:
+        return f"no answer within {timeout:g} s"
+    except OSError as e:
+        return e.strerror or str(e)
+
+
+def probe_all(urls: list[tuple[str, bool]], timeout: float = PROBE_TIMEOUT_S) -> dict[str, str | None]:
+    """Probe (url, is_artifact) pairs in parallel; url -> None or the reason it failed."""
+    if not urls:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(8, len(urls))) as ex:
+        results = list(ex.map(lambda u: probe(u[0], timeout, artifact=u[1]), urls))
+    return {u: r for (u, _), r in zip(urls, results, strict=True)}
+
+
+@dataclass(frozen=True)
+class ResolveRequest:
+    inputs: tuple[Path, ...]  # requirement files (in a temp dir)
+    output: Path
+    index_url: str | None  # None: --no-index
+    extra_index_urls: tuple[str, ...]
+    find_links: tuple[str, ...]
+    overrides: Path | None  # uv only: pins that replace declarations anywhere in the graph
+    offline: bool
+
+
+@dataclass(frozen=True)
+class ResolveRun:
+    ok: bool
+    output: str  # the resolver's lockfile text when ok
+    stderr: str
+    argv: tuple[str, ...]
+    version: str
+
+
+def pip_tools_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("pip-tools")
+    except Exception:  # noqa: BLE001 - not installed is reported when it runs
+        return "?"
+
+
+def find_uv() -> str:
+    exe = shutil.which("uv")
+    if exe:
+        return exe
+    try:
+        import uv
+
+        return str(uv.find_uv_bin())
+    except Exception:  # noqa: BLE001
+        raise ResolverMissing(
+            "the uv resolver is not installed: `pip install uv` (or see https://docs.astral.sh/uv/), "
+            "or use --resolver pip-tools", key="--resolver") from None
+
+
+def uv_version(exe: str) -> str:
+    try:
+        out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30).stdout
+        return out.split()[1] if len(out.split()) > 1 else out.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+def run_resolver(resolver: str, req: ResolveRequest, timeout_s: float = 1800) -> ResolveRun:
+    if resolver == "pip-tools":
+        argv = [sys.executable, "-m", "piptools", "compile", "--no-header", "--generate-hashes",
+                "--allow-unsafe", "--strip-extras", "--no-emit-index-url", "--no-emit-find-links",
+                "--no-emit-trusted-host", "--output-file", str(req.output)]
+        # Retries belong to the probes; a dead mirror must not cost pip's 16 s of retries.
+        argv += ["--pip-args", "--retries 1 --timeout 30"]
+        version = pip_tools_version()
+    elif resolver == "uv":
+        exe = find_uv()
+        argv = [exe, "pip", "compile", "--no-config", "--no-header", "--generate-hashes",
+                "--python", sys.executable, "--output-file", str(req.output)]
+        if req.offline:
+            argv.append("--offline")
+        if req.overrides is not None:
+            argv += ["--overrides", str(req.overrides)]
+        version = uv_version(exe)
+    else:
+        raise ResolverMissing(f"unknown resolver {resolver!r} (one of: {', '.join(RESOLVERS)})",
+                              key="--resolver")
+    if req.index_url is None:
+        argv.append("--no-index")
+    else:
+        argv += ["--index-url", req.index_url]
+    for u in req.extra_index_urls:
+        argv += ["--extra-index-url", u]
+    for f in req.find_links:
+        argv += ["--find-links", f]
+    argv += [str(p) for p in req.inputs]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, env=clean_env(),
+                              cwd=req.output.parent, timeout=timeout_s)
+    except FileNotFoundError as e:
+        raise ResolverMissing(f"cannot run {resolver}: {e.strerror}", key="--resolver") from None
+    except subprocess.TimeoutExpired:
+        raise ResolutionFailed(f"{resolver} did not finish within {timeout_s:g} s") from None
+    if proc.returncode == 0 and req.output.exists():
+        return ResolveRun(True, req.output.read_text(encoding="utf-8"), proc.stderr, tuple(argv), version)
+    if resolver == "pip-tools" and "No module named piptools" in proc.stderr:
+        raise ResolverMissing("pip-tools is not installed: `pip install pip-tools`", key="--resolver")
+    return ResolveRun(False, "", proc.stderr + proc.stdout, tuple(argv), version)
+
+
+_NOT_FOUND_PATTERNS = (
+    re.compile(r"Could not find a version that satisfies the requirement (\S+)"),
+    re.compile(r"No matching distribution found for (\S+)"),
+    re.compile(r"Because (\S+) was not found in the (?:cache|package registry)"),
+    re.compile(r"(\S+) was not found in the (?:cache|package registry)"),
+)
+
+
+def missing_requirement(stderr: str) -> str | None:
+    """The requirement the resolver could not find at all (None: another failure)."""
+    for pat in _NOT_FOUND_PATTERNS:
+        m = pat.search(stderr)
+        if m:
+            return m.group(1)
+    return None
+
+
+def failure_summary(stderr: str, replacements: dict[str, str]) -> str:
+    """One line: the resolver's own words for why it failed, temp paths replaced."""
+    keep: list[str] = []
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    for ln in lines:
+        low = ln.lower()
+        if ln.startswith(("ERROR:", "error:", "Could not find", "Tried:", "Skipped", "cause:",
+                          "hint:", "╰─▶", "Because", "And because", "Cannot install", "The conflict")) \
+                or "conflict" in low or "no matching distribution" in low:
+            keep.append(ln.removeprefix("ERROR: ").removeprefix("╰─▶ "))
+    if not keep:
+        keep = lines[-1:] or ["no output"]
+    msg = "; ".join(dict.fromkeys(keep))
+    for old, new in replacements.items():
+        msg = msg.replace(old, new)
+    return msg if len(msg) <= 600 else msg[:597] + "..."
