@@ -19,6 +19,8 @@ import binascii
 import gzip
 import hashlib
 import re
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path, PurePosixPath
@@ -135,7 +137,7 @@ def decode_patch_bytes(data: bytes, name: str = "") -> tuple[str, list[str]]:
         try:
             data = gzip.decompress(data)
             notes.append("gunzipped")
-        except (OSError, EOFError) as e:
+        except (OSError, EOFError, zlib.error) as e:
             raise MalformedPatch(f"gzip data is corrupt: {e}") from None
     try:
         text = data.decode("utf-8")
@@ -161,7 +163,7 @@ def split_mbox(text: str) -> list[str]:
     starts = [i for i, ln in enumerate(lines) if _MBOX_FROM_RE.match(ln)]
     if len(starts) <= 1:
         return [text]
-    return ["\n".join(lines[a:b]) for a, b in zip(starts, [*starts[1:], len(lines)])]
+    return ["\n".join(lines[a:b]) for a, b in zip(starts, [*starts[1:], len(lines)], strict=True)]
 
 
 # ------------------------------------------------------------------ parsing
@@ -299,6 +301,21 @@ def _parse_file(lines: list[str], i: int, strip: int, notes: list[str]) -> tuple
     return FilePatch(old_path, new_path, tuple(hunks), old_raw, new_raw, new_mode, is_rename), i
 
 
+def _hunk_goes_on(lines: list[str], j: int) -> bool:
+    while j < len(lines) and lines[j] == "":
+        j += 1
+    if j >= len(lines) or lines[j][0] not in " +-" or _is_file_start(lines, j):
+        return False
+    return not _is_signature(lines, j)
+
+
+def _is_signature(lines: list[str], i: int) -> bool:
+    """`-- ` followed by git's version line and the end of the mail: the signature,
+    even when a hand-edited header over-counts the hunk above it."""
+    rest = [ln for ln in lines[i + 1 :] if ln.strip()]
+    return lines[i] == "-- " and len(rest) <= 1 and all(re.match(r"^\d+(\.\d+)+", ln) for ln in rest)
+
+
 def _parse_hunk(lines: list[str], i: int, notes: list[str], path: str) -> tuple[Hunk, int]:
     m = _HUNK_RE.match(lines[i])
     if not m:
@@ -324,14 +341,15 @@ def _parse_hunk(lines: list[str], i: int, notes: list[str], path: str) -> tuple[
             break
         if ln == "":
             # an empty context line whose leading space was eaten by an editor; only
-            # when the hunk evidently goes on (the header said more lines follow)
-            if n_old < old_len or n_new < new_len:
+            # when the hunk evidently goes on (the header said more lines follow, or
+            # hunk lines follow: stopping there would silently drop half the hunk)
+            if n_old < old_len or n_new < new_len or _hunk_goes_on(lines, i + 1):
                 ln = " "
             else:
                 break
         if ln[0] not in " +-":
             break
-        if ln[0] == "-" and ln.startswith("-- ") and n_old >= old_len and n_new >= new_len:
+        if ln.startswith("-- ") and (n_old >= old_len and n_new >= new_len or _is_signature(lines, i)):
             break  # the signature separator of a format-patch mail
         body.append(ln)
         if ln[0] in " -":
@@ -352,7 +370,7 @@ def _parse_hunk(lines: list[str], i: int, notes: list[str], path: str) -> tuple[
 # ------------------------------------------------------------------ applying
 
 
-def resolve_paths(parsed: ParsedPatch, exists: callable[[str], bool]) -> tuple[ParsedPatch, list[str]]:  # type: ignore[valid-type]
+def resolve_paths(parsed: ParsedPatch, exists: Callable[[str], bool]) -> tuple[ParsedPatch, list[str]]:
     """Drop extra leading components (a diff made against site-packages) when the
     stripped path is not in the tree but a shorter suffix of it is."""
     notes: list[str] = []
@@ -362,20 +380,34 @@ def resolve_paths(parsed: ParsedPatch, exists: callable[[str], bool]) -> tuple[P
         if target is None or exists(target):
             out.append(fp)
             continue
-        parts = target.split("/")
-        fixed = None
-        for k in range(1, len(parts)):
-            cand = "/".join(parts[k:])
-            if exists(cand):
-                fixed = k
+        # `diff -u x.py.orig x.py`: the old name is a backup that is not in the tree, so
+        # the new name is patched (as GNU patch does); never for a git rename
+        names = [target]
+        if not fp.is_rename and fp.new_path and fp.new_path != target:
+            names.append(fp.new_path)
+        found: tuple[int, str] | None = None
+        for k in range(0, max(len(n.split("/")) for n in names)):
+            for name in names:
+                parts = name.split("/")
+                if k < len(parts) and exists("/".join(parts[k:])):
+                    found = (k, name)
+                    break
+            if found:
                 break
-        if fixed is None:
+        if found is None:
             out.append(fp)
             continue
-        def cut(p: str | None) -> str | None:
-            return "/".join(p.split("/")[fixed:]) if p else p
-        notes.append(f"{target}: dropped {fixed} extra leading path component(s) -> {cut(target)}")
-        out.append(FilePatch(cut(fp.old_path), cut(fp.new_path), fp.hunks, fp.raw_old, fp.raw_new, fp.new_mode, fp.is_rename))
+        fixed, name = found
+
+        def cut(p: str | None, k: int = fixed) -> str | None:
+            return "/".join(p.split("/")[k:]) if p else p
+
+        old = fp.old_path if name == target else fp.new_path
+        if name != target:
+            notes.append(f"{target}: not in the tree; patched {cut(name)} (the diff's new name)")
+        if fixed:
+            notes.append(f"{name}: dropped {fixed} extra leading path component(s) -> {cut(name)}")
+        out.append(FilePatch(cut(old), cut(fp.new_path), fp.hunks, fp.raw_old, fp.raw_new, fp.new_mode, fp.is_rename))
     return ParsedPatch(parsed.header, parsed.description, tuple(out), parsed.notes), notes
 
 
@@ -476,7 +508,7 @@ def _join(lines: list[str], ends_nl: bool) -> str:
 
 def apply_parsed(
     parsed: ParsedPatch,
-    read: callable[[str], str | None],  # type: ignore[valid-type]
+    read: Callable[[str], str | None],
     fuzz: int = 0,
 ) -> ApplyOutcome:
     """Apply in memory. `read(path)` returns a file's text or None when absent."""
@@ -512,7 +544,12 @@ def _with_notes(detail: str, notes: list[str]) -> str:
     return "; ".join(x for x in [detail, *notes] if x)
 
 
-def _try(parsed: ParsedPatch, read, fuzz: int, reverse: bool):  # type: ignore[no-untyped-def]
+_Applied = tuple[dict[str, "str | None"], dict[str, str], bool, int]
+
+
+def _try(
+    parsed: ParsedPatch, read: Callable[[str], str | None], fuzz: int, reverse: bool
+) -> tuple[_Applied | None, str | None, str | None]:
     contents: dict[str, str | None] = {}
     modes: dict[str, str] = {}
     any_offset = False

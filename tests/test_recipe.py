@@ -1,0 +1,316 @@
+"""Recipes: schema, `extends`, and an error naming the file and the key for each
+kind of bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from stackbuild.errors import RecipeError
+from stackbuild.platforms import B70, LUNAR_LAKE
+from stackbuild.recipe import PatchKind, SourceKind, list_recipe_names, load_recipe
+
+SHA_A = "a" * 64
+SHA_B = "b" * 64
+
+
+def write(root: Path, name: str, text: str) -> Path:
+    d = root / "recipes"
+    d.mkdir(parents=True, exist_ok=True)
+    (root / "patches").mkdir(exist_ok=True)
+    p = d / f"{name}.toml"
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+BASE = f"""
+    platform = "b70"
+    description = "shared base"
+
+    [sources.vllm]
+    pypi = "vllm==0.19.0"
+    sha256 = "{SHA_A}"
+
+    [[patches]]
+    file = "patches/base-fix.patch"
+    source = "vllm"
+    sha256 = "{SHA_A}"
+
+    [pins]
+    transformers = "==5.5.0"
+    numpy = "==2.0.0"
+
+    [environment.vars]
+    FROM_BASE = "1"
+    SHARED = "base"
+
+    [checks]
+    registry = ["Gemma4ForConditionalGeneration"]
+"""
+
+
+def load_error(path: Path) -> RecipeError:
+    with pytest.raises(RecipeError) as ei:
+        load_recipe(path)
+    return ei.value
+
+
+def test_minimal_recipe_loads(tmp_path: Path) -> None:
+    p = write(tmp_path, "base", BASE)
+    r = load_recipe(p)
+    assert r.name == "base"
+    assert r.platform is B70
+    (src,) = r.sources
+    assert src.kind is SourceKind.PYPI
+    assert (src.project, src.version, src.sha256) == ("vllm", "0.19.0", SHA_A)
+    (patch,) = r.patches
+    assert (patch.name, patch.kind, patch.strip, patch.fuzz) == ("base-fix", PatchKind.FILE, 1, 0)
+    assert r.sha256 == hashlib.sha256(r.raw.encode()).hexdigest()
+
+
+def test_loading_by_name_from_project_root(tmp_path: Path) -> None:
+    write(tmp_path, "base", BASE)
+    write(tmp_path, "other", BASE)
+    assert list_recipe_names(tmp_path) == ["base", "other"]
+    assert load_recipe("other", root=tmp_path).name == "other"
+    with pytest.raises(RecipeError, match="no recipe named 'nope'.*known: base, other"):
+        load_recipe("nope", root=tmp_path)
+
+
+def test_extends_merges_tables_and_concatenates_patches(tmp_path: Path) -> None:
+    write(tmp_path, "base", BASE)
+    child = write(tmp_path, "child", f"""
+        extends = "base"
+        platform = "lunar-lake"
+
+        [sources.llm-scaler]
+        git = "https://github.com/intel/llm-scaler"
+        tag = "v1.0"
+
+        [[patches]]
+        file = "patches/child-fix.patch"
+        source = "vllm"
+        sha256 = "{SHA_B}"
+
+        [pins]
+        transformers = "==5.10.2"
+
+        [environment.vars]
+        SHARED = "child"
+    """)
+    r = load_recipe(child)
+    assert r.extends == ("base",)
+    assert r.platform is LUNAR_LAKE  # child wins on a scalar
+    assert r.description == "shared base"  # inherited
+    assert [s.name for s in r.sources] == ["vllm", "llm-scaler"]  # tables merge
+    assert [p.name for p in r.patches] == ["base-fix", "child-fix"]  # base's series first
+    pins = {p.name: p.spec for p in r.pins}
+    assert pins == {"transformers": "==5.10.2", "numpy": "==2.0.0"}
+    env = dict(r.environment.vars)
+    assert env["FROM_BASE"] == "1" and env["SHARED"] == "child"
+    assert r.checks.registry == ("Gemma4ForConditionalGeneration",)
+    # the hash covers the resolved recipe: changing the base changes the child
+    before = r.sha256
+    write(tmp_path, "base", BASE.replace("numpy = \"==2.0.0\"", "numpy = \"==2.1.0\""))
+    assert load_recipe(child).sha256 != before
+
+
+def test_extends_chain_of_three(tmp_path: Path) -> None:
+    write(tmp_path, "base", BASE)
+    write(tmp_path, "mid", 'extends = "base"\n[environment.vars]\nMID = "1"\n')
+    top = write(tmp_path, "top", 'extends = "mid"\n')
+    r = load_recipe(top)
+    assert r.extends == ("mid", "base")
+    assert dict(r.environment.vars)["MID"] == "1"
+
+
+def test_extends_cycle_is_rejected_naming_the_chain(tmp_path: Path) -> None:
+    write(tmp_path, "a", 'extends = "b"\nplatform = "b70"\n')
+    write(tmp_path, "b", 'extends = "c"\n')
+    write(tmp_path, "c", 'extends = "a"\n')
+    e = load_error(tmp_path / "recipes" / "a.toml")
+    assert "cycle in extends: a -> b -> c -> a" in e.message
+    assert e.key == "extends"
+    assert e.file is not None and e.file.endswith("c.toml")
+
+
+def test_extends_itself_is_a_cycle(tmp_path: Path) -> None:
+    p = write(tmp_path, "self", 'extends = "self"\nplatform = "b70"\n')
+    assert "cycle in extends: self -> self" in load_error(p).message
+
+
+def test_extends_unknown_recipe(tmp_path: Path) -> None:
+    p = write(tmp_path, "child", 'extends = "ghost"\nplatform = "b70"\n')
+    e = load_error(p)
+    assert e.key == "extends" and "ghost" in e.message and e.file == str(p)
+
+
+def test_unknown_top_level_key_names_file_and_key(tmp_path: Path) -> None:
+    p = write(tmp_path, "r", 'platfrom = "b70"\n' + BASE)
+    e = load_error(p)
+    assert e.file == str(p)
+    assert e.key == "platfrom"
+    assert "unknown key" in e.message
+    assert str(p) in str(e) and "platfrom" in str(e)
+
+
+def test_unknown_key_in_a_source_and_in_a_patch(tmp_path: Path) -> None:
+    p = write(tmp_path, "r", BASE.replace('pypi = "vllm==0.19.0"', 'pypi = "vllm==0.19.0"\nsha = "x"'))
+    assert load_error(p).key == "sources.vllm.sha"
+    p = write(tmp_path, "r", BASE.replace('source = "vllm"', 'source = "vllm"\nfuz = 1'))
+    e = load_error(p)
+    assert e.key == "patches[0].fuz" and e.file == str(p)
+
+
+def test_unknown_key_in_an_extended_base_names_the_base_file(tmp_path: Path) -> None:
+    base = write(tmp_path, "base", BASE.replace('source = "vllm"', 'source = "vllm"\nstirp = 1'))
+    child = write(tmp_path, "child", 'extends = "base"\n')
+    e = load_error(child)
+    assert e.key == "patches[0].stirp"
+    assert e.file == str(base)  # the file the bad entry lives in, not the child
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "key"),
+    [
+        ('platform = "b70"', "platform = 70", "platform"),
+        ('file = "patches/base-fix.patch"', 'file = "patches/base-fix.patch"\nstrip = "1"', "patches[0].strip"),
+        ('file = "patches/base-fix.patch"', 'file = "patches/base-fix.patch"\nfuzz = true', "patches[0].fuzz"),
+        ('registry = ["Gemma4ForConditionalGeneration"]', 'registry = "Gemma4ForConditionalGeneration"', "checks.registry"),
+        ('registry = ["Gemma4ForConditionalGeneration"]', "registry = [1]", "checks.registry[0]"),
+        ('pypi = "vllm==0.19.0"', "pypi = 19", "sources.vllm.pypi"),
+    ],
+)
+def test_wrong_type_names_the_key(tmp_path: Path, old: str, new: str, key: str) -> None:
+    assert old in BASE
+    p = write(tmp_path, "r", BASE.replace(old, new))
+    e = load_error(p)
+    assert e.key == key
+    assert e.file == str(p)
+    assert "must be" in e.message
+
+
+def test_patches_must_be_an_array_of_tables(tmp_path: Path) -> None:
+    p = write(tmp_path, "r", 'platform = "b70"\npatches = "x.patch"\n')
+    assert load_error(p).key == "patches"
+
+
+def test_pypi_source_without_sha256(tmp_path: Path) -> None:
+    p = write(tmp_path, "r", 'platform = "b70"\n[sources.vllm]\npypi = "vllm==0.19.0"\n')
+    e = load_error(p)
+    assert e.key == "sources.vllm.sha256" and "missing" in e.message
+
+
+@pytest.mark.parametrize("bad", ["abc", "A" * 64, "g" * 64, "a" * 63, "a" * 65])
+def test_malformed_sha256(tmp_path: Path, bad: str) -> None:
+    p = write(tmp_path, "r", f'platform = "b70"\n[sources.vllm]\npypi = "vllm==0.19.0"\nsha256 = "{bad}"\n')
+    e = load_error(p)
+    assert e.key == "sources.vllm.sha256"
+    assert "64 lowercase hex" in e.message
+
+
+@pytest.mark.parametrize("req", ["vllm", "vllm>=0.19", "vllm==0.19.*", "vllm==0.19.0,!=0.19.1", "not a req ("])
+def test_pypi_source_must_pin_one_exact_version(tmp_path: Path, req: str) -> None:
+    p = write(tmp_path, "r", f'platform = "b70"\n[sources.vllm]\npypi = "{req}"\nsha256 = "{SHA_A}"\n')
+    assert load_error(p).key == "sources.vllm.pypi"
+
+
+def test_git_branch_without_float_is_refused(tmp_path: Path) -> None:
+    p = write(tmp_path, "r", 'platform = "b70"\n[sources.s]\ngit = "https://github.com/intel/llm-scaler"\nbranch = "main"\n')
+    e = load_error(p)
+    assert e.key == "sources.s.branch"
+    assert "float = true" in e.message
+
+
+def test_git_floating_branch_is_allowed(tmp_path: Path) -> None:
+    p = write(tmp_path, "r", 'platform = "b70"\n[sources.s]\ngit = "https://github.com/intel/llm-scaler"\nbranch = "main"\nfloat = true\n')
+    (s,) = load_recipe(p).sources
+    assert (s.kind, s.branch, s.float) == (SourceKind.GIT, "main", True)
+
+
+def test_git_source_needs_a_ref_and_a_full_commit(tmp_path: Path) -> None:
+    p = write(tmp_path, "r", 'platform = "b70"\n[sources.s]\ngit = "https://x/y"\n')
+    assert load_error(p).key == "sources.s"
+    p = write(tmp_path, "r", 'platform = "b70"\n[sources.s]\ngit = "https://x/y"\ncommit = "deadbeef"\n')
+    e = load_error(p)
+    assert e.key == "sources.s.commit" and "40-digit" in e.message
+
+
+def test_source_needs_exactly_one_kind(tmp_path: Path) -> None:
+    p = write(tmp_path, "r", f'platform = "b70"\n[sources.s]\npypi = "vllm==0.19.0"\nsha256 = "{SHA_A}"\npath = "/tmp"\n')
+    assert load_error(p).key == "sources.s"
+
+
+def test_unknown_platform(tmp_path: Path) -> None:
+    p = write(tmp_path, "r", BASE.replace('platform = "b70"', 'platform = "a770"'))
+    e = load_error(p)
+    assert e.key == "platform"
+    assert "a770" in e.message and "b70" in e.message and "lunar-lake" in e.message
+
+
+def test_missing_platform(tmp_path: Path) -> None:
+    p = write(tmp_path, "r", BASE.replace('platform = "b70"', ""))
+    assert load_error(p).key == "platform"
+
+
+def test_patch_naming_an_unknown_source(tmp_path: Path) -> None:
+    p = write(tmp_path, "r", BASE.replace('source = "vllm"', 'source = "vlm"'))
+    e = load_error(p)
+    assert e.key == "patches[0].source"
+    assert "'vlm'" in e.message and "vllm" in e.message
+
+
+def test_from_patch_naming_an_unknown_holder_source(tmp_path: Path) -> None:
+    p = write(tmp_path, "r", BASE + '\n[[patches]]\nfrom = "llm-scaler"\npath = "x.patch"\nsource = "vllm"\n')
+    assert load_error(p).key == "patches[1].from"
+
+
+def test_patch_file_without_sha256(tmp_path: Path) -> None:
+    p = write(tmp_path, "r", BASE + '\n[[patches]]\nfile = "patches/x.patch"\nsource = "vllm"\n')
+    e = load_error(p)
+    assert e.key == "patches[1].sha256" and "missing" in e.message
+
+
+def test_two_patches_with_one_name(tmp_path: Path) -> None:
+    p = write(tmp_path, "r", BASE + f'\n[[patches]]\nfile = "other/base-fix.patch"\nsource = "vllm"\nsha256 = "{SHA_B}"\n')
+    e = load_error(p)
+    assert e.key == "patches" and "base-fix" in e.message
+
+
+def test_backport_files_must_stay_inside_the_tree(tmp_path: Path) -> None:
+    p = write(tmp_path, "r", BASE + f'\n[[patches]]\nbackport = "vllm==0.23.0"\nsha256 = "{SHA_B}"\nsource = "vllm"\nfiles = ["../../etc/passwd"]\n')
+    assert load_error(p).key == "patches[1].files[0]"
+
+
+def test_name_must_match_the_file_name(tmp_path: Path) -> None:
+    p = write(tmp_path, "b70-gemma4", 'name = "b70-gemma"\n' + BASE)
+    e = load_error(p)
+    assert e.key == "name"
+    assert "b70-gemma4" in e.message and "b70-gemma" in e.message
+
+
+def test_not_toml(tmp_path: Path) -> None:
+    p = write(tmp_path, "r", "platform = \n")
+    e = load_error(p)
+    assert e.file == str(p) and "TOML" in e.message
+
+
+def test_pin_forms(tmp_path: Path) -> None:
+    p = write(tmp_path, "r", BASE + f"""
+        [pins.torch]
+        version = "==2.10.0+xpu"
+        index = "https://download.pytorch.org/whl/xpu"
+        [pins.vllm-xpu-kernels]
+        url = "https://example.invalid/k.whl"
+        sha256 = "{SHA_B}"
+    """)
+    r = load_recipe(p)
+    torch = r.pin("torch")
+    assert torch is not None and torch.index == "https://download.pytorch.org/whl/xpu"
+    k = r.pin("vllm-xpu-kernels")
+    assert k is not None and k.requirement() == "vllm-xpu-kernels @ https://example.invalid/k.whl"
+    bad = write(tmp_path, "r", BASE + '\n[pins.k]\nurl = "https://example.invalid/k.whl"\n')
+    assert load_error(bad).key == "pins.k.sha256"
