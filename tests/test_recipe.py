@@ -104,7 +104,7 @@ def test_extends_merges_tables_and_concatenates_patches(tmp_path: Path) -> None:
     r = load_recipe(child)
     assert r.extends == ("base",)
     assert r.platform is LUNAR_LAKE  # child wins on a scalar
-    assert r.description == "shared base"  # inherited
+    assert r.description == ""  # a base's name and description describe the base only
     assert [s.name for s in r.sources] == ["vllm", "llm-scaler"]  # tables merge
     assert [p.name for p in r.patches] == ["base-fix", "child-fix"]  # base's series first
     pins = {p.name: p.spec for p in r.pins}
