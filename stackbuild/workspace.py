@@ -34,7 +34,7 @@ from stackbuild.series import (
     parse_patch,
     split_mbox,
 )
-from stackbuild.sources.archive import extract_tarball, read_members
+from stackbuild.sources.archive import import_tarball_to_git, read_members
 from stackbuild.sources.git import GitCheckout, export_tree, fetch_git, read_file_at
 from stackbuild.sources.pypi import fetch_sdist
 
@@ -236,8 +236,13 @@ def _inputs_digest(ctx: _Ctx) -> tuple[str, dict[str, dict[str, Any]], list[str]
 
 def _materialise(ctx: _Ctx, src: Source, dest: Path) -> None:
     if src.kind is SourceKind.PYPI:
-        extract_tarball(_sdist(ctx, src), dest)
-    elif src.kind is SourceKind.GIT:
+        dest.mkdir(parents=True)
+        run_git(dest, "init", "-q", "-b", "stackbuild")
+        run_git(dest, "config", "core.autocrlf", "false")
+        import_tarball_to_git(_sdist(ctx, src), dest, "stackbuild", f"base: {src.describe()}", {**os.environ, **GIT_ENV})
+        run_git(dest, "tag", BASE_TAG)
+        return
+    if src.kind is SourceKind.GIT:
         export_tree(ctx.checkouts[src.name], dest)
     else:
         shutil.copytree(_local_path(ctx, src), dest, ignore=shutil.ignore_patterns(".git"), symlinks=True)

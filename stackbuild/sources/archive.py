@@ -79,3 +79,77 @@ def read_members(archive: Path, names: list[str], strip_top: bool = True) -> dic
     if missing:
         raise SourceError(f"not in the release: {', '.join(missing)}", file=archive)
     return found
+
+
+def import_tarball_to_git(
+    archive: Path, repo_dir: Path, branch: str, message: str, env: dict[str, str], strip_top: bool = True
+) -> None:
+    """Stream the archive's files straight into a new commit of the (initialised) git
+    repository at `repo_dir` with `git fast-import`, then check it out.
+
+    One decompression and no Python-side file writes: git hashes the blobs as they
+    arrive and writes the work tree and index in one pass. Members are checked exactly
+    as for `extract_tarball`; nothing from the archive's ownership is kept."""
+    import subprocess
+
+    proc = subprocess.Popen(
+        ["git", "fast-import", "--quiet", "--done"],
+        cwd=repo_dir, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+    )
+    assert proc.stdin is not None
+    out = proc.stdin
+    entries: list[tuple[str, int, str]] = []
+    try:
+        try:
+            with tarfile.open(archive) as tf:
+                mark = 0
+                for m in tf:
+                    _check_member(archive, m)
+                    name = m.name
+                    if strip_top:
+                        if "/" not in name:
+                            continue  # the top folder itself
+                        name = name.split("/", 1)[1]
+                    name = name.rstrip("/")
+                    if not name or m.isdir():
+                        continue
+                    if name == ".git" or name.startswith(".git/") or "/.git/" in name:
+                        raise SourceError(f"refusing member {m.name!r}: git metadata inside the archive", file=archive)
+                    if m.issym():
+                        data, mode = m.linkname.encode(), "120000"
+                    elif m.isfile():
+                        f = tf.extractfile(m)
+                        assert f is not None
+                        data, mode = f.read(), ("100755" if m.mode & 0o111 else "100644")
+                    elif m.islnk():
+                        f = tf.extractfile(m)  # tarfile resolves hard links to their target's data
+                        assert f is not None
+                        data, mode = f.read(), "100644"
+                    else:
+                        continue
+                    mark += 1
+                    out.write(b"blob\nmark :%d\ndata %d\n" % (mark, len(data)))
+                    out.write(data)
+                    out.write(b"\n")
+                    entries.append((name, mark, mode))
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise SourceError(f"cannot extract: {e}", file=archive) from None
+        msg = message.encode()
+        out.write(f"commit refs/heads/{branch}\n".encode())
+        out.write(b"committer stackbuild <stackbuild@localhost> 946684800 +0000\n")
+        out.write(b"data %d\n%s\n" % (len(msg), msg))
+        for name, mk, mode in entries:
+            quoted = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"' if (" " in name or '"' in name) else name
+            out.write(f"M {mode} :{mk} {quoted}\n".encode())
+        out.write(b"\ndone\n")
+        out.close()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    if proc.wait() != 0:
+        raise SourceError(f"git fast-import failed: {err.strip()}", file=archive)
+    r = subprocess.run(["git", "checkout", "-q", "-f", branch], cwd=repo_dir, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SourceError(f"checking out the imported tree failed: {r.stderr.strip()}", file=archive)

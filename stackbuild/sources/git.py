@@ -16,13 +16,16 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import git
 import platformdirs
 
 from stackbuild.cache import cache_dir, locked
 from stackbuild.errors import SourceError
 from stackbuild.recipe import Source
+
+if TYPE_CHECKING:
+    import git
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -68,6 +71,8 @@ def apply_mirrors(url: str, mirrors: dict[str, str] | None = None) -> str:
 def fetch_git(source: Source) -> GitCheckout:
     """A bare mirror of the source in the cache holding the pinned commit."""
     assert source.url
+    import git  # gitpython is slow to import; only git sources need it
+
     url = apply_mirrors(source.url)
     key = hashlib.sha256(source.url.encode()).hexdigest()[:24]
     bare = cache_dir() / "git" / f"{key}.git"
@@ -96,6 +101,8 @@ def fetch_git(source: Source) -> GitCheckout:
 
 
 def _rev(repo: git.Repo, ref: str) -> str | None:
+    import git
+
     try:
         return str(repo.git.rev_parse("--verify", "--quiet", ref))
     except git.GitCommandError:
@@ -114,6 +121,8 @@ def _resolve(repo: git.Repo, source: Source, fetch: bool) -> str | None:
 
 
 def read_file_at(checkout: GitCheckout, path: str) -> bytes:
+    import git
+
     repo = git.Repo(checkout.repo)
     try:
         blob = repo.commit(checkout.commit).tree / path
@@ -123,7 +132,17 @@ def read_file_at(checkout: GitCheckout, path: str) -> bytes:
 
 
 def export_tree(checkout: GitCheckout, dest: Path) -> None:
-    """Write the pinned commit's files into `dest` (no .git)."""
+    """Write the pinned commit's files into `dest` (no .git). A private index file keeps
+    the shared bare mirror untouched."""
+    import subprocess
+    import tempfile
+
     dest.mkdir(parents=True)
-    repo = git.Repo(checkout.repo)
-    repo.git.execute(["git", f"--work-tree={dest}", "checkout", "-f", checkout.commit, "--", "."])  # type: ignore[call-overload]
+    with tempfile.TemporaryDirectory(prefix="stackbuild-index-") as tmp:
+        env = {**os.environ, "GIT_INDEX_FILE": str(Path(tmp) / "index")}
+        r = subprocess.run(
+            ["git", f"--git-dir={checkout.repo}", f"--work-tree={dest}", "checkout", "-f", checkout.commit, "--", "."],
+            env=env, capture_output=True, text=True,
+        )
+    if r.returncode != 0:
+        raise SourceError(f"exporting {checkout.commit[:12]} failed: {r.stderr.strip()}", file=checkout.url)
