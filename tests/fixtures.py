@@ -104,3 +104,40 @@ def commit_files(repo: git.Repo, files: dict[str, str], message: str) -> str:
         p.write_text(text)
     repo.index.add(list(files))
     return repo.index.commit(message).hexsha
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def seed_cache(cache: Path, versions: tuple[str, ...] = ("0.19.0", "0.23.0")) -> Path:
+    """A stackbuild cache (STACKBUILD_CACHE) that already holds the real vLLM sdists,
+    so tests never download a release twice in one run. Hard links where possible."""
+    for v in versions:
+        sha = VLLM_SDISTS[v]
+        d = cache / "sdists" / sha
+        dest = d / f"vllm-{v}.tar.gz"
+        if dest.exists():
+            continue
+        d.mkdir(parents=True, exist_ok=True)
+        src = vllm_sdist(v)
+        try:
+            os.link(src, dest)
+        except OSError:
+            shutil.copyfile(src, dest)
+    return cache
+
+
+def apply_shipped(recipe_name: str, workdir: Path, cache: Path):  # type: ignore[no-untyped-def]
+    """`stackbuild apply` of a recipe shipped in recipes/, into `workdir`."""
+    from stackbuild.recipe import load_recipe
+    from stackbuild.workspace import apply_recipe
+
+    old = os.environ.get("STACKBUILD_CACHE")
+    os.environ["STACKBUILD_CACHE"] = str(seed_cache(cache))
+    try:
+        return apply_recipe(load_recipe(REPO_ROOT / "recipes" / f"{recipe_name}.toml"), workdir)
+    finally:
+        if old is None:
+            os.environ.pop("STACKBUILD_CACHE", None)
+        else:
+            os.environ["STACKBUILD_CACHE"] = old
