@@ -4,6 +4,7 @@ into the cache, checked against the recipe's sha256 before use."""
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
@@ -44,15 +45,26 @@ def configured_index() -> str:
     for var in ("STACKBUILD_INDEX_URL", "PIP_INDEX_URL"):
         if os.environ.get(var):
             return os.environ[var].rstrip("/")
+    # `pip config get` reads only the user file; `list` merges every file pip reads
+    # (/etc/pip.conf, the user's, PIP_CONFIG_FILE) in pip's own order of precedence
     try:
         out = subprocess.run(
-            [sys.executable, "-m", "pip", "config", "get", "global.index-url"],
+            [sys.executable, "-m", "pip", "config", "list"],
             capture_output=True, text=True, timeout=20,
         )
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip().rstrip("/")
     except (OSError, subprocess.TimeoutExpired):
-        pass
+        return DEFAULT_INDEX
+    values: dict[str, str] = {}
+    for line in out.stdout.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.endswith(".index-url"):
+            try:
+                values[key] = str(ast.literal_eval(value))
+            except (ValueError, SyntaxError):
+                values[key] = value.strip("'\"")
+    for key in ("global.index-url", "install.index-url", "download.index-url"):
+        if values.get(key):
+            return values[key].rstrip("/")
     return DEFAULT_INDEX
 
 
