@@ -2,7 +2,8 @@
 
 Each reproduces a bug seen in the wild (DESIGN.md): vllm-xpu-kernels 0.1.4 decoding INT4
 nibbles as FP4 E2M1, a missing K<->N transpose (the [K, N] buffer read as [N, K]), and a
-zero point of 0 instead of 8. A control that passes the thresholds means the vectors or the
+zero point of 0 instead of 8. Controls return fp64; the suite rounds the output to each
+dtype of the run and judges it under that dtype's thresholds. A control that passes the thresholds means the vectors or the
 comparison hide that class of bug: the harness is broken and the check fails.
 """
 
@@ -83,7 +84,7 @@ def _control(name: str, corrupt: Corruption) -> Callable[[Int4Case, torch.Tensor
             assert case.qweight is not None and case.scales is not None
             if key not in case.scratch:
                 case.scratch[key] = dequant(case.qweight, case.scales, case.zeros, case, case.g_idx)
-            return ref.gemm(x, case.scratch[key]).to(case.torch_dtype)
+            return ref.gemm(x, case.scratch[key])
         assert case.w13_qweight is not None and case.w13_scales is not None
         assert case.w2_qweight is not None and case.w2_scales is not None
         assert case.topk_ids is not None and case.topk_weights is not None
@@ -113,7 +114,7 @@ def _control(name: str, corrupt: Corruption) -> Callable[[Int4Case, torch.Tensor
             )
             case.scratch[key] = (w13, w2)
         w13, w2 = case.scratch[key]
-        return ref.moe(x, w13, w2, case.topk_ids, case.topk_weights).to(case.torch_dtype)
+        return ref.moe(x, w13, w2, case.topk_ids, case.topk_weights)
 
     return fn
 

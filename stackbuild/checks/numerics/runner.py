@@ -11,6 +11,7 @@ ctx.options (all optional):
     builtin     names of built-in adapters to run; default all of them
     thresholds  {"bf16.rel": 2e-2, ...} on top of recipe.checks.thresholds
     repeats     timed calls per shape (default 2)
+    threads     torch CPU threads in the worker (default 1)
     timeout     seconds for the whole worker (default 900)
 """
 
@@ -78,6 +79,7 @@ def worker_args(ctx: CheckContext) -> dict[str, Any]:
         "workspace": str(ctx.workspace) if ctx.workspace else None,
         "thresholds": thresholds,
         "repeats": int(opts.get("repeats", 2)),
+        "threads": int(opts.get("threads", 1)),
     }
 
 

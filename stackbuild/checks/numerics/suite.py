@@ -140,6 +140,62 @@ def _evaluate(
     return (PASS if passed else FAIL), why, metrics, ms
 
 
+def _run_control(
+    control: Control,
+    suite: str,
+    vectors: list[Vector],
+    dtypes: Sequence[str],
+    limits: dict[str, float],
+) -> ControlRow | None:
+    """A control is computed once per (spec, M) and judged under every dtype's thresholds
+    of the run: it must fail all of them, or the harness hides that bug."""
+    seen = caught = 0
+    escaped: list[str] = []
+    errors: list[str] = []
+    min_rel: float | None = None
+    for vec in vectors:
+        if vec.case.suite != suite:
+            continue
+        try:
+            out = control.fn(vec.case, vec.x)
+        except Exception as exc:
+            errors.append(f"{vec.case.name}:{vec.shape}: {type(exc).__name__}: {exc}")
+            continue
+        for dtype in dtypes:
+            seen += 1
+            where = f"{vec.case.name}:{vec.shape}:{dtype}"
+            try:
+                m = ref.compare(out.to(ref.DTYPES[dtype]), vec.ref)
+            except ValueError as exc:  # the zero-reference guard included
+                errors.append(f"{where}: {exc}")
+                continue
+            min_rel = m.rel if min_rel is None else min(min_rel, m.rel)
+            if ref.verdict(m, dtype, limits)[0]:
+                escaped.append(f"{where} (rel {m.rel:.3g}, corr {m.corr:.6f})")
+            else:
+                caught += 1
+    if seen == 0 and not errors:
+        return None
+    if escaped:
+        why = (
+            f"harness broken: negative control '{control.what}' passed on "
+            f"{len(escaped)}/{seen} vectors: {', '.join(escaped[:3])}"
+        )
+        return ControlRow(control.name, suite, FAIL, why, seen, caught, min_rel)
+    if errors:
+        why = f"harness broken: control '{control.what}' could not be judged: {errors[0]}"
+        return ControlRow(control.name, suite, FAIL, why, seen, caught, min_rel)
+    return ControlRow(
+        control.name,
+        suite,
+        PASS,
+        f"caught on {caught}/{seen} vectors (min rel err {min_rel:.3g})",
+        seen,
+        caught,
+        min_rel,
+    )
+
+
 def run_suite(
     adapters: Sequence[Adapter],
     *,
@@ -188,55 +244,12 @@ def run_suite(
                         )
                     )
 
-    control_rows: list[ControlRow] = []
-    for control in controls:
-        for suite in suites:
-            seen = caught = 0
-            escaped: list[str] = []
-            errors: list[str] = []
-            min_rel: float | None = None
-            for dtype in dtypes:
-                for vec in vectors[dtype]:
-                    if vec.case.suite != suite:
-                        continue
-                    seen += 1
-                    status, detail, m, _ = _evaluate(control.fn, vec, limits, 0)
-                    if m is not None:
-                        min_rel = m.rel if min_rel is None else min(min_rel, m.rel)
-                    if status == FAIL and m is not None:
-                        caught += 1
-                    elif status == PASS:
-                        escaped.append(
-                            f"{vec.case.name}:{vec.shape}:{dtype} (rel {m.rel:.3g})"
-                            if m
-                            else vec.case.name
-                        )
-                    else:  # the control itself could not be evaluated: the harness is broken
-                        errors.append(f"{vec.case.name}:{vec.shape}:{dtype}: {detail}")
-            if seen == 0:
-                continue
-            if escaped or errors:
-                why = (
-                    f"harness broken: negative control '{control.what}' passed on "
-                    f"{len(escaped)}/{seen} vectors: {', '.join(escaped[:3])}"
-                    if escaped
-                    else f"harness broken: control errored: {errors[0]}"
-                )
-                control_rows.append(
-                    ControlRow(control.name, suite, FAIL, why, seen, caught, min_rel)
-                )
-            else:
-                control_rows.append(
-                    ControlRow(
-                        control.name,
-                        suite,
-                        PASS,
-                        f"caught on {caught}/{seen} vectors (min rel err {min_rel:.3g})",
-                        seen,
-                        caught,
-                        min_rel,
-                    )
-                )
+    control_rows = [
+        row
+        for control in controls
+        for suite in suites
+        if (row := _run_control(control, suite, vectors["fp32"], dtypes, limits)) is not None
+    ]
 
     return NumericsRun(
         device=device,

@@ -36,7 +36,8 @@ class Int4Case:
     topk_weights float32 [M, topk]; the routing belongs to the activations of one M, so
     MoE cases are per M.
     All tensors are on the CPU; `device` is the device the run selected. `scratch` lets an
-    adapter memoise prepared (converted) weights between calls of one case.
+    adapter memoise prepared (converted) weights: it is shared by the cases of one spec and
+    dtype (every M), so nothing that depends on x or the routing may go there.
     """
 
     name: str
@@ -366,17 +367,18 @@ def build_vectors(
     for spec in specs:
         master = _linear_master(spec) if spec.suite == LINEAR else _moe_master(spec)
         weights = dequant_case(master)
-        # linear cases are shared across M so adapters can memoise prepared weights
-        shared = {d: _cast(master, d, device) for d in dtypes} if spec.suite == LINEAR else {}
+        # one case per dtype, shared across M (MoE: the same scratch, routing per M), so
+        # adapters can memoise prepared weights once per spec and dtype
+        casts = {d: _cast(master, d, device) for d in dtypes}
         for m in spec.ms:
             x32 = activations(m, spec.K, spec.group_size, spec.seed)
-            case_m = master
+            routing: dict[str, Any] = {}
             if spec.suite == MOE:
                 gen = torch.Generator().manual_seed(spec.seed * 7919 + m)
                 ids, wts = _routing(m, spec.experts, spec.topk, gen)
-                case_m = replace(master, topk_ids=ids, topk_weights=wts)
-            reference = reference_output(case_m, x32, weights)
+                routing = {"topk_ids": ids, "topk_weights": wts}
+            reference = reference_output(replace(master, **routing), x32, weights)
             for dtype in dtypes:
-                case = shared[dtype] if shared else _cast(case_m, dtype, device)
+                case = replace(casts[dtype], **routing) if routing else casts[dtype]
                 out[dtype].append(Vector(case, x32.to(ref.DTYPES[dtype]), reference))
     return out

@@ -6,7 +6,8 @@ Two ways in:
         what runner.py launches: one JSON object of arguments in, one JSON line out
         (the last line of stdout). Keys: device ("auto" | "xpu" | "cuda" | "cpu"),
         suites, adapters ("module:function" strings), builtin (names of built-in adapters
-        to run; default all), workspace, thresholds ({"bf16.rel": 2e-2, ...}), repeats.
+        to run; default all), workspace, thresholds ({"bf16.rel": 2e-2, ...}), repeats,
+        threads (torch CPU threads, default 1).
 
     python -m stackbuild.checks.numerics.worker --device cuda [--suite int4-linear]
         [--adapter module:function] [--workspace DIR] [--threshold bf16.rel=2e-2] [--json]
@@ -30,9 +31,12 @@ from .config import SUITES
 def run(args: dict[str, Any]) -> dict[str, Any]:
     """Run the suite for one argument object; returns the JSON-ready result or an error."""
     try:
-        import torch  # noqa: F401
+        import torch
     except ModuleNotFoundError as exc:
         return {"error": f"the target python lacks {exc.name}", "missing": exc.name}
+    # the shapes are small; on a shared machine OpenMP threads waiting on each other cost
+    # far more than they bring (2-core box under load: 35 s with 2 threads, 2.6 s with 1)
+    torch.set_num_threads(int(args.get("threads") or 1))
 
     from . import reference as ref
     from .adapters import BUILTIN, builtin_adapters, load_user_adapter
@@ -94,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         "--threshold", action="append", default=[], metavar="KEY=VALUE", help="e.g. bf16.rel=2e-2"
     )
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per shape")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--json", action="store_true")
     ns = parser.parse_args(argv)
     thresholds: dict[str, float] = {}
@@ -114,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             "workspace": ns.workspace,
             "thresholds": thresholds,
             "repeats": ns.repeats,
+            "threads": ns.threads,
         }
     )
     if "error" in out:
