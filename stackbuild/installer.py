@@ -1,0 +1,358 @@
+"""Fresh-host install scripts: recipe + lockfile + built wheels -> one bash script.
+
+The script is rendered from stackbuild/templates/install.sh.in (placeholders are
+`@@NAME@@`, so bash's own `$VAR` needs no escaping). The lockfile is embedded, so the
+script is self-contained but for the built wheels, which it expects beside itself
+(wheels/) and checks by sha256. Planning is pure: `render_install_script` returns the
+text and the plan steps; the CLI writes the file or, with --dry-run, prints the plan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shlex
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+from stackbuild.errors import RecipeError, StackbuildError
+from stackbuild.recipe import Recipe
+from stackbuild.report import Table
+
+TEMPLATE = "install.sh.in"
+PLACEHOLDER = re.compile(r"@@([A-Z_]+)@@")
+LOCK_EOF = "STACKBUILD_LOCKFILE_EOF"
+
+
+@dataclass(frozen=True)
+class Distro:
+    name: str
+    manager: str  # apt-get | dnf
+    packages: tuple[str, ...]
+    python_hint: str
+
+
+DISTROS = {
+    "ubuntu-24.04": Distro(
+        "Ubuntu 24.04", "apt-get",
+        ("ca-certificates", "git", "build-essential", "python3-dev", "python3-venv",
+         "intel-opencl-icd", "libze1", "libze-intel-gpu1", "clinfo"),
+        "`sudo apt-get install python3.12-venv` (Ubuntu 24.04's python3 is 3.12)",
+    ),
+    "fedora": Distro(
+        "Fedora", "dnf",
+        ("ca-certificates", "git", "gcc", "gcc-c++", "python3-devel",
+         "intel-compute-runtime", "oneapi-level-zero", "clinfo"),
+        "`sudo dnf install python3.12`",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class PlanStep:
+    title: str
+    detail: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"title": self.title, "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class InstallScript:
+    recipe: str
+    platform: str
+    distro: str
+    steps: tuple[PlanStep, ...]
+    text: str
+    lockfile: str | None
+    wheels: tuple[tuple[str, str], ...] = ()  # (file name, sha256)
+    dry_run: bool = False
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def write(self, dest: Path) -> None:
+        """Write the script (mode 0755) atomically."""
+        dest = Path(dest)
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        try:
+            tmp.write_text(self.text, encoding="utf-8")
+            tmp.chmod(0o755)
+            os.replace(tmp, dest)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise StackbuildError(f"cannot write the install script: {e.strerror}", file=dest) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "recipe": self.recipe,
+            "platform": self.platform,
+            "distro": self.distro,
+            "lockfile": self.lockfile,
+            "wheels": [{"file": n, "sha256": s} for n, s in self.wheels],
+            "steps": [s.to_dict() for s in self.steps],
+            "notes": list(self.notes),
+            "dry_run": self.dry_run,
+        }
+        if not self.dry_run:
+            d["script_sha256"] = hashlib.sha256(self.text.encode()).hexdigest()
+        return d
+
+    def tables(self) -> list[Table]:
+        rows = tuple((str(i), s.title, s.detail) for i, s in enumerate(self.steps, 1))
+        summary = "; ".join(self.notes)
+        return [Table(f"install plan for {self.recipe} ({self.platform}, {self.distro})",
+                      ("step", "what", "detail"), rows, summary)]
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def python_expression(window: str, *, key: str = "environment.python", file: str | Path | None = None) -> str:
+    """A stdlib Python expression over sys.version_info that is true inside `window`."""
+    try:
+        spec = SpecifierSet(window)
+    except InvalidSpecifier:
+        raise RecipeError(f"not a version window: {window!r}", file=file, key=key) from None
+    parts = []
+    for s in spec:
+        v = s.version
+        if s.operator in ("==", "!=") and v.endswith(".*"):
+            nums = tuple(int(x) for x in v[:-2].split("."))
+            op = "==" if s.operator == "==" else "!="
+            parts.append(f"sys.version_info[:{len(nums)}] {op} {nums!r}")
+            continue
+        try:
+            nums = tuple(int(x) for x in v.split("."))
+        except ValueError:
+            raise RecipeError(f"unsupported version in window {window!r}: {v!r}", file=file, key=key) from None
+        full = (nums + (0, 0, 0))[:3]
+        if s.operator == "~=":
+            parts.append(f"sys.version_info[:3] >= {full!r}")
+            parts.append(f"sys.version_info[:{len(nums) - 1}] == {nums[:-1]!r}")
+        elif s.operator in (">=", "<=", ">", "<", "==", "!="):
+            parts.append(f"sys.version_info[:3] {s.operator} {full!r}")
+        else:
+            raise RecipeError(f"unsupported operator {s.operator!r} in {window!r}", file=file, key=key)
+    return " and ".join(parts) or "True"
+
+
+def python_minors(window: str) -> list[str]:
+    """3.x releases inside the window, newest first."""
+    spec = SpecifierSet(window)
+    return [f"3.{m}" for m in range(30, 5, -1)
+            if spec.contains(f"3.{m}.0") or spec.contains(f"3.{m}.99")]
+
+
+def _logical_lines(text: str) -> list[tuple[int, str]]:
+    out: list[tuple[int, str]] = []
+    buf, start = "", 0
+    for i, raw in enumerate(text.splitlines(), 1):
+        line = "" if raw.lstrip().startswith("#") else raw.split(" #", 1)[0]
+        if not buf:
+            start = i
+        if line.rstrip().endswith("\\"):
+            buf += line.rstrip()[:-1] + " "
+            continue
+        buf += line
+        if buf.strip():
+            out.append((start, buf.strip()))
+        buf = ""
+    if buf.strip():
+        out.append((start, buf.strip()))
+    return out
+
+
+def check_lockfile_text(text: str, path: Path) -> int:
+    """Count the requirements; each must carry a hash (pip --require-hashes needs it)."""
+    count = 0
+    for line, entry in _logical_lines(text):
+        if entry.startswith("-"):
+            continue
+        if "--hash=" not in entry:
+            raise StackbuildError(
+                f"requirement without a hash: {entry.split()[0]!r}; an install script installs with "
+                "--require-hashes (regenerate the lockfile with hashes)", file=path, key=f"line {line}")
+        count += 1
+    if any(raw.strip() == LOCK_EOF for raw in text.splitlines()):
+        raise StackbuildError(f"contains the line {LOCK_EOF}", file=path)
+    return count
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _package_step(distro: Distro) -> str:
+    pkgs = " ".join(distro.packages)
+    if distro.manager == "apt-get":
+        query = (
+            '    # shellcheck disable=SC2016 # ${Status} is dpkg-query\'s field, not a shell variable\n'
+            "    status=\"$(dpkg-query -W -f='${Status}' \"$p\" 2>/dev/null || true)\"\n"
+            '    [[ "$status" == "install ok installed" ]] || missing+=("$p")\n'
+        )
+        install = '    sudo apt-get update\n    sudo apt-get install -y "${missing[@]}"\n'
+    else:
+        query = '    rpm -q "$p" >/dev/null 2>&1 || missing+=("$p")\n'
+        install = '    sudo dnf install -y "${missing[@]}"\n'
+    return (
+        f"PACKAGES=({pkgs})\n"
+        'if [[ "${STACKBUILD_SKIP_PACKAGES:-0}" == 1 ]]; then\n'
+        '    echo "skipped (STACKBUILD_SKIP_PACKAGES=1): ${PACKAGES[*]}"\n'
+        "else\n"
+        "missing=()\n"
+        'for p in "${PACKAGES[@]}"; do\n'
+        f"{query}"
+        "done\n"
+        "if [[ ${#missing[@]} -eq 0 ]]; then\n"
+        '    echo "all installed: ${PACKAGES[*]}"\n'
+        "else\n"
+        '    echo "installing: ${missing[*]}"\n'
+        f"{install}"
+        "fi\n"
+        "fi"
+    )
+
+
+def _wheel_step(wheels: list[tuple[str, str]]) -> str:
+    if not wheels:
+        return 'echo "no built wheels for this recipe (nothing needed from $WHEEL_DIR)"'
+    names = " ".join(shlex.quote(n) for n, _ in wheels)
+    shas = " ".join(s for _, s in wheels)
+    return (
+        f"WHEELS=({names})\n"
+        f"WHEEL_SHA256=({shas})\n"
+        "wheel_paths=()\n"
+        'for i in "${!WHEELS[@]}"; do\n'
+        '    f="$WHEEL_DIR/${WHEELS[$i]}"\n'
+        '    [[ -f "$f" ]] || die "missing wheel $f: copy the built wheels into $WHEEL_DIR (or set STACKBUILD_WHEEL_DIR)"\n'
+        '    sum="$(sha256sum "$f")"\n'
+        '    [[ "${sum%% *}" == "${WHEEL_SHA256[$i]}" ]] || die "sha256 of $f is ${sum%% *}, expected ${WHEEL_SHA256[$i]}"\n'
+        '    wheel_paths+=("$f")\n'
+        "done\n"
+        '"$VPY" -m pip install --disable-pip-version-check --no-deps --force-reinstall "${wheel_paths[@]}"'
+    )
+
+
+def _template() -> str:
+    return resources.files("stackbuild").joinpath("templates", TEMPLATE).read_text(encoding="utf-8")
+
+
+def _render(template: str, values: dict[str, str]) -> str:
+    missing = sorted(set(PLACEHOLDER.findall(template)) - set(values))
+    if missing:
+        raise RuntimeError(f"template {TEMPLATE} needs values for {', '.join(missing)}")
+    return PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def render_install_script(recipe: Recipe, lockfile: Path | None, wheels: list[Path],
+                          dry_run: bool = False) -> InstallScript:
+    platform = recipe.platform
+    distro = DISTROS.get(platform.distro)
+    if distro is None:
+        raise StackbuildError(f"no install recipe for distribution {platform.distro!r} "
+                              f"(known: {', '.join(DISTROS)})", key=f"platform {platform.name}")
+    notes: list[str] = []
+    lock_text = ""
+    lock_count = 0
+    if lockfile is None or not Path(lockfile).exists():
+        where = f" ({lockfile} does not exist)" if lockfile else ""
+        if not dry_run:
+            raise StackbuildError(f"an install script installs from a lockfile with hashes{where}; "
+                                  f"run `stackbuild lock {recipe.name}` first", key="lockfile")
+        notes.append(f"no lockfile{where}: run `stackbuild lock {recipe.name}` before writing the script")
+    else:
+        try:
+            lock_text = Path(lockfile).read_text(encoding="utf-8")
+        except OSError as e:
+            raise StackbuildError(f"cannot read lockfile: {e.strerror}", file=lockfile) from None
+        lock_count = check_lockfile_text(lock_text, Path(lockfile))
+
+    lock_name = Path(lockfile).name if lockfile else ""
+    wheel_info: list[tuple[str, str]] = []
+    for w in wheels:
+        if not Path(w).is_file():
+            raise StackbuildError("no such wheel", file=w)
+        wheel_info.append((Path(w).name, _sha256(Path(w))))
+
+    window = recipe.environment.python
+    expr = python_expression(window, file=recipe.path)
+    minors = python_minors(window)
+    if not minors:
+        raise RecipeError(f"no Python 3 release fits the window {window!r}", file=recipe.path, key="environment.python")
+    candidates = [f"python{m}" for m in minors] + ["python3"]
+    indexes = sorted({p.index for p in recipe.pins if p.index})
+    env = list(recipe.environment.vars)
+    oneapi_required = recipe.build.kernels_from_source
+    venv_default = f"$HOME/.local/share/stackbuild/venvs/{recipe.name}"
+
+    steps = [
+        PlanStep("preflight", "refuse root and sudo (the venv is a user venv); refuse a vllm/ folder in "
+                 "the working directory"),
+        PlanStep("GPU render node", "a /dev/dri/renderD* node exists and this user can open it (render group)"),
+        PlanStep(f"{distro.name} packages", f"sudo {distro.manager} install, only what is missing: "
+                 + " ".join(distro.packages)),
+        PlanStep("Python", f"an interpreter in {window}: " + ", ".join(candidates)),
+        PlanStep("oneAPI", ("source setvars.sh (required: kernels are built from source)" if oneapi_required
+                            else "source setvars.sh if present") + " with set -u off; check ONEAPI_ROOT"),
+        PlanStep("venv", f"create or reuse $STACKBUILD_VENV (default {venv_default})"),
+        PlanStep("lockfile", (f"pip install --require-hashes -r (embedded {lock_name}, "
+                              f"{lock_count} package{'' if lock_count == 1 else 's'})" if lock_text else "lockfile missing")
+                 + (f"; extra indexes: {', '.join(indexes)}" if indexes else "")),
+        PlanStep("built wheels", ("pip install --no-deps after sha256 checks: "
+                                  + ", ".join(n for n, _ in wheel_info)) if wheel_info else "none"),
+        PlanStep("environment", ("export in the venv's activate script: "
+                                 + " ".join(f"{k}={v}" for k, v in env)) if env else "no variables"),
+        PlanStep("import check", "import vllm from a neutral directory; it must come from the venv"),
+        PlanStep("verify", f"stackbuild verify {recipe.name} --python $VENV/bin/python --only environment,platform"),
+    ]
+    plan_lines = "\n".join(f"  {i:2d}. {s.title}: {s.detail}" for i, s in enumerate(steps, 1))
+    values = {
+        "RECIPE": recipe.name,
+        "RECIPE_Q": shlex.quote(recipe.name),
+        "PLATFORM": platform.name,
+        "DISTRO": distro.name,
+        "PYTHON_WINDOW": window,
+        "PYTHON_WINDOW_Q": shlex.quote(window),
+        "PYTHON_EXPR": expr,
+        "PYTHON_CANDIDATES": " ".join(candidates),
+        "PYTHON_PREFERRED": minors[0],
+        "PYTHON_HINT": distro.python_hint.replace("`", "\\`"),
+        "STEP_COUNT": str(len(steps)),
+        "PLAN_LINES": plan_lines,
+        "PACKAGE_STEP": _package_step(distro),
+        "ONEAPI_REQUIRED": "1" if oneapi_required else "0",
+        "LOCK_COUNT": str(lock_count),
+        "LOCKFILE": lock_text.rstrip("\n"),
+        "INDEX_ARGS": "".join(f"--extra-index-url {shlex.quote(u)} " for u in indexes),
+        "WHEEL_COUNT": str(len(wheel_info)),
+        "WHEEL_STEP": _wheel_step(wheel_info),
+        "ENV_EXPORTS": "\n".join(f"export {k}={shlex.quote(v)}" for k, v in env) or "# (no variables)",
+        "ENV_SUMMARY": shlex.quote(("exported " + " ".join(f"{k}={v}" for k, v in env))
+                                   if env else "no variables to export"),
+    }
+    for k, _ in env:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
+            raise RecipeError(f"not a shell variable name: {k!r}", file=recipe.path, key="environment.vars")
+    text = _render(_template(), values)
+    return InstallScript(
+        recipe=recipe.name,
+        platform=platform.name,
+        distro=distro.name,
+        steps=tuple(steps),
+        text=text,
+        lockfile=str(lockfile) if lockfile else None,
+        wheels=tuple(wheel_info),
+        dry_run=dry_run,
+        notes=tuple(notes),
+    )
