@@ -43,6 +43,9 @@ class Universe:
             ("sbt-gamma", "4.0"): (),
             ("sbt-gamma", "5.0"): (),
             ("sbt-delta", "1.0"): ("sbt-gamma>=4",),
+            ("sbt-torch", "1.0"): (),  # a CPU build on the main index, like torch on PyPI
+            ("sbt-vision", "1.0"): ("sbt-torch",),
+            ("sbt-epsilon", "1.0"): ("sbt-gamma<5",),  # like compressed-tensors 0.14.0.1: transformers<5
         })
         self.xpu = build_index(root / "xpu", {
             ("sbt-torch", "2.9.0+xpu"): (),
@@ -280,6 +283,16 @@ def test_offline_locks_the_rest_and_marks_remote_pins(tmp_path: Path, universe: 
     assert "stackbuild lock tiny --offline" in text
 
 
+def test_offline_never_swaps_an_unresolved_pin_for_another_build(tmp_path: Path, universe: Universe) -> None:
+    tree = make_tree(tmp_path, "sbt-alpha\nsbt-vision\n")
+    recipe = make_recipe(tmp_path, f'sbt-torch = {{ version = "==2.10.0+xpu", index = "{DEAD_INDEX}" }}\n')
+    result = lock(recipe, requirements_from=tree, output=tmp_path / "l.txt", index_url=universe.main, offline=True)
+    assert set(versions(result)) == {"sbt-alpha", "sbt-beta"}  # no sbt-torch 1.0 from the main index
+    reasons = {u.name: u.reason for u in result.unresolved}
+    assert reasons == {"sbt-torch": f"offline: {DEAD_INDEX} not contacted",
+                       "sbt-vision": "offline: depends on sbt-torch, which is not resolved here"}
+
+
 def test_offline_with_no_local_index_marks_everything(tmp_path: Path, universe: Universe) -> None:
     recipe = make_recipe(tmp_path, 'sbt-alpha = "==1.0"\n')
     result = lock(recipe, requirements_from=None, output=tmp_path / "l.txt", index_url=DEAD_INDEX, offline=True)
@@ -495,9 +508,25 @@ def test_uv_gives_the_same_lock_as_pip_tools(tmp_path: Path, universe: Universe)
     ra = lock(recipe, requirements_from=tree, output=a, index_url=universe.main)
     rb = lock(recipe, requirements_from=tree, output=b, index_url=universe.main, resolver="uv")
     assert [p.to_dict() for p in ra.packages] == [p.to_dict() for p in rb.packages]
-    strip = lambda t: [ln for ln in t.splitlines() if not ln.startswith(("# resolver:", "#   stackbuild lock"))]  # noqa: E731
+    strip = lambda t: [ln for ln in t.splitlines()  # noqa: E731
+                       if not ln.startswith(("# resolver:", "#   stackbuild lock", "# overrides"))]
     assert strip(a.read_text()) == strip(b.read_text())
     assert "--resolver uv" in b.read_text()
+
+
+@pytest.mark.skipif(not HAS_UV, reason="uv is not installed (pip install uv)")
+def test_transitive_declaration_pip_tools_explains_uv_overrides(tmp_path: Path, universe: Universe) -> None:
+    # vLLM 0.19.0 pins compressed-tensors==0.14.0.1, which itself requires transformers<5.0.0
+    tree = make_tree(tmp_path, "sbt-epsilon==1.0\nsbt-gamma>=4,<5\n")
+    recipe = make_recipe(tmp_path, GAMMA_OVERRIDE)
+    with pytest.raises(ResolutionFailed) as e:
+        lock(recipe, requirements_from=tree, output=tmp_path / "l.txt", index_url=universe.main)
+    msg = str(e.value)
+    assert "vllm requirements/common.txt:1" in msg and "sbt-epsilon 1.0 requires sbt-gamma<5" in msg
+    assert "--resolver uv" in msg and "pip._" not in msg
+    result = lock(recipe, requirements_from=tree, output=tmp_path / "l.txt", index_url=universe.main, resolver="uv")
+    assert versions(result) == {"sbt-epsilon": "1.0", "sbt-gamma": "5.0"}
+    assert "uv applies them through the whole dependency graph" in (tmp_path / "l.txt").read_text()
 
 
 def test_uv_missing_says_how_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import os
 import platform as _platform
+import re
 import sys
 import tempfile
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +48,6 @@ from stackbuild.recipe import Pin, Recipe, project_root
 from stackbuild.report import Table
 
 RECIPE_LABEL = "recipe pins"
-MAX_OFFLINE_RETRIES = 12
 
 
 # ---------------------------------------------------------------- results
@@ -498,10 +499,23 @@ def lock(
             if run.ok:
                 packages = parse_resolver_output(run.output, labels)
                 version = run.version
-                break
-            missing = backends.missing_requirement(run.stderr)
-            top = [i for i in inputs if missing and i.name == _req_name(missing)]
-            if offline and top and runs <= MAX_OFFLINE_RETRIES:
+                clash = _pulled_in_unresolved(packages, inputs, unresolved)
+                if not clash:
+                    break
+                # Offline: something resolved here depends on a pin that could not be
+                # resolved (torchvision on the XPU torch); locking it would pull another
+                # build of that pin in. Leave those inputs to the recipe too, and retry.
+                for i, needs in clash:
+                    unresolved.append(Unresolved(i.name, i.requirement, i.origin,
+                                                 f"offline: depends on {needs}, which is not resolved here",
+                                                 i.pin.sha256 if i.pin else None))
+                dropped = {i for i, _ in clash}
+                inputs = [i for i in inputs if i not in dropped]
+                packages = []
+                continue
+            missing = {_req_name(n) for n in backends.unavailable_requirements(run.stderr)}
+            top = [i for i in inputs if i.name in missing]
+            if offline and top:  # each retry drops at least one input, so this ends
                 for i in top:
                     unresolved.append(Unresolved(i.name, i.requirement, i.origin,
                                                  "offline: not resolvable from local indexes"
@@ -509,8 +523,8 @@ def lock(
                                                  i.pin.sha256 if i.pin else None))
                 inputs = [i for i in inputs if i not in top]
                 continue
-            raise ResolutionFailed(f"{resolver} found no solution: "
-                                   f"{backends.failure_summary(run.stderr, replacements)}", file=recipe.path)
+            raise ResolutionFailed(_explain_failure(resolver, run.stderr, inputs, plan.label, replacements),
+                                   file=recipe.path)
         leaked = [p.requirement for p in packages if str(tmp) in p.requirement]
         if leaked:
             raise LockError(f"resolver output names a temporary path: {leaked[0]}", file=recipe.path)
@@ -543,6 +557,76 @@ def lock(
     text = render_lockfile(result, plan, pins_rec, patches_rec, primary, notes)
     _atomic_write(out_path, text)
     return _replace_seconds(result, time.monotonic() - started)
+
+
+def _pulled_in_unresolved(packages: list[LockedPackage], inputs: list[_Input],
+                          unresolved: list[Unresolved]) -> list[tuple[_Input, str]]:
+    """Inputs whose resolution pulled in a package that is pinned but unresolved."""
+    missing = {u.name for u in unresolved}
+    parents = {p.name: set(p.via) for p in packages}
+    by_name = {i.name: i for i in inputs}
+    out: list[tuple[_Input, str]] = []
+    for p in packages:
+        if p.name not in missing:
+            continue
+        seen: set[str] = set()
+        todo = [p.name]
+        while todo:
+            n = todo.pop()
+            for parent in parents.get(n, ()):
+                if parent not in seen:
+                    seen.add(parent)
+                    todo.append(parent)
+        culprits = [by_name[n] for n in sorted(seen) if n in by_name]
+        if not culprits:
+            raise LockError(f"offline: {p.name} is pinned by the recipe but not resolved here, and the "
+                            f"resolver pulled in {p.requirement} for it; lock online instead")
+        out += [(c, p.name) for c in culprits if all(c is not o for o, _ in out)]
+    return out
+
+
+_INPUT_LINE_RE = re.compile(r"-r (\S+?)\.in \(line (\d+)\)")
+_PARENT_RE = re.compile(r"SpecifierRequirement\('([^']+)'\), parent=\w+\('([^']+)'")
+
+
+def _input_origins(inputs: list[_Input], label: str) -> dict[tuple[str, int], str]:
+    """(input file stem, line) -> where that requirement came from; mirrors _write_inputs."""
+    out: dict[tuple[str, int], str] = {}
+    pins = [i for i in inputs if i.group == "recipe-pins" and not i.constraint]
+    src = [i for i in inputs if i.group != "recipe-pins" and not i.constraint]
+    offset = 1 if any(i.constraint for i in inputs) else 0
+    for n, i in enumerate(pins, start=1):
+        out[("recipe-pins", n)] = i.origin
+    for n, i in enumerate(src, start=1 + offset):
+        out[(label, n)] = i.origin
+    return out
+
+
+def _explain_failure(resolver: str, stderr: str, inputs: list[_Input], label: str,
+                     replacements: dict[str, str]) -> str:
+    origins = _input_origins(inputs, label)
+
+    def where(m: re.Match[str]) -> str:
+        return origins.get((Path(m.group(1)).name, int(m.group(2))), m.group(0))
+
+    text = _INPUT_LINE_RE.sub(where, stderr)
+    because: list[str] = []
+    for req, parent in _PARENT_RE.findall(text):
+        fname = urllib.parse.unquote(parent.split("#")[0].split(" ")[0].rsplit("/", 1)[-1])
+        parts = fname.split("-")
+        who = f"{canonicalize_name(parts[0])} {parts[1]}" if len(parts) >= 2 else fname
+        because.append(f"{who} requires {req}")
+    msg = f"{resolver} found no solution: {backends.failure_summary(text, replacements)}"
+    if because:
+        msg += "; because " + ", ".join(dict.fromkeys(because))
+    overridden = {i.name for i in inputs if i.pin is not None and i.pin.override}
+    hit = sorted(n for n in overridden
+                 if any(_req_name(req) == n for req, _ in _PARENT_RE.findall(text)))
+    if resolver == "pip-tools" and hit:
+        msg += (f"; pip-tools cannot override what a dependency declares about {', '.join(hit)} "
+                "(only the source's own declaration is replaced): use --resolver uv, which applies the "
+                "recipe's overrides through the whole dependency graph, or pin that dependency too")
+    return msg
 
 
 def _req_name(text: str) -> str:
@@ -654,7 +738,9 @@ def render_lockfile(result: LockResult, plan: _Plan, pins_rec: list[dict[str, An
         h.append(f"# not in this file: {e}")
     if result.overrides:
         h.append("#")
-        h.append("# overrides (the recipe replaces what the source declares):")
+        scope = ("uv applies them through the whole dependency graph" if result.resolver == "uv" else
+                 "pip-tools: the source's own declarations are left out of the resolver's input")
+        h.append(f"# overrides (the recipe replaces what the source declares; {scope}):")
         for o in result.overrides:
             what = ", ".join(o.replaces) if o.replaces else f"nothing ({plan.label} does not declare it)"
             h.append(f"#   {o.pin} replaces {what}: {o.reason}")

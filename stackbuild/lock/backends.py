@@ -191,20 +191,22 @@ def run_resolver(resolver: str, req: ResolveRequest, timeout_s: float = 1800) ->
 
 
 _NOT_FOUND_PATTERNS = (
-    re.compile(r"Could not find a version that satisfies the requirement (\S+)"),
-    re.compile(r"No matching distribution found for (\S+)"),
-    re.compile(r"Because (\S+) was not found in the (?:cache|package registry)"),
-    re.compile(r"(\S+) was not found in the (?:cache|package registry)"),
+    re.compile(r"Could not find a version that satisfies the requirement ([A-Za-z0-9._-]+)"),
+    re.compile(r"No matching distribution found for ([A-Za-z0-9._-]+)"),
+    re.compile(r"Because ([A-Za-z0-9._-]+) was not found in the (?:cache|package registry)"),
+    re.compile(r"([A-Za-z0-9._-]+) was not found in the (?:cache|package registry)"),
+    re.compile(r"you require ([A-Za-z0-9._-]+)"),  # uv names a top-level requirement this way
 )
 
 
-def missing_requirement(stderr: str) -> str | None:
-    """The requirement the resolver could not find at all (None: another failure)."""
+def unavailable_requirements(stderr: str) -> list[str]:
+    """Names the resolver could not satisfy (empty: another failure), first-named first."""
+    found: list[str] = []
     for pat in _NOT_FOUND_PATTERNS:
-        m = pat.search(stderr)
-        if m:
-            return m.group(1)
-    return None
+        for m in pat.finditer(stderr):
+            if m.group(1) not in found:
+                found.append(m.group(1))
+    return found
 
 
 def failure_summary(stderr: str, replacements: dict[str, str]) -> str:
@@ -213,6 +215,8 @@ def failure_summary(stderr: str, replacements: dict[str, str]) -> str:
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
     for ln in lines:
         low = ln.lower()
+        if ln.startswith("pip._") or "for help visit" in low:
+            continue  # the traceback's last words repeat what ERROR: said
         if ln.startswith(("ERROR:", "error:", "Could not find", "Tried:", "Skipped", "cause:",
                           "hint:", "╰─▶", "Because", "And because", "Cannot install", "The conflict")) \
                 or "conflict" in low or "no matching distribution" in low:
