@@ -206,8 +206,8 @@ def run_platform(ctx: CheckContext) -> list[CheckResult]:
     kind, where = find_kernels(ctx, info)
     if where is None:
         results.append(CheckResult(CHECK, CheckStatus.SKIP,
-                                   f"no {KERNELS} to read (not installed in the target, no wheel in the lockfile "
-                                   "or cache; give options kernel_wheel)", subject=KERNELS))
+                                   f"no {KERNELS} to read (not installed in the target, no local wheel named by "
+                                   "the lockfile or recipe, none in the stackbuild cache)", subject=KERNELS))
         return results
     try:
         if kind == "installed":
