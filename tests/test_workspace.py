@@ -396,3 +396,102 @@ def test_default_workdir_is_work_under_the_project(two_patch_project: tuple[Proj
     r = apply_recipe(recipe)
     assert r.workdir == (proj.root / "work" / "r").resolve()
     assert (r.workdir / "manifest.json").exists()
+
+
+# ------------------------------------------------------------------ the real vLLM release (network: the sdists)
+
+
+@pytest.fixture(scope="session")
+def real_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A stackbuild cache pre-seeded with the real vLLM sdists, which tests/fixtures.py
+    downloads once per run (sha256 checked)."""
+    import shutil
+
+    import fixtures
+
+    cache = tmp_path_factory.mktemp("real-cache")
+    for version in ("0.19.0", "0.23.0"):
+        sha = fixtures.VLLM_SDISTS[version]
+        dest = cache / "sdists" / sha / f"vllm-{version}.tar.gz"
+        dest.parent.mkdir(parents=True)
+        shutil.copyfile(fixtures.vllm_sdist(version), dest)
+    return cache
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_real_vllm_release_with_a_patch_a_backport_and_a_site_packages_diff(
+    tmp_path: Path, real_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+    import subprocess
+
+    import fixtures
+
+    monkeypatch.setenv("STACKBUILD_CACHE", str(real_cache))
+    # everything comes from the seeded cache: an index lookup would fail loudly
+    monkeypatch.setenv("STACKBUILD_INDEX_URL", "http://127.0.0.1:9/simple")
+    repo_root = Path(__file__).resolve().parent.parent
+    proj = Project(tmp_path / "proj")
+    series = []
+    for name in ("gemma4-unified-prereqs", "gemma4-unified-register"):
+        data = (repo_root / "patches/vllm/0.19.0" / f"{name}.patch").read_bytes()
+        series.append((name, proj.add_patch(f"{name}.patch", data), sha256(data)))
+    # a diff someone made against an installed vLLM: extra leading path components
+    pristine = fixtures.vllm_tree("0.19.0")
+    site = tmp_path / "venv/lib/python3.11/site-packages/vllm"
+    site.mkdir(parents=True)
+    envs = (pristine / "vllm/envs.py").read_text()
+    assert "import os\n" in envs
+    shutil.copyfile(pristine / "vllm/envs.py", site / "envs.py.orig")
+    (site / "envs.py").write_text(envs.replace("import os\n", "import os  # patched in site-packages\n", 1))
+    diff = subprocess.run(["diff", "-u", "venv/lib/python3.11/site-packages/vllm/envs.py.orig",
+                           "venv/lib/python3.11/site-packages/vllm/envs.py"], cwd=tmp_path, capture_output=True, text=True).stdout
+    site_rel = proj.add_patch("site-packages.patch", diff)
+
+    sha_19, sha_23 = fixtures.VLLM_SDISTS["0.19.0"], fixtures.VLLM_SDISTS["0.23.0"]
+    backport_file = "vllm/model_executor/models/gemma4_unified.py"
+    entries = [
+        {"file": series[0][1], "source": "vllm", "sha256": series[0][2]},
+        {"name": "gemma4-unified-backport", "backport": "vllm==0.23.0", "sha256": sha_23,
+         "files": [backport_file], "source": "vllm", "description": "gemma4_unified from 0.23.0"},
+        {"file": series[1][1], "source": "vllm", "sha256": series[1][2]},
+        {"file": site_rel, "source": "vllm", "sha256": sha256(diff), "strip": 0},
+    ]
+    path = proj.write_recipe("real", {"vllm": {"pypi": "vllm==0.19.0", "sha256": sha_19}}, entries)
+    recipe = load_recipe(path)
+    r = proj.apply(recipe)
+    assert r.ok, r.message
+    assert [(p.name, p.verdict) for p in r.patches] == [
+        ("gemma4-unified-prereqs", PatchVerdict.APPLIED),
+        ("gemma4-unified-backport", PatchVerdict.APPLIED),
+        ("gemma4-unified-register", PatchVerdict.APPLIED),
+        ("site-packages", PatchVerdict.APPLIED),
+    ], [p.detail for p in r.patches]
+    assert "vllm/envs.py" in r.patches[3].detail  # said how the path was repaired
+
+    tree = proj.workdir / "vllm"
+    assert (tree / backport_file).read_bytes() == (fixtures.vllm_tree("0.23.0") / backport_file).read_bytes()
+    assert not (pristine / backport_file).exists()
+    assert "Gemma4UnifiedForConditionalGeneration" in (tree / "vllm/model_executor/models/registry.py").read_text()
+    assert "_SUPPORTED_SOFT_TOKENS = (" in (tree / "vllm/model_executor/models/gemma4_mm.py").read_text()
+    assert "# patched in site-packages" in (tree / "vllm/envs.py").read_text()
+    ws = git.Repo(tree)
+    assert not ws.is_dirty(untracked_files=True)
+    assert len(list(ws.iter_commits(f"{BASE_TAG}..HEAD"))) == 4
+    # the base commit is the pristine release, file for file
+    base_files = set(ws.git.ls_tree("-r", "--name-only", BASE_TAG).splitlines())
+    pristine_files = {str(p.relative_to(pristine)) for p in pristine.rglob("*") if p.is_file() or p.is_symlink()}
+    assert base_files == pristine_files
+
+    m = read_manifest(proj.workdir)
+    assert m is not None and m.recipe_sha256 == recipe.sha256
+    (src,) = m.sources
+    assert (src.kind, src.ref, src.sha256) == ("pypi", "vllm==0.19.0", sha_19)
+    assert src.base_commit == ws.tags[BASE_TAG].commit.hexsha and src.head_commit == ws.head.commit.hexsha
+    assert [p.verdict for p in m.patches] == ["applied"] * 4
+    assert m.patches[0].sha256 == series[0][2]
+    assert m.patches[1].files == (backport_file,)
+
+    again = proj.apply(load_recipe(path))
+    assert again.ok and not again.changed
