@@ -359,24 +359,34 @@ def _cast(case: Int4Case, dtype: str, device: str) -> Int4Case:
     return replace(case, **changes)
 
 
+def master_case(spec: Spec) -> Int4Case:
+    """The weights of a spec (fp32 scales, no routing)."""
+    return _linear_master(spec) if spec.suite == LINEAR else _moe_master(spec)
+
+
+def routing_for(spec: Spec, m: int) -> dict[str, Any]:
+    """MoE routing of the M-token batch of a spec ({} for a linear spec)."""
+    if spec.suite != MOE:
+        return {}
+    gen = torch.Generator().manual_seed(spec.seed * 7919 + m)
+    ids, wts = _routing(m, spec.experts, spec.topk, gen)
+    return {"topk_ids": ids, "topk_weights": wts}
+
+
 def build_vectors(
     specs: list[Spec], dtypes: tuple[str, ...] | list[str], device: str = "cpu"
 ) -> dict[str, list[Vector]]:
     """Vectors per dtype, in spec order, M ascending. One fp64 reference per (spec, M)."""
     out: dict[str, list[Vector]] = {d: [] for d in dtypes}
     for spec in specs:
-        master = _linear_master(spec) if spec.suite == LINEAR else _moe_master(spec)
+        master = master_case(spec)
         weights = dequant_case(master)
         # one case per dtype, shared across M (MoE: the same scratch, routing per M), so
         # adapters can memoise prepared weights once per spec and dtype
         casts = {d: _cast(master, d, device) for d in dtypes}
         for m in spec.ms:
             x32 = activations(m, spec.K, spec.group_size, spec.seed)
-            routing: dict[str, Any] = {}
-            if spec.suite == MOE:
-                gen = torch.Generator().manual_seed(spec.seed * 7919 + m)
-                ids, wts = _routing(m, spec.experts, spec.topk, gen)
-                routing = {"topk_ids": ids, "topk_weights": wts}
+            routing = routing_for(spec, m)
             reference = reference_output(replace(master, **routing), x32, weights)
             for dtype in dtypes:
                 case = replace(casts[dtype], **routing) if routing else casts[dtype]
