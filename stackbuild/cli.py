@@ -178,6 +178,35 @@ def verify(
     raise typer.Exit(report.exit_code)
 
 
+@app.command("install-script")
+def install_script(
+    recipe: str = typer.Argument(..., help="Recipe name or path."),
+    output: Path | None = typer.Option(None, "-o", "--output", help="Where to write the script."),
+    lockfile: Path | None = typer.Option(None, "--lockfile", help="Default: lockfiles/RECIPE.txt."),
+    wheel: list[Path] | None = typer.Option(None, "--wheel", help="A built wheel to install (repeatable)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; write nothing."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Render a bash script that installs the recipe's stack on a fresh host."""
+    from stackbuild.errors import StackbuildError as _E
+    from stackbuild.installer import render_install_script
+    from stackbuild.recipe import load_recipe
+
+    r = load_recipe(recipe)
+    lock = lockfile or (r.path.parent.parent / "lockfiles" / f"{r.name}.txt")
+    script = render_install_script(r, lock if (lock.exists() or lockfile) else None, list(wheel or []), dry_run=dry_run)
+    if dry_run:
+        _emit(script, as_json)
+        return
+    if output is None:
+        raise _E("where should the script go? give -o FILE (or --dry-run to see the plan)", key="-o")
+    script.write(output)
+    if as_json:
+        print(to_json({**script.to_dict(), "written": str(output)}))
+    else:
+        print(f"wrote {output} ({len(script.text.splitlines())} lines); run it on the target host as the user who will serve models")
+
+
 def _log_crash(exc: BaseException) -> Path:
     from stackbuild.cache import cache_dir
 

@@ -21,7 +21,7 @@ VLLM_SDISTS = {
 }
 
 
-def test_cache_dir() -> Path:
+def test_cache_dir() -> Path:  # noqa: D103 - not a test (see __test__ below)
     d = Path(os.environ.get("STACKBUILD_TEST_CACHE", Path.home() / ".cache" / "stackbuild-tests"))
     d.mkdir(parents=True, exist_ok=True)
     return d
@@ -141,3 +141,6 @@ def apply_shipped(recipe_name: str, workdir: Path, cache: Path):  # type: ignore
             os.environ.pop("STACKBUILD_CACHE", None)
         else:
             os.environ["STACKBUILD_CACHE"] = old
+
+
+test_cache_dir.__test__ = False  # type: ignore[attr-defined]  # a helper, not a pytest test
