@@ -144,7 +144,9 @@ def decode_patch_bytes(data: bytes, name: str = "") -> tuple[str, list[str]]:
     except UnicodeDecodeError:
         text = data.decode("latin-1")
         notes.append("not UTF-8; read as latin-1")
-    if "\r\n" in text:
+    # Every line ending in CRLF: the transport (a mailer, a Windows editor) added them.
+    # CR on some lines only: they belong to files with CRLF endings and stay.
+    if "\r\n" in text and all(ln.endswith("\r") for ln in text.split("\n")[:-1]):
         text = text.replace("\r\n", "\n")
         notes.append("CRLF line endings normalised")
     return text, notes
@@ -174,6 +176,11 @@ def parse_patch(text: str, strip: int = 1, notes: list[str] | None = None) -> Pa
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
+    for n, ln in enumerate(lines, 1):
+        # `diff -r` says "Binary files ... differ" instead of a diff: skipping the line
+        # would drop the change and still call the patch applied
+        if ln == "GIT binary patch" or (ln.startswith("Binary files ") and ln.endswith(" differ")):
+            raise MalformedPatch(f"line {n}: {ln!r}: binary patches are not supported")
     # header: everything before the first file header
     i = 0
     while i < len(lines) and not _is_file_start(lines, i):

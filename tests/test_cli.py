@@ -167,8 +167,10 @@ def test_usage_error_exits_2(proj: Project, capsys: pytest.CaptureFixture[str]) 
     assert "Traceback" not in capsys.readouterr().err
 
 
-def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+def test_version(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from stackbuild import __version__
+
+    monkeypatch.setenv("STACKBUILD_CACHE", str(tmp_path / "cache"))
 
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"stackbuild {__version__}"

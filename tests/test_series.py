@@ -473,3 +473,41 @@ def test_multi_hunk_multi_file_patch(tmp_path: Path) -> None:
     assert o.verdict is PatchVerdict.APPLIED
     assert o.new_contents == after
     assert o.files == ("a.py", "b.py")
+
+
+def test_binary_file_in_a_plain_recursive_diff_is_malformed(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for side, text, blob in (("a", "x\ny\n", b"\x00\x01"), ("b", "x\nY\n", b"\x00\x02")):
+        (tmp_path / side / "t.txt").write_text(text)
+        (tmp_path / side / "img.bin").write_bytes(blob)
+    out = subprocess.run(["diff", "-ruN", "a", "b"], cwd=tmp_path, capture_output=True, text=True).stdout
+    assert "Binary files a/img.bin and b/img.bin differ" in out
+    # applying only the text part would drop the binary change and call it applied
+    with pytest.raises(MalformedPatch, match="binary"):
+        apply_text({"t.txt": "x\ny\n", "img.bin": "\x00\x01"}, out)
+
+
+def test_patch_of_a_file_with_crlf_endings(tmp_path: Path, proj: Project) -> None:
+    # vLLM 0.19.0 ships files with CRLF endings (examples/online_serving/
+    # data_parallel_pause_resume.py); git's patch for one has CR on its content lines only
+    dos = "".join(f"line {i}\r\n" for i in range(1, 11))
+    g = tmp_path / "g"
+    repo = git.Repo.init(g)
+    with repo.config_writer() as cw:
+        cw.set_value("user", "name", "Dev")
+        cw.set_value("user", "email", "dev@example.com")
+        cw.set_value("core", "autocrlf", "false")
+    (g / "dos.py").write_bytes(dos.encode())
+    repo.index.add(["dos.py"])
+    repo.index.commit("base")
+    (g / "dos.py").write_bytes(dos.replace("line 5\r\n", "line five\r\n").encode())
+    repo.index.add(["dos.py"])
+    repo.index.commit("Spell out five")
+    patch = repo.git.format_patch("--stdout", "HEAD~1", strip_newline_in_stdout=False).encode()
+    assert b"-line 5\r\n+line five\r\n" in patch and b"Subject: [PATCH] Spell out five\n" in patch
+    r = proj.apply(proj.simple({"dos.py": dos.encode()}, [("dos", patch)]))
+    (p,) = r.patches
+    assert p.verdict is PatchVerdict.APPLIED, p.detail
+    assert "CRLF" not in p.detail
+    assert (proj.workdir / "pkg/dos.py").read_bytes() == dos.replace("line 5\r\n", "line five\r\n").encode()
