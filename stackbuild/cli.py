@@ -140,6 +140,7 @@ def verify(
     only: list[str] | None = typer.Option(None, "--only", help="Checks to run (repeat or comma-separate)."),
     device: str | None = typer.Option(None, "--device", help="numerics: xpu, cuda or cpu (default: the first available)."),
     adapter: list[str] | None = typer.Option(None, "--adapter", help="numerics: extra adapter module:function."),
+    threshold: list[str] | None = typer.Option(None, "--threshold", help="numerics: override a threshold, e.g. bf16.rel=2e-2."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Check the applied workspace (and with --python, a target environment)."""
@@ -171,6 +172,17 @@ def verify(
         options["device"] = device
     if adapter:
         options["adapters"] = list(adapter)
+    if threshold:
+        thr: dict[str, float] = {}
+        for item in threshold:
+            key, sep, val = item.partition("=")
+            try:
+                thr[key.strip()] = float(val)
+            except ValueError:
+                raise _E(f"expected KEY=NUMBER such as bf16.rel=2e-2, got {item!r}", key="--threshold") from None
+            if not sep:
+                raise _E(f"expected KEY=NUMBER, got {item!r}", key="--threshold")
+        options["thresholds"] = thr
     ctx = CheckContext(recipe=r, workspace=wd, touched=manifest.touched() if manifest else {},
                        python=python, options=options)
     report = run_verify(ctx, checks)
