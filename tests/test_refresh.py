@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -304,3 +305,35 @@ def test_git_upstream_that_merged_our_patches(tmp_path: Path, monkeypatch: pytes
     assert "TypeError" not in res.verdict("reworded").detail and "ValueError" in res.verdict("reworded").detail
     new = load_recipe(res.new_recipe)  # type: ignore[arg-type]
     assert new.source("pkg").tag == "v2.0" and new.patches == ()
+
+
+# ------------------------------------------------------------------ the real series (patches/vllm/0.19.0)
+
+REAL_EXPECTED = {
+    "xpu-unified-memory-free-check": "conflict",
+    "hybrid-kv-page-size-lcm": "merged (3-way)",
+    "xpu-autoround-gptq-awq": "conflict",
+    "xpu-int4-linear": "clean",
+    "xpu-int4-moe": "obsolete",  # compressed_tensors_moe.py is gone in 0.20.0
+}
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_real_lunar_lake_series_on_0_20_0_and_0_21_0(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    repo = Path(__file__).resolve().parent.parent
+    seed_cache(tmp_path / "cache", ["0.19.0", "0.20.0", "0.21.0"])
+    monkeypatch.setenv("STACKBUILD_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "proj"
+    shutil.copytree(repo / "recipes", root / "recipes")
+    shutil.copytree(repo / "patches", root / "patches")
+    recipe = load_recipe(root / "recipes" / "lunar-lake-moe.toml")
+    m = refresh_matrix(recipe, ["0.20.0", "0.21.0"], jobs=2,
+                       sha256s={v: VLLM_SDISTS[v] for v in ("0.20.0", "0.21.0")})
+    assert m.errors == (None, None)
+    grid = m.grid()
+    for name, verdict in REAL_EXPECTED.items():
+        assert grid[name] == {"0.20.0": verdict, "0.21.0": verdict}, name
+    moe = m.results[0].verdict("xpu-int4-moe")  # type: ignore[union-attr]
+    assert "compressed_tensors_moe.py" in moe.detail
+
