@@ -219,6 +219,109 @@ def install_script(
         print(f"wrote {output} ({len(script.text.splitlines())} lines); run it on the target host as the user who will serve models")
 
 
+@app.command()
+def refresh(
+    recipe: str = typer.Argument(..., help="Recipe name or path."),
+    to: str | None = typer.Option(None, "--to", help="The new upstream: vllm==0.20.0 (or NAME@tag for a git source)."),
+    sha256: str | None = typer.Option(None, "--sha256", help="The new release's sdist sha256 (default: from the index)."),
+    matrix: str | None = typer.Option(None, "--matrix", help="Try several releases: vllm==0.19.0,0.20.0,0.21.0"),
+    jobs: int = typer.Option(2, "--jobs", help="--matrix: releases tried at once."),
+    cont: bool = typer.Option(False, "--continue", help="Go on after resolving a conflict in the refresh worktree."),
+    abort: bool = typer.Option(False, "--abort", help="Drop the refresh in progress; restore everything."),
+    force: bool = typer.Option(False, "--force", help="Overwrite refreshed patch files that differ."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Carry the patch series onto a new upstream release, with a verdict per patch."""
+    from stackbuild import refresh as rf
+    from stackbuild.errors import StackbuildError as _E
+    from stackbuild.recipe import load_recipe
+
+    r = load_recipe(recipe)
+    modes = [x for x in (to is not None, matrix is not None, cont, abort) if x]
+    if len(modes) != 1:
+        raise _E("give exactly one of --to, --matrix, --continue or --abort", key="refresh")
+    progress = None if as_json else _progress
+    result: Any
+    if abort:
+        result = rf.refresh_abort(r, progress=progress)
+    elif cont:
+        result = rf.refresh_continue(r, progress=progress, force=force)
+    elif matrix is not None:
+        name, _, rest = matrix.partition("==")
+        if not rest:
+            raise _E(f"expected NAME==V1,V2,..., got {matrix!r}", key="--matrix")
+        versions = [f"{name}=={v.strip()}" for v in rest.split(",") if v.strip()]
+        result = rf.refresh_matrix(r, versions, jobs=jobs, progress=progress)
+    else:
+        assert to is not None
+        result = rf.refresh(r, to, sha256=sha256, progress=progress, force=force)
+    _emit(result, as_json)
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def edit(recipe: str = typer.Argument(..., help="Recipe name or path."), as_json: bool = JsonOpt) -> None:
+    """The series as commits in a worktree, to edit with ordinary git."""
+    from stackbuild.patchqueue import edit as _edit
+    from stackbuild.recipe import load_recipe
+
+    result = _edit(load_recipe(recipe), progress=None if as_json else _progress)
+    _emit(result, as_json)
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def export(recipe: str = typer.Argument(..., help="Recipe name or path."), as_json: bool = JsonOpt) -> None:
+    """Write the edited commits back to patch files (headers kept, sha256 updated in the recipe)."""
+    from stackbuild.patchqueue import export as _export
+    from stackbuild.recipe import load_recipe
+
+    result = _export(load_recipe(recipe))
+    _emit(result, as_json)
+    raise typer.Exit(result.exit_code)
+
+
+@app.command("import")
+def import_cmd(
+    file: Path = typer.Argument(..., help="mbox series, diff -u, .patch.gz.b64 ..."),
+    into: str | None = typer.Option(None, "--into", help="Append [[patches]] entries to this recipe."),
+    source: str = typer.Option("vllm", "--source", help="The source the patch applies to."),
+    strip: int | None = typer.Option(None, "--strip", help="Strip level (default: detected)."),
+    tree: Path | None = typer.Option(None, "--tree", help="Tree to detect the strip level against."),
+    dest: Path | None = typer.Option(None, "--dest", help="Where to write the normalised patches."),
+    split_per_file: bool = typer.Option(False, "--split-per-file", help="One patch per changed file."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Normalise a patch in the form it was passed around in, and add it to a recipe."""
+    from stackbuild.patchqueue import import_patch
+    from stackbuild.recipe import load_recipe
+
+    result = import_patch(file, load_recipe(into) if into else None, source=source, dest=dest, tree=tree,
+                          split_per_file=split_per_file, strip=strip)
+    _emit(result, as_json)
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def snapshot(
+    tree: Path = typer.Argument(..., help="A workspace or edit tree with uncommitted changes."),
+    against: str = typer.Option("head", "--against", help="head (uncommitted changes) or base (everything since the pinned base)."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Patch file to write."),
+    into: str | None = typer.Option(None, "--into", help="Append [[patches]] entries to this recipe."),
+    source: str | None = typer.Option(None, "--source", help="The source the tree is."),
+    split_per_file: bool = typer.Option(False, "--split-per-file", help="One patch per changed file."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """A dirty source tree as a patch against its pinned base."""
+    from stackbuild.patchqueue import snapshot as _snapshot
+    from stackbuild.recipe import load_recipe
+
+    result = _snapshot(tree, against=against, output=output, into=load_recipe(into) if into else None,
+                       source=source, split_per_file=split_per_file)
+    _emit(result, as_json)
+    raise typer.Exit(result.exit_code)
+
+
 def _log_crash(exc: BaseException) -> Path:
     from stackbuild.cache import cache_dir
 
