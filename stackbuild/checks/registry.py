@@ -165,7 +165,15 @@ req = json.loads(sys.argv[1])
 out = {"python": sys.version.split()[0], "model_types": {}, "architectures": {}}
 
 def missing_package(e):
-    return getattr(e, "name", None) or str(e)
+    # transformers' lazy modules re-raise a missing dependency as a new ImportError
+    # without a name ("Could not import module 'Gemma4Processor'"): name the root cause
+    name, cur, seen = None, e, set()
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, ImportError) and getattr(cur, "name", None):
+            name = cur.name
+        cur = cur.__cause__ or cur.__context__
+    return name or str(e)
 
 def torchvision_state():
     try:
@@ -211,7 +219,9 @@ for arch, (module, cls) in req["architectures"].items():
     try:
         importlib.import_module(module)
     except ImportError as e:
-        r["import_error"] = {"package": missing_package(e), "error": str(e).splitlines()[0]}
+        root = missing_package(e)
+        r["import_error"] = {"package": root, "error": str(e).splitlines()[0]
+                             + ("" if root in str(e) else f" (root cause: no module {root!r})")}
     except Exception as e:
         r["load_error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
         r["traceback_mentions_torchvision"] = "torchvision" in traceback.format_exc()
