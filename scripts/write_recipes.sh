@@ -71,11 +71,11 @@ registry = ["Gemma4ForConditionalGeneration", "Gemma4UnifiedForConditionalGenera
 model_types = ["gemma4", "gemma4_unified"]
 numerics = ["int4-linear"]
 EOF
-patch gemma4-unified-prereqs "gemma4_mm: _SUPPORTED_SOFT_TOKENS and _get_max_soft_tokens for the backport" "tests/patches/test_series.py"
-patch gemma4-mm-embedder-prenorm "gemma4_mm: RMSNorm before the embedder projection, as gemma4_unified expects" "tests/patches/test_series.py"
+patch gemma4-unified-prereqs "gemma4_mm: _SUPPORTED_SOFT_TOKENS and _get_max_soft_tokens for the backport" "tests/patches/test_vllm_series.py"
+patch gemma4-mm-embedder-prenorm "gemma4_mm: RMSNorm before the embedder projection, as gemma4_unified expects" "tests/patches/test_vllm_series.py"
 backport
-patch gemma4-unified-register "register Gemma4UnifiedForConditionalGeneration" "tests/patches/test_series.py"
-patch xpu-autoround-gptq-awq "AutoRound GPTQ/AWQ checkpoints on XPU" "tests/patches/test_series.py::test_every_touched_file_compiles"
+patch gemma4-unified-register "register Gemma4UnifiedForConditionalGeneration" "tests/patches/test_vllm_series.py"
+patch xpu-autoround-gptq-awq "AutoRound GPTQ/AWQ checkpoints on XPU" "tests/patches/test_vllm_series.py::test_every_touched_file_compiles"
 patch xpu-int4-linear "INT4 GPTQ/AWQ linear on XPU via int4_gemm_w4a16" "tests/patches/test_xpu_int4_layout.py"
 } > recipes/b70-gemma4.toml
 
@@ -103,7 +103,7 @@ numerics = ["int4-linear", "int4-moe"]
 EOF
 patch xpu-unified-memory-free-check "free-memory check from available system memory on iGPUs (VLLM_XPU_UNIFIED_MEMORY=1)" "tests/patches/test_xpu_free_memory.py"
 patch hybrid-kv-page-size-lcm "hybrid attention+Mamba page sizes unified by least common multiple" "tests/patches/test_kv_page_size_lcm.py"
-patch xpu-autoround-gptq-awq "AutoRound GPTQ/AWQ checkpoints on XPU" "tests/patches/test_series.py::test_every_touched_file_compiles"
+patch xpu-autoround-gptq-awq "AutoRound GPTQ/AWQ checkpoints on XPU" "tests/patches/test_vllm_series.py::test_every_touched_file_compiles"
 patch xpu-int4-linear "INT4 GPTQ/AWQ linear on XPU via int4_gemm_w4a16" "tests/patches/test_xpu_int4_layout.py"
 patch xpu-int4-moe "INT4 MoE on XPU (GPTQ, AWQ, compressed-tensors)" "tests/patches/test_xpu_int4_layout.py"
 } > recipes/lunar-lake-moe.toml

@@ -46,15 +46,19 @@ def _emit(result: Any, as_json: bool) -> None:
             print()
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"stackbuild {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
-    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.",
+                                 callback=_print_version, is_eager=True),
 ) -> None:
     _state["debug"] = debug
-    if version:
-        print(f"stackbuild {__version__}")
-        raise typer.Exit(0)
 
 
 @app.command("list")
@@ -339,10 +343,21 @@ def _log_crash(exc: BaseException) -> Path:
     return path
 
 
+def _click_exceptions() -> Any:
+    """The click that typer runs on: typer >= 0.16 vendors it as typer._click."""
+    try:
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions
+    return exceptions
+
+
 def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
         rc = app(args=argv, standalone_mode=False)
+        if rc == ExitCode.INTERRUPTED:  # typer turns KeyboardInterrupt into Exit(130)
+            print("stackbuild: interrupted; nothing was swapped in", file=sys.stderr)
         return int(rc) if isinstance(rc, int) else 0
     except SystemExit as e:  # typer.Exit inside standalone_mode=False
         return int(e.code or 0)
@@ -355,14 +370,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stackbuild: error: {e.render()}", file=sys.stderr)
         return int(e.exit_code)
     except Exception as e:  # noqa: BLE001 - the one place that catches everything
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+        ce = _click_exceptions()
+        if isinstance(e, ce.ClickException):
             e.show()
-            return 2
-        if isinstance(e, click.exceptions.Exit):
+            return int(ExitCode.BAD_INPUT)
+        if isinstance(e, typer.Exit):
             return int(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+        if isinstance(e, typer.Abort):
+            print("stackbuild: interrupted; nothing was swapped in", file=sys.stderr)
             return int(ExitCode.INTERRUPTED)
         if debug:
             traceback.print_exc()
