@@ -276,21 +276,26 @@ def test_offline_locks_the_rest_and_marks_remote_pins(tmp_path: Path, universe: 
     assert set(versions(result)) == {"sbt-alpha", "sbt-beta", "sbt-delta", "sbt-gamma"}
     assert {u.name for u in result.unresolved} == {"sbt-torch", "sbt-kernels"}
     text = out.read_text()
-    assert "# pinned by the recipe, not resolved" in text
-    assert f"#   sbt-torch==2.10.0+xpu  (pins.sbt-torch; offline: {DEAD_INDEX} not contacted)" in text
+    assert "# not resolved by this lock" in text
+    assert (f"#   sbt-torch==2.10.0+xpu  (pinned by the recipe, not resolved: pins.sbt-torch; "
+            f"offline: {DEAD_INDEX} not contacted)") in text
     assert f"sha256 {sha256(universe.kernels)}" in text
     assert len(read_header(out).unresolved) == 2
     assert "stackbuild lock tiny --offline" in text
 
 
 def test_offline_never_swaps_an_unresolved_pin_for_another_build(tmp_path: Path, universe: Universe) -> None:
-    tree = make_tree(tmp_path, "sbt-alpha\nsbt-vision\n")
+    tree = make_tree(tmp_path, "sbt-alpha\nsbt-vision\nsbt-nowhere>=1\n")
     recipe = make_recipe(tmp_path, f'sbt-torch = {{ version = "==2.10.0+xpu", index = "{DEAD_INDEX}" }}\n')
     result = lock(recipe, requirements_from=tree, output=tmp_path / "l.txt", index_url=universe.main, offline=True)
     assert set(versions(result)) == {"sbt-alpha", "sbt-beta"}  # no sbt-torch 1.0 from the main index
     reasons = {u.name: u.reason for u in result.unresolved}
     assert reasons == {"sbt-torch": f"offline: {DEAD_INDEX} not contacted",
-                       "sbt-vision": "offline: depends on sbt-torch, which is not resolved here"}
+                       "sbt-vision": "offline: depends on sbt-torch, which is not resolved here",
+                       "sbt-nowhere": "offline: in no local index"}
+    text = (tmp_path / "l.txt").read_text()
+    assert ("#   sbt-nowhere>=1  (declared by vllm requirements/common.txt:3, not resolved; "
+            "offline: in no local index)") in text
 
 
 def test_offline_with_no_local_index_marks_everything(tmp_path: Path, universe: Universe) -> None:
@@ -348,7 +353,7 @@ def test_unreachable_trust_on_first_use_is_explicit_offline(tmp_path: Path, univ
     assert fu.sha256 is None
     text = out.read_text()
     assert "has no known sha256 and was not downloaded here" in text
-    assert "sbt-tofu @ " + url in text and "not resolved" in text
+    assert f"#   sbt-tofu @ {url}  (pinned by the recipe, not resolved: pins.sbt-tofu; offline:" in text
 
 
 # ---------------------------------------------------------------- --check
@@ -367,6 +372,7 @@ def test_check_passes_unchanged_and_names_changed_pin_and_patch(
     monkeypatch.setattr(socket, "socket", no_network)
     ok = check_lock(recipe, out)
     assert ok.exit_code == 0 and ok.up_to_date and ok.changes == ()
+    assert ok.command == "stackbuild lock tiny"
 
     changed_pin = make_recipe(tmp_path, GAMMA_OVERRIDE.replace("==5.0", "==5.1"))
     r = check_lock(changed_pin, out)

@@ -164,7 +164,8 @@ class LockResult:
                              tuple((o.name, o.pin, "; ".join(o.replaces) or "(not declared)", o.reason)
                                    for o in self.overrides)))
         if self.unresolved:
-            out.append(Table("Pinned by the recipe, not resolved", ("package", "requirement", "from", "why"),
+            out.append(Table("Not resolved by this lock (pinned by the recipe or declared by the source)",
+                             ("package", "requirement", "from", "why"),
                              tuple((u.name, u.requirement, u.origin, u.reason) for u in self.unresolved)))
         if self.first_use:
             out.append(Table("Trust on first use", ("pin", "sha256", "note"),
@@ -756,10 +757,12 @@ def render_lockfile(result: LockResult, plan: _Plan, pins_rec: list[dict[str, An
     tail: list[str] = []
     if result.unresolved:
         tail.append("#")
-        tail.append("# pinned by the recipe, not resolved (install these separately; their dependencies "
-                    "are not in this file):")
+        tail.append("# not resolved by this lock (install these separately; their dependencies are not "
+                    "in this file):")
         for u in result.unresolved:
-            tail.append(f"#   {u.requirement}  ({u.origin}; {u.reason}"
+            whose = (f"pinned by the recipe, not resolved: {u.origin}" if u.origin.startswith("pins.")
+                     else f"declared by {u.origin}, not resolved")
+            tail.append(f"#   {u.requirement}  ({whose}; {u.reason}"
                         + (f"; sha256 {u.sha256})" if u.sha256 else ")"))
         for u in result.unresolved:
             tail.append(UNRESOLVED_PREFIX + json.dumps(u.to_dict(), sort_keys=True, separators=(",", ":")))
@@ -844,11 +847,8 @@ def check_lock(recipe: Recipe, lockfile: Path) -> LockCheckResult:
     if header.unresolved:
         notes.append(f"{len(header.unresolved)} pin(s) are pinned by the recipe but not resolved in this "
                      "lockfile (written --offline)")
-    command = f"stackbuild lock {recipe.name}"
-    if "(offline)" in header.resolver:
-        command += " --offline"
-    if header.resolver.startswith("uv "):
-        command += " --resolver uv"
+    command = header.command.replace(f"lock {header.recipe}", f"lock {recipe.name}", 1) \
+        if header.command else f"stackbuild lock {recipe.name}"
     return LockCheckResult(recipe.name, Path(lockfile), not changes, tuple(changes), tuple(notes), command)
 
 

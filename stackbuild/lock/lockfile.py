@@ -191,6 +191,7 @@ class LockfileHeader:
     recipe_sha256: str
     inputs_sha256: str
     resolver: str
+    command: str  # the line that regenerates the lockfile
     pins: tuple[dict[str, Any], ...]
     patches: tuple[dict[str, Any], ...]
     unresolved: tuple[dict[str, Any], ...]
@@ -231,5 +232,6 @@ def read_header(path: Path) -> LockfileHeader:
     for key in ("recipe sha256", "inputs sha256"):
         if key not in fields:
             raise LockError(f"header has no '{key}' line", file=path)
+    command = lines[1].removeprefix("#").strip() if len(lines) > 1 and "stackbuild lock" in lines[1] else ""
     return LockfileHeader(recipe, fields["recipe sha256"], fields["inputs sha256"],
-                          fields.get("resolver", ""), tuple(pins), tuple(patches), tuple(unresolved))
+                          fields.get("resolver", ""), command, tuple(pins), tuple(patches), tuple(unresolved))
