@@ -3,6 +3,7 @@ from real wheels in temporary folders; one network test against the package inde
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -143,6 +144,10 @@ def test_override_replaces_declared_requirement_and_is_recorded(tmp_path: Path, 
             "the source says <5 but its new code needs 5.0") in text
     assert "sbt-gamma==5.0 \\" in text and "sbt-delta==1.0 \\" in text
     assert "sbt-gamma==5.0 \\\n    --hash=sha256:" in text
+    tables = result.tables()
+    assert [t.title.split(" ")[0] for t in tables] == ["Lockfile", "Overrides"]
+    assert tables[1].rows[0][0] == "sbt-gamma"
+    assert json.loads(json.dumps(result.to_dict()))["overrides"][0]["reason"] == ov.reason
     assert "    # via\n    #   recipe pins\n    #   sbt-delta\n" in text
 
 
@@ -420,6 +425,22 @@ def test_resolution_failure_keeps_previous_lockfile_byte_for_byte(tmp_path: Path
     assert "sbt-gamma" in msg and "\n" not in msg and "stackbuild-lock-" not in msg
     assert out.read_bytes() == before
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(".l.txt")] == []
+
+
+def test_source_constraint_files_limit_versions(tmp_path: Path, universe: Universe) -> None:
+    tree = make_tree(tmp_path, "-c constraints.txt\nsbt-alpha\n")
+    (tree / "requirements" / "constraints.txt").write_text("sbt-beta<2\n")
+    result = lock(make_recipe(tmp_path), requirements_from=tree, output=tmp_path / "l.txt", index_url=universe.main)
+    assert versions(result) == {"sbt-alpha": "1.0", "sbt-beta": "1.0"}
+
+
+def test_check_notices_a_hand_edited_header(tmp_path: Path, universe: Universe) -> None:
+    recipe = make_recipe(tmp_path, 'sbt-beta = "==1.0"\n')
+    out = tmp_path / "l.txt"
+    lock(recipe, requirements_from=None, output=out, index_url=universe.main)
+    out.write_text(out.read_text().replace('"spec":"==1.0"', '"spec":"==2.0"'))
+    kinds = {(c.kind, c.change) for c in check_lock(recipe, out).changes}
+    assert kinds == {("pin", "changed"), ("lockfile", "changed")}
 
 
 def test_missing_requirement_file_names_it(tmp_path: Path, universe: Universe) -> None:
