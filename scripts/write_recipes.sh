@@ -66,6 +66,11 @@ sha256 = "$V019"
 [pins]
 transformers = { version = "==5.10.2", override = "vLLM 0.19.0 declares transformers<5; its Gemma 4 code needs >=5.5.0 and gemma4_unified >=5.10.1 (5.10.0 is yanked)" }
 
+[lock]
+# compressed-tensors 0.14.0.1 (pinned by vLLM 0.19.0) declares transformers<5: only uv applies
+# the transformers override to dependencies of dependencies; pip-tools cannot.
+resolver = "uv"
+
 [checks]
 registry = ["Gemma4ForConditionalGeneration", "Gemma4UnifiedForConditionalGeneration"]
 model_types = ["gemma4", "gemma4_unified"]
@@ -95,6 +100,11 @@ transformers = { version = "==5.5.0", override = "vLLM 0.19.0 declares transform
 
 [build]
 max_jobs = 4
+
+[lock]
+# compressed-tensors 0.14.0.1 (pinned by vLLM 0.19.0) declares transformers<5: only uv applies
+# the transformers override to dependencies of dependencies; pip-tools cannot.
+resolver = "uv"
 
 [checks]
 registry = ["Qwen3_5MoeForConditionalGeneration"]
@@ -126,6 +136,11 @@ commit = "b18beee317d7211ea0a8b2f814594ccf74d458e6"
 
 [pins]
 transformers = { version = "==5.10.2", override = "gemma4_unified needs >=5.10.1 (5.10.0 is yanked)" }
+
+[lock]
+# compressed-tensors 0.14.0.1 (pinned by vLLM 0.19.0) declares transformers<5: only uv applies
+# the transformers override to dependencies of dependencies; pip-tools cannot.
+resolver = "uv"
 
 [checks]
 registry = ["Gemma4UnifiedForConditionalGeneration"]

@@ -223,6 +223,49 @@ def install_script(
         print(f"wrote {output} ({len(script.text.splitlines())} lines); run it on the target host as the user who will serve models")
 
 
+@app.command("lock")
+def lock_cmd(
+    recipe: str = typer.Argument(..., help="Recipe name or path."),
+    resolver: str | None = typer.Option(None, "--resolver", help="pip-tools or uv (default: the recipe's [lock] resolver, else pip-tools)."),
+    offline: bool = typer.Option(False, "--offline", help="Lock what resolves without the network; mark the rest as pinned by the recipe."),
+    check: bool = typer.Option(False, "--check", help="No network: fail (exit 1) if pins, overrides or the series changed since the lockfile was written."),
+    pins_only: bool = typer.Option(False, "--pins-only", help="Lock only the recipe's pins, not the patched source's own requirements."),
+    index_url: str | None = typer.Option(None, "--index-url", help="Primary index (default: PIP_INDEX_URL, else PyPI)."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Default: lockfiles/RECIPE.txt."),
+    lockfile: Path | None = typer.Option(None, "--lockfile", help="--check: the lockfile to check."),
+    workdir: Path | None = WorkdirOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Write lockfiles/RECIPE.txt with pip-tools (or uv): every package pinned with sha256 hashes."""
+    from stackbuild.errors import StackbuildError as _E
+    from stackbuild.lock import check_lock, default_lockfile, lock
+    from stackbuild.manifest import read_manifest
+    from stackbuild.recipe import load_recipe
+    from stackbuild.workspace import default_workdir
+
+    r = load_recipe(recipe)
+    if check:
+        result: Any = check_lock(r, lockfile or default_lockfile(r))
+        _emit(result, as_json)
+        raise typer.Exit(result.exit_code)
+    req_tree = None
+    if not pins_only:
+        wd = (workdir or default_workdir(r)).resolve()
+        manifest = read_manifest(wd)
+        if manifest is None:
+            raise _E(f"the patched source's requirements come from the applied workspace ({wd}); run `stackbuild apply {r.name}` first, or lock --pins-only", file=r.path)
+        trees = [s.tree for s in manifest.sources if s.tree]
+        req_tree = wd / trees[0]
+    chosen = resolver or r.lock.resolver
+    if chosen not in ("pip-tools", "uv"):
+        raise _E(f"must be pip-tools or uv, got {chosen!r}", key="--resolver")
+    if not as_json:
+        _progress(f"locking {r.name} with {chosen}{' (offline)' if offline else ''}")
+    result = lock(r, requirements_from=req_tree, resolver=chosen, offline=offline, output=output, index_url=index_url)
+    _emit(result, as_json)
+    raise typer.Exit(result.exit_code)
+
+
 @app.command()
 def refresh(
     recipe: str = typer.Argument(..., help="Recipe name or path."),

@@ -131,6 +131,11 @@ class EnvironmentSettings:
 
 
 @dataclass(frozen=True)
+class LockSettings:
+    resolver: str = "pip-tools"  # pip-tools | uv: uv applies overrides to transitive requirements too
+
+
+@dataclass(frozen=True)
 class Checks:
     registry: tuple[str, ...] = ()  # architectures that must resolve
     model_types: tuple[str, ...] = ()  # transformers model types that must exist
@@ -152,6 +157,7 @@ class Recipe:
     build: BuildSettings = field(default_factory=BuildSettings)
     environment: EnvironmentSettings = field(default_factory=EnvironmentSettings)
     checks: Checks = field(default_factory=Checks)
+    lock: LockSettings = field(default_factory=LockSettings)
     raw: str = ""  # canonical JSON of the resolved data, for hashing
 
     def source(self, name: str) -> Source:
@@ -193,7 +199,7 @@ class Recipe:
 
 TOP_KEYS = {
     "name", "description", "extends", "platform", "sources", "patches", "pins",
-    "build", "environment", "checks",
+    "build", "environment", "checks", "lock",
 }
 SOURCE_KEYS = {"pypi", "sha256", "git", "tag", "commit", "branch", "float", "path"}
 PATCH_KEYS = {
@@ -203,6 +209,7 @@ PATCH_KEYS = {
 PIN_KEYS = {"version", "index", "url", "sha256", "trust_on_first_use", "override", "markers"}
 BUILD_KEYS = {"target_device", "max_jobs", "kernels_from_source", "env"}
 ENV_KEYS = {"vars", "forbid", "python"}
+LOCK_KEYS = {"resolver"}
 CHECK_KEYS = {"registry", "model_types", "numerics", "thresholds", "registry_source"}
 
 
@@ -539,6 +546,13 @@ def load_recipe(name_or_path: str | Path, root: Path | None = None) -> Recipe:
         registry_source=v.typed(c.get("registry_source", "vllm"), str, "checks.registry_source"),
     )
 
+    lk = v.typed(data.get("lock", {}), dict, "lock")
+    v.keys(lk, LOCK_KEYS, "lock")
+    resolver = v.typed(lk.get("resolver", "pip-tools"), str, "lock.resolver")
+    if resolver not in ("pip-tools", "uv"):
+        raise v.err("lock.resolver", f"must be pip-tools or uv, got {resolver!r}")
+    lock = LockSettings(resolver=resolver)
+
     canonical = {
         "platform": plat_name,
         "description": data.get("description", ""),
@@ -548,6 +562,7 @@ def load_recipe(name_or_path: str | Path, root: Path | None = None) -> Recipe:
         "build": _clean(asdict(build)),
         "environment": _clean(asdict(environment)),
         "checks": _clean(asdict(checks)),
+        "lock": _clean(asdict(lock)),
     }
     raw = json.dumps(canonical, sort_keys=True, default=str)
     return Recipe(
@@ -562,6 +577,7 @@ def load_recipe(name_or_path: str | Path, root: Path | None = None) -> Recipe:
         build=build,
         environment=environment,
         checks=checks,
+        lock=lock,
         raw=raw,
     )
 
