@@ -4,9 +4,10 @@ key over everything that decides it, with a bill of materials beside it.
 The flow: check the toolchain the target needs (before anything slow) -> bring the
 workspace up to date with `apply_recipe` (a no-op when its manifest matches the
 recipe) -> compute the cache key -> on a hit return the cached wheel (no pip) -> on a
-miss export the workspace's HEAD into a temporary folder (so build artefacts never
-touch the workspace), run `pip wheel` there with its output streamed to a log and
-to `progress`, and rename the finished entry into the cache.
+miss bring a build copy of the workspace's HEAD up to date (in the cache, with its
+own git index: build artefacts never touch the workspace, and only files that changed
+since the last build are rewritten), run `pip wheel` there with its output streamed
+to a log and to `progress`, and rename the finished entry into the cache.
 
 Targets: `xpu` (both hardware targets; needs the oneAPI DPC++ compiler, torch built
 with XPU, cmake and ninja), `empty` (a pure-Python wheel that builds anywhere) and
@@ -16,6 +17,7 @@ with XPU, cmake and ninja), `empty` (a pure-Python wheel that builds anywhere) a
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import re
@@ -23,8 +25,8 @@ import shutil
 import subprocess
 import sys
 import time
-import zipfile
 from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,7 +58,7 @@ from stackbuild.buildcache import (
     new_staging,
     record_last,
 )
-from stackbuild.cache import atomic_write_text, locked, sha256_file
+from stackbuild.cache import atomic_write_text, cache_dir, locked, sha256_file
 from stackbuild.errors import StackbuildError
 from stackbuild.manifest import Manifest, SourceRecord, read_manifest
 from stackbuild.recipe import Recipe, Source, SourceKind
@@ -414,20 +416,41 @@ class BuildResult:
 # ------------------------------------------------------------------ doing
 
 
-def export_head(tree: Path, dest: Path) -> str:
-    """Check out the workspace tree's HEAD into `dest` through a throwaway index: the
-    workspace's own index and files are never touched. Returns the commit."""
-    index = dest.parent / f".{dest.name}.index"
-    env = {**os.environ, **GIT_ENV, "GIT_INDEX_FILE": str(index)}
+def _git(args: list[str], cwd: Path, env: Mapping[str, str]) -> str:
+    r = subprocess.run(["git", *args], cwd=cwd, env=dict(env), capture_output=True, text=True)
+    if r.returncode != 0:
+        raise BuildError(f"git {args[0]} failed: {r.stderr.strip()}", file=cwd)
+    return r.stdout.strip()
+
+
+def build_tree_dir(tree: Path) -> Path:
+    """Where the throwaway build copy of a workspace tree lives: in the cache, not in
+    the workspace (apply swaps the workspace whole, and a copy kept there would go)."""
+    digest = hashlib.sha256(str(tree.resolve()).encode()).hexdigest()[:12]
+    return cache_dir() / "buildtrees" / f"{tree.parent.name}-{tree.name}-{digest}"
+
+
+def sync_build_tree(tree: Path, dest: Path) -> str:
+    """Make `dest` exactly the workspace tree's HEAD: tracked files as committed,
+    nothing else (the last build's build/, egg-info and _version.py go). It has its own
+    git index beside it, so the workspace's index and files are never touched, and
+    only files that differ are rewritten: the first sync copies the whole tree, later
+    ones take a fraction of that. Returns the commit."""
+    index = dest.parent / f"{dest.name}.index"
+    if not index.exists() and dest.exists():
+        shutil.rmtree(dest)  # a copy without its index: start over
+    dest.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **GIT_ENV, "GIT_INDEX_FILE": str(index), "GIT_DIR": str(tree / ".git"),
+           "GIT_WORK_TREE": str(dest)}
     try:
-        for args in (["read-tree", "HEAD"], ["checkout-index", "-a", "-f", f"--prefix={dest}/"]):
-            r = subprocess.run(["git", *args], cwd=tree, env=env, capture_output=True, text=True)
-            if r.returncode != 0:
-                raise BuildError(f"git {args[0]} failed: {r.stderr.strip()}", file=tree)
-        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tree, env=env, capture_output=True, text=True)
-        return r.stdout.strip()
-    finally:
+        _git(["-c", "checkout.workers=0", "read-tree", "--reset", "-u", "HEAD"], dest, env)
+        _git(["clean", "-f", "-d", "-x", "-q"], dest, env)
+        return _git(["rev-parse", "HEAD"], dest, env)
+    except BaseException:
+        # half-synced: the next build copies afresh
         index.unlink(missing_ok=True)
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
 
 
 def tree_id(tree: Path) -> str:
@@ -666,7 +689,7 @@ def _dry_run(recipe: Recipe, workdir: Path, target: str, kernels: bool, jobs_pla
     if cache_hit:
         steps.append(f"cache hit {key[:12] if key else ''}: return the cached wheel, run nothing")
     else:
-        steps.append("export the workspace HEAD into a temporary folder")
+        steps.append("sync the build copy of the workspace HEAD (outside the workspace)")
         steps.append("run: " + " ".join(pip_wheel_command(Path("<out>"))))
         if kernels:
             steps.append(f"build {KERNELS_SOURCE} from source with MAX_JOBS={jobs_plan.jobs}")
@@ -705,32 +728,33 @@ def _build_entry(recipe: Recipe, workdir: Path, manifest: Manifest, plan: _Plan,
                              plan.kernels_tree is None,
                              {"CMAKE_BUILD_PARALLEL_LEVEL": str(plan.jobs.jobs)}))
         for job in jobs:
-            src = job.tree
-            if not job.exported:
-                src = staging / f"src-{job.role}"
-                say(f"exporting {job.tree} HEAD to a temporary build folder")
-                commits[job.role] = export_head(job.tree, src)
-            out = staging / f"out-{job.role}"
-            run_logged(pip_wheel_command(out), src, {**plan.env, **job.env_extra}, log, say, f"pip wheel ({job.role})")
+            with ExitStack() as stack:
+                src = job.tree
+                if not job.exported:
+                    src = build_tree_dir(job.tree)
+                    stack.enter_context(locked(src.parent / f"{src.name}.lock", f"the build tree {src}"))
+                    t_sync = time.monotonic()
+                    commits[job.role] = sync_build_tree(job.tree, src)
+                    say(f"build tree {src} at {commits[job.role][:12]} ({time.monotonic() - t_sync:.1f}s)")
+                out = staging / f"out-{job.role}"
+                run_logged(pip_wheel_command(out), src, {**plan.env, **job.env_extra}, log, say,
+                           f"pip wheel ({job.role})")
             wheel = _single_wheel(out, job.role, log)
             if job.role == "vllm":
                 got = str(parse_wheel_filename(wheel.name)[1])
                 if got != plan.version:
                     raise BuildError(f"the wheel says version {got}, expected {plan.version} "
                                      f"(did a patch change how setup.py reads VLLM_VERSION_OVERRIDE?); see {log}")
-            with zipfile.ZipFile(wheel) as zf:
-                bad = zf.testzip()
-            if bad is not None:
-                raise BuildError(f"the built wheel {wheel.name} is damaged ({bad}); see {log}")
             final = staging / wheel.name
             os.replace(wheel, final)
             artifacts.append({"role": job.role, "filename": wheel.name, "sha256": sha256_file(final),
                               "size": final.stat().st_size})
             shutil.rmtree(out, ignore_errors=True)
-            shutil.rmtree(src, ignore_errors=True)
+        shutil.rmtree(staging / f"src-{KERNELS_SOURCE}", ignore_errors=True)
         bom = _bom(recipe, workdir, manifest, plan, artifacts, commits, log, started_iso, time.monotonic() - t0)
         atomic_write_text(staging / BOM_NAME, json.dumps(bom, indent=2) + "\n")
         path = commit_entry(staging, plan.key)
+        say(f"stored {', '.join(a['filename'] for a in artifacts)} in {path}")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -287,7 +287,8 @@ LEFTOVER_GRACE_S = 24 * 3600  # a staging folder this old belongs to no running 
 def cache_gc(max_age_days: float | None = None, max_size_mb: float | None = None) -> GcResult:
     """Remove entries unused for more than `max_age_days`, then the least recently used
     ones until the rest fit in `max_size_mb`. Staging folders of interrupted builds
-    older than a day, and build logs older than `max_age_days`, go too."""
+    older than a day go too, and build logs and build copies of workspaces (see
+    `stackbuild.build.sync_build_tree`) unused for more than `max_age_days`."""
     if max_age_days is not None and max_age_days < 0:
         raise StackbuildError(f"--max-age must be >= 0 days, got {max_age_days}")
     if max_size_mb is not None and max_size_mb < 0:
@@ -321,6 +322,14 @@ def cache_gc(max_age_days: float | None = None, max_size_mb: float | None = None
                 shutil.rmtree(d, ignore_errors=True)
                 leftovers += 1
         if max_age_days is not None:
+            trees = cache_dir() / "buildtrees"
+            for index in trees.glob("*.index") if trees.is_dir() else ():
+                if now - index.stat().st_mtime > max_age_days * 86400:
+                    tree = index.with_suffix("")
+                    with locked(tree.parent / f"{tree.name}.lock", f"the build tree {tree}"):
+                        index.unlink(missing_ok=True)
+                        shutil.rmtree(tree, ignore_errors=True)
+                    leftovers += 1
             for log in logs_dir().glob("build-*.log"):
                 if now - log.stat().st_mtime > max_age_days * 86400:
                     log.unlink(missing_ok=True)

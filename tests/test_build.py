@@ -23,7 +23,7 @@ from packaging.utils import parse_wheel_filename
 
 from stackbuild.bom import read_bom
 from stackbuild.build import BuildError, BuildResult, build, build_env, check_toolchain, run_logged
-from stackbuild.buildcache import BOM_NAME, TMP_PREFIX, builds_dir, logs_dir
+from stackbuild.buildcache import TMP_PREFIX, builds_dir, logs_dir
 from stackbuild.errors import StackbuildError
 from stackbuild.recipe import Recipe, load_recipe
 from stackbuild.workspace import apply_recipe
@@ -182,10 +182,11 @@ def test_a_changed_pin_misses(first: tuple[Proj, BuildResult, list[str]], tmp_pa
     assert plan.key and plan.key != r.key
     assert not plan.cache_hit
     assert plan.miss_reasons == ("pins",)
-    # the same inputs again are a hit, dry run or not
-    same = make_project(tmp_path / "q", tiny_patch())
-    assert apply_recipe(same.recipe, same.workdir).ok
-    assert build(same.recipe, same.workdir, dry_run=True).cache_hit
+
+def test_dry_run_on_an_unchanged_workspace_predicts_the_hit(first: tuple[Proj, BuildResult, list[str]]) -> None:
+    proj, r, _ = first
+    plan = build(proj.recipe, proj.workdir, dry_run=True)
+    assert plan.cache_hit and plan.key == r.key and plan.version == r.version and not plan.wheels
 
 
 @pytest.mark.slow
@@ -299,3 +300,35 @@ def test_bom_of_a_recipe_never_built_says_so(cache: Path) -> None:
     with pytest.raises(StackbuildError, match="no build recorded for recipe 'nope'"):
         read_bom("nope")
 
+
+
+def test_the_build_copy_is_exactly_head_and_the_workspace_is_never_touched(tmp_path: Path, cache: Path) -> None:
+    from fixtures import commit_files, make_upstream_repo
+
+    from stackbuild.build import build_tree_dir, sync_build_tree
+
+    ws = tmp_path / "work" / "r" / "vllm"
+    repo = make_upstream_repo(ws, {"setup.py": "print('v1')\n", "pkg/a.py": "A = 1\n", "gone.py": "x\n", ".gitignore": "build/\n"})
+    (ws / "untracked-in-workspace.txt").write_text("mine\n")
+    dest = build_tree_dir(ws)
+    assert cache in dest.parents
+    sync_build_tree(ws, dest)
+    assert (dest / "pkg/a.py").read_text() == "A = 1\n" and not (dest / "untracked-in-workspace.txt").exists()
+    # what a build leaves behind
+    (dest / "build" / "lib").mkdir(parents=True)
+    (dest / "build" / "lib" / "a.py").write_text("built\n")
+    (dest / "pkg" / "a.py").write_text("A = 'rewritten by the build'\n")
+    (dest / "pkg" / "_version.py").write_text("v = '9'\n")
+    # and the next workspace state
+    repo.index.remove(["gone.py"], working_tree=True)
+    head = commit_files(repo, {"setup.py": "print('v2')\n"}, "patch")
+    index_before = (ws / ".git" / "index").read_bytes()
+    assert sync_build_tree(ws, dest) == head
+    files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    assert files == [".gitignore", "pkg/a.py", "setup.py"]
+    assert (dest / "pkg/a.py").read_text() == "A = 1\n" and (dest / "setup.py").read_text() == "print('v2')\n"
+    # the workspace: its index, its files and its untracked file as they were
+    assert (ws / "untracked-in-workspace.txt").exists() and not (ws / "build").exists()
+    assert (ws / ".git" / "index").read_bytes() == index_before
+    st = subprocess.run(["git", "status", "--porcelain"], cwd=ws, capture_output=True, text=True).stdout
+    assert st == "?? untracked-in-workspace.txt\n"
