@@ -110,6 +110,7 @@ def test_builds_the_patched_wheel_with_the_override_version(first: tuple[Proj, B
         assert MARK in zf.read("vllm/version.py").decode()
         assert "vllm/model_executor/models/registry.py" in zf.namelist()
     assert r.wheel.parent == builds_dir() / r.key
+    assert json.loads(json.dumps(r.to_dict()))["wheels"] == [str(r.wheel)]
     # progress streamed the build, and the full log is on disk
     assert any(line.startswith("pip wheel (vllm):") for line in lines)
     assert r.log_path is not None and "Successfully built vllm" in r.log_path.read_text()
@@ -183,6 +184,8 @@ def test_a_changed_pin_misses(first: tuple[Proj, BuildResult, list[str]], tmp_pa
     assert not plan.cache_hit
     assert plan.miss_reasons == ("pins",)
 
+@pytest.mark.slow
+@pytest.mark.network
 def test_dry_run_on_an_unchanged_workspace_predicts_the_hit(first: tuple[Proj, BuildResult, list[str]]) -> None:
     proj, r, _ = first
     plan = build(proj.recipe, proj.workdir, dry_run=True)
@@ -202,6 +205,20 @@ def test_a_failing_build_leaves_the_cache_clean(first: tuple[Proj, BuildResult, 
     assert log.is_file() and log.parent == logs_dir()
     assert key_dirs() == before
     assert not [d for d in builds_dir().iterdir() if d.name.startswith(TMP_PREFIX)]
+
+
+@pytest.mark.slow
+@pytest.mark.network
+def test_rebuilding_the_same_inputs_gives_the_same_wheel_bytes(first: tuple[Proj, BuildResult, list[str]]) -> None:
+    """Runs after the other slow tests: it drops the first build's entry and builds
+    again in the build copy the earlier builds left dirty."""
+    proj, r, _ = first
+    assert r.wheel is not None and r.entry is not None
+    before = hashlib.sha256(r.wheel.read_bytes()).hexdigest()
+    shutil.rmtree(r.entry)
+    again = build(proj.recipe, proj.workdir)
+    assert not again.cache_hit and again.key == r.key and again.wheels == r.wheels
+    assert hashlib.sha256(again.wheels[0].read_bytes()).hexdigest() == before
 
 
 # ------------------------------------------------------------------ fast
@@ -257,6 +274,9 @@ def test_dry_run_without_a_workspace_plans_an_apply_and_touches_nothing(tmp_path
     assert r.jobs.jobs == 3 and not r.jobs.capped
     assert not (tmp_path / "work").exists()
     assert not (cache / "builds").exists() or not key_dirs()
+    json.dumps(r.to_dict())
+    text = "\n".join(t.render() for t in r.tables())
+    assert "apply the recipe" in text and "jobs" in text
 
 
 def test_unknown_target_device_is_refused(tmp_path: Path, cache: Path) -> None:

@@ -224,6 +224,15 @@ def test_gc_removes_stale_staging_folders_and_refuses_negative_limits(cache: Pat
     fresh.mkdir()
     r = cache_gc()
     assert r.leftovers_removed == 1 and not stale.exists() and fresh.exists()
+    # build copies of workspaces go by age of last use, with their index
+    trees = cache / "buildtrees"
+    for name, age in (("old-vllm-1", 30), ("new-vllm-2", 0)):
+        (trees / name).mkdir(parents=True)
+        (trees / f"{name}.index").write_bytes(b"DIRC")
+        t = time.time() - age * 86400
+        os.utime(trees / f"{name}.index", (t, t))
+    cache_gc(max_age_days=7)
+    assert sorted(p.name for p in trees.iterdir() if not p.name.endswith(".lock")) == ["new-vllm-2", "new-vllm-2.index"]
     with pytest.raises(StackbuildError):
         cache_gc(max_age_days=-1)
 
