@@ -29,7 +29,7 @@ sha256 = "$V023"
 files = ["vllm/model_executor/models/gemma4_unified.py"]
 source = "vllm"
 description = "gemma4_unified.py taken from the vLLM 0.23.0 source release at apply time"
-test = "tests/checks/test_static_checks.py"
+test = "tests/checks/test_verify_applied.py"
 EOF
 }
 

@@ -22,7 +22,7 @@ from stackbuild.cache import cache_dir, locked
 from stackbuild.checks import CheckContext, CheckResult, CheckStatus
 from stackbuild.errors import SourceError
 from stackbuild.recipe import Pin
-from stackbuild.sources.pypi import _download, configured_index, list_files
+from stackbuild.sources.pypi import download_verified, configured_index, list_files
 
 CHECK = "transformers"
 PROJECT = "transformers"
@@ -74,7 +74,7 @@ def fetch_wheel(version: str, index: str | None = None) -> Path:
     dest = dest_dir / match.filename
     with locked(cache_dir() / "locks" / f"{match.sha256}.lock", f"cache entry {match.filename}", timeout=600):
         if not dest.exists():
-            _download(match.url, dest, match.sha256)
+            download_verified(match.url, dest, match.sha256)
     return dest
 
 

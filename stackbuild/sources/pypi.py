@@ -157,11 +157,11 @@ def fetch_sdist(requirement: str, sha256: str, progress: Progress | None = None,
             return dest
         if progress:
             progress(f"downloading {match.filename}")
-        _download(match.url, dest, sha256)
+        download_verified(match.url, dest, sha256)
     return dest
 
 
-def _download(url: str, dest: Path, sha256: str) -> None:
+def download_verified(url: str, dest: Path, sha256: str) -> None:
     h = hashlib.sha256()
     try:
         with atomic_file(dest) as out:
