@@ -515,9 +515,13 @@ def build_env(target: str, version: str | None, jobs: int, recipe_env: Mapping[s
     return env, ours
 
 
-def pip_wheel_command(out: Path, python: str = sys.executable) -> list[str]:
-    # --no-index: nothing is resolved or downloaded; the build runs in this interpreter.
-    return [python, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(out), "."]
+def pip_wheel_command(out: Path, target: str, python: str = sys.executable) -> list[str]:
+    """--no-index: nothing is resolved or downloaded; the build runs in this interpreter.
+    -v streams the compiler's lines (progress for an hours-long native build) but costs
+    pip about 2 s per 6,000 lines, so a pure-Python build runs quiet: pip still prints
+    the whole output of a build step that fails."""
+    verbose = ["-v"] if target != "empty" else []
+    return [python, "-m", "pip", "wheel", *verbose, "--no-deps", "--no-build-isolation", "--no-index", "-w", str(out), "."]
 
 
 def lockfile_facts(recipe: Recipe) -> dict[str, str] | None:
@@ -655,6 +659,8 @@ def _plan(recipe: Recipe, workdir: Path, manifest: Manifest, target: str, kernel
             trees[krec.name] = tree_id(kernels_tree)
     native = compilers("xpu" if kernels else target)
     packages = build_packages()
+    if native == {}:  # a pure-Python build: the native tools' versions cannot change it
+        packages = {k: v for k, v in packages.items() if k not in NATIVE_ONLY}
     _env, key_env = build_env(target, None, jobs_plan.jobs, dict(recipe.build.env), base={})
     key_env.pop("MAX_JOBS")  # how fast, not what
     inputs = key_inputs(recipe.name, manifest, trees, _pins(recipe), target, kernels, key_env,
@@ -690,14 +696,15 @@ def _dry_run(recipe: Recipe, workdir: Path, target: str, kernels: bool, jobs_pla
         steps.append(f"cache hit {key[:12] if key else ''}: return the cached wheel, run nothing")
     else:
         steps.append("sync the build copy of the workspace HEAD (outside the workspace)")
-        steps.append("run: " + " ".join(pip_wheel_command(Path("<out>"))))
+        steps.append("run: " + " ".join(pip_wheel_command(Path("<out>"), target)))
         if kernels:
             steps.append(f"build {KERNELS_SOURCE} from source with MAX_JOBS={jobs_plan.jobs}")
         steps.append(f"store the wheel(s) and {BOM_NAME} under {builds_dir()}/<key>/")
     msg = "dry run: nothing applied or built"
     return BuildResult(recipe.name, target, True, cache_hit, key, version, (), None, None, None, jobs_plan,
                        time.monotonic() - started, msg, miss_reasons=reasons, notes=tuple(notes), plan=tuple(steps),
-                       missing=tuple(m.render() for m in missing), command=tuple(pip_wheel_command(Path("<out>"))),
+                       missing=tuple(m.render() for m in missing),
+                       command=tuple(pip_wheel_command(Path("<out>"), target)),
                        env=tuple(sorted(env.items())))
 
 
@@ -706,7 +713,7 @@ def _result(recipe: Recipe, target: str, plan: _Plan, entry: CacheEntry, log: Pa
     dur = time.monotonic() - started
     msg = (f"cache hit: {entry.wheels[0]} in {dur:.2f}s" if hit
            else f"built {entry.wheels[0]} in {dur:.1f}s")
-    cmd = tuple(pip_wheel_command(Path("<out>")))
+    cmd = tuple(pip_wheel_command(Path("<out>"), target))
     return BuildResult(recipe.name, target, False, hit, plan.key, plan.version, entry.wheel_paths, entry.path,
                        entry.path / BOM_NAME, log, plan.jobs, dur, msg, workspace_msg, reasons, tuple(notes),
                        command=cmd, env=tuple(sorted(plan.ours.items())))
@@ -737,7 +744,7 @@ def _build_entry(recipe: Recipe, workdir: Path, manifest: Manifest, plan: _Plan,
                     commits[job.role] = sync_build_tree(job.tree, src)
                     say(f"build tree {src} at {commits[job.role][:12]} ({time.monotonic() - t_sync:.1f}s)")
                 out = staging / f"out-{job.role}"
-                run_logged(pip_wheel_command(out), src, {**plan.env, **job.env_extra}, log, say,
+                run_logged(pip_wheel_command(out, plan.target), src, {**plan.env, **job.env_extra}, log, say,
                            f"pip wheel ({job.role})")
             wheel = _single_wheel(out, job.role, log)
             if job.role == "vllm":
@@ -806,7 +813,7 @@ def _bom(recipe: Recipe, workdir: Path, manifest: Manifest, plan: _Plan, artifac
         "build": {
             "target_device": plan.target,
             "version": plan.version,
-            "command": pip_wheel_command(Path("<out>")),
+            "command": pip_wheel_command(Path("<out>"), plan.target),
             "env": plan.ours,
             "jobs": plan.jobs.to_dict(),
             "log": str(log),
