@@ -66,17 +66,25 @@ def list_cmd(as_json: bool = JsonOpt) -> None:
     """The recipes, one line each."""
     from stackbuild.recipe import list_recipe_names, load_recipe
 
-    rows = []
+    rows: list[dict[str, Any]] = []
+    broken = 0
     for name in list_recipe_names():
-        r = load_recipe(name)
+        try:
+            r = load_recipe(name)
+        except StackbuildError as e:  # one broken recipe must not hide the others
+            broken += 1
+            rows.append({"name": name, "platform": "?", "sources": "", "patches": "", "description": f"error: {e.render()}"})
+            continue
         srcs = ", ".join(s.requirement or s.url or s.path or s.name for s in r.sources if s.name in r.patched_sources)
         rows.append({"name": r.name, "platform": r.platform.name, "sources": srcs,
                      "patches": len(r.patches), "description": r.description})
     if as_json:
         print(to_json(rows))
-        return
-    print(Table("", ("recipe", "platform", "patched", "patches", "description"),
-                tuple((x["name"], x["platform"], x["sources"], str(x["patches"]), x["description"]) for x in rows)).render())
+    else:
+        print(Table("", ("recipe", "platform", "patched", "patches", "description"),
+                    tuple((x["name"], x["platform"], x["sources"], str(x["patches"]), x["description"]) for x in rows)).render())
+    if broken:
+        raise typer.Exit(int(ExitCode.BAD_INPUT))
 
 
 @app.command()
@@ -221,6 +229,72 @@ def install_script(
         print(to_json({**script.to_dict(), "written": str(output)}))
     else:
         print(f"wrote {output} ({len(script.text.splitlines())} lines); run it on the target host as the user who will serve models")
+
+
+@app.command("build")
+def build_cmd(
+    recipe: str = typer.Argument(..., help="Recipe name or path."),
+    target_device: str | None = typer.Option(None, "--target-device", help="xpu (both hardware targets) or empty (a pure-Python wheel that builds anywhere)."),
+    jobs: int | None = typer.Option(None, "--jobs", help="Compile jobs (default: the recipe's, capped by free memory)."),
+    workdir: Path | None = WorkdirOpt,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be built and whether the cache has it."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Build the patched vLLM wheel from the applied workspace (cached by everything that decides it)."""
+    from stackbuild.build import build
+    from stackbuild.errors import StackbuildError as _E
+    from stackbuild.recipe import load_recipe
+
+    if target_device is not None and target_device not in ("xpu", "empty", "cpu"):
+        raise _E(f"must be xpu, empty or cpu, got {target_device!r}", key="--target-device")
+    if jobs is not None and jobs < 1:
+        raise _E("must be >= 1", key="--jobs")
+    result = build(load_recipe(recipe), workdir, target_device=target_device, jobs=jobs, dry_run=dry_run,
+                   progress=None if as_json else _progress)
+    _emit(result, as_json)
+    raise typer.Exit(result.exit_code)
+
+
+@app.command("bom")
+def bom_cmd(
+    recipe: str = typer.Argument(..., help="Recipe name."),
+    key: str | None = typer.Option(None, "--key", help="A cache entry (key prefix) instead of the last build."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """The bill of materials of the recipe's last build: what exactly went in."""
+    from stackbuild.bom import read_bom
+
+    result = read_bom(recipe, key=key)
+    _emit(result, as_json)
+    raise typer.Exit(result.exit_code)
+
+
+cache_app = typer.Typer(help="The build cache: list and garbage-collect entries.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("ls")
+def cache_ls_cmd(as_json: bool = JsonOpt) -> None:
+    """Cached builds: key, recipe, wheel, size, age."""
+    from stackbuild.buildcache import cache_ls
+
+    result = cache_ls()
+    _emit(result, as_json)
+    raise typer.Exit(result.exit_code)
+
+
+@cache_app.command("gc")
+def cache_gc_cmd(
+    max_age: float | None = typer.Option(None, "--max-age", help="Remove entries unused for this many days."),
+    max_size: float | None = typer.Option(None, "--max-size", help="Then remove least recently used entries until the cache is under this many MB."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Remove old build cache entries (by age of last use, then by total size)."""
+    from stackbuild.buildcache import cache_gc
+
+    result = cache_gc(max_age, max_size)
+    _emit(result, as_json)
+    raise typer.Exit(result.exit_code)
 
 
 @app.command("lock")
@@ -388,11 +462,12 @@ def _log_crash(exc: BaseException) -> Path:
 
 def _click_exceptions() -> Any:
     """The click that typer runs on: typer >= 0.16 vendors it as typer._click."""
+    import importlib
+
     try:
-        from typer._click import exceptions
+        return importlib.import_module("typer._click.exceptions")
     except ImportError:
-        from click import exceptions
-    return exceptions
+        return importlib.import_module("click.exceptions")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,10 +3,10 @@ Lunar Lake laptop for building, installing and checking the stack."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from types import MappingProxyType
-from typing import Mapping
 
 
 class MemoryModel(str, Enum):

@@ -22,7 +22,7 @@ from stackbuild.cache import cache_dir, locked
 from stackbuild.checks import CheckContext, CheckResult, CheckStatus
 from stackbuild.errors import SourceError
 from stackbuild.recipe import Pin
-from stackbuild.sources.pypi import download_verified, configured_index, list_files
+from stackbuild.sources.pypi import configured_index, download_verified, list_files
 
 CHECK = "transformers"
 PROJECT = "transformers"
