@@ -20,7 +20,9 @@ from typing import Any
 
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
+from stackbuild.cache import sha256_file
 from stackbuild.errors import RecipeError, StackbuildError
+from stackbuild.lock.requirements import logical_lines
 from stackbuild.recipe import Recipe
 from stackbuild.report import Table
 
@@ -147,29 +149,10 @@ def python_minors(window: str) -> list[str]:
             if spec.contains(f"3.{m}.0") or spec.contains(f"3.{m}.99")]
 
 
-def _logical_lines(text: str) -> list[tuple[int, str]]:
-    out: list[tuple[int, str]] = []
-    buf, start = "", 0
-    for i, raw in enumerate(text.splitlines(), 1):
-        line = "" if raw.lstrip().startswith("#") else raw.split(" #", 1)[0]
-        if not buf:
-            start = i
-        if line.rstrip().endswith("\\"):
-            buf += line.rstrip()[:-1] + " "
-            continue
-        buf += line
-        if buf.strip():
-            out.append((start, buf.strip()))
-        buf = ""
-    if buf.strip():
-        out.append((start, buf.strip()))
-    return out
-
-
 def check_lockfile_text(text: str, path: Path) -> int:
     """Count the requirements; each must carry a hash (pip --require-hashes needs it)."""
     count = 0
-    for line, entry in _logical_lines(text):
+    for line, entry in logical_lines(text):
         if entry.startswith("-"):
             continue
         if "--hash=" not in entry:
@@ -180,14 +163,6 @@ def check_lockfile_text(text: str, path: Path) -> int:
     if any(raw.strip() == LOCK_EOF for raw in text.splitlines()):
         raise StackbuildError(f"contains the line {LOCK_EOF}", file=path)
     return count
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _package_step(distro: Distro) -> str:
@@ -283,7 +258,7 @@ def render_install_script(recipe: Recipe, lockfile: Path | None, wheels: list[Pa
     for w in wheels:
         if not Path(w).is_file():
             raise StackbuildError("no such wheel", file=w)
-        wheel_info.append((Path(w).name, _sha256(Path(w))))
+        wheel_info.append((Path(w).name, sha256_file(Path(w))))
 
     window = recipe.environment.python
     expr = python_expression(window, file=recipe.path)

@@ -3,7 +3,6 @@ cache, sha256 checked) and real git upstreams made with gitpython."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tarfile
@@ -11,6 +10,8 @@ import urllib.request
 from pathlib import Path
 
 import git
+
+from stackbuild.cache import sha256_file
 
 # sha256 of the real sdists on the package index
 VLLM_SDISTS = {
@@ -31,7 +32,7 @@ def vllm_sdist(version: str) -> Path:
     """The real vLLM sdist from the package index, downloaded once into the test cache."""
     sha = VLLM_SDISTS[version]
     dest = test_cache_dir() / f"vllm-{version}.tar.gz"
-    if dest.exists() and _sha256(dest) == sha:
+    if dest.exists() and sha256_file(dest) == sha:
         return dest
     import json
 
@@ -45,7 +46,7 @@ def vllm_sdist(version: str) -> Path:
     tmp = dest.with_suffix(".part")
     with urllib.request.urlopen(url, timeout=300) as r, open(tmp, "wb") as out:
         shutil.copyfileobj(r, out)
-    if _sha256(tmp) != sha:
+    if sha256_file(tmp) != sha:
         tmp.unlink()
         raise RuntimeError(f"sha256 mismatch for vllm-{version}.tar.gz")
     tmp.replace(dest)
@@ -68,14 +69,6 @@ def vllm_tree(version: str) -> Path:
     (tmp / f"vllm-{version}").rename(tree)
     shutil.rmtree(tmp, ignore_errors=True)
     return tree
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def make_upstream_repo(path: Path, files: dict[str, str], tag: str | None = "v1.0") -> git.Repo:

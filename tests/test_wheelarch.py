@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import hashlib
 import struct
 import subprocess
 import sys
@@ -10,6 +9,7 @@ from pathlib import Path
 import fixtures
 import pytest
 
+from stackbuild.cache import sha256_file
 from stackbuild.wheelarch import (
     EM_INTEL_GEN,
     WheelArchError,
@@ -30,21 +30,13 @@ KERNEL_WHEELS = {
 }
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def kernel_wheel(version: str) -> Path:
     """A real vllm-xpu-kernels wheel, downloaded once into the test cache."""
     dest_dir = fixtures.test_cache_dir() / "wheels"
     dest_dir.mkdir(parents=True, exist_ok=True)
     name = f"vllm_xpu_kernels-{version}-cp38-abi3-manylinux_2_28_x86_64.whl"
     dest = dest_dir / name
-    if dest.exists() and _sha256(dest) == KERNEL_WHEELS[version]:
+    if dest.exists() and sha256_file(dest) == KERNEL_WHEELS[version]:
         return dest
     subprocess.run(
         [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
@@ -52,7 +44,7 @@ def kernel_wheel(version: str) -> Path:
          f"vllm-xpu-kernels=={version}", "-d", str(dest_dir)],
         check=True,
     )
-    if _sha256(dest) != KERNEL_WHEELS[version]:
+    if sha256_file(dest) != KERNEL_WHEELS[version]:
         dest.unlink()
         raise RuntimeError(f"sha256 mismatch for {name}")
     return dest

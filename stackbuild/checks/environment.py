@@ -93,21 +93,10 @@ def read_locked_versions(path: Path) -> list[LockedVersion]:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise StackbuildError(f"cannot read lockfile: {e.strerror}", file=path) from None
+    from stackbuild.lock.requirements import logical_lines
+
     out: list[LockedVersion] = []
-    logical: list[tuple[int, str]] = []
-    buf, start = "", 0
-    for i, raw in enumerate(text.splitlines(), 1):
-        line = raw.split(" #", 1)[0] if not raw.lstrip().startswith("#") else ""
-        if not buf:
-            start = i
-        if line.rstrip().endswith("\\"):
-            buf += line.rstrip()[:-1] + " "
-            continue
-        buf += line
-        logical.append((start, buf))
-        buf = ""
-    if buf:
-        logical.append((start, buf))
+    logical = logical_lines(text)
     for lineno, entry in logical:
         entry = re.sub(r"\s--hash[= ]\S+", "", " " + entry).strip()
         if not entry or entry.startswith("-"):

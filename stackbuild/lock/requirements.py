@@ -66,7 +66,7 @@ def requirement_files_for(target_device: str) -> tuple[str, ...]:
     return ("requirements/common.txt",)
 
 
-def _logical_lines(text: str) -> list[tuple[int, str]]:
+def logical_lines(text: str) -> list[tuple[int, str]]:
     """Join backslash continuations and strip comments, keeping the first line number."""
     out: list[tuple[int, str]] = []
     buf = ""
@@ -136,7 +136,7 @@ def read_source_requirements(tree: Path, files: tuple[str, ...]) -> SourceRequir
             raise LockError(f"cannot read requirement file{where}: {e.strerror}", file=path) from None
         read.append(name)
         digest.update(name.encode() + b"\0" + text.encode() + b"\0")
-        for lineno, line in _logical_lines(text):
+        for lineno, line in logical_lines(text):
             if line.startswith("-"):
                 opt, val = _split_option(line)
                 if opt in _INCLUDE_OPTIONS or opt in _CONSTRAINT_OPTIONS:
