@@ -12,10 +12,8 @@ package; default the current directory).
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +25,10 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
 from stackbuild.checks import CheckContext, CheckResult, CheckStatus
+from stackbuild.checks.probe import run_probe
 from stackbuild.errors import StackbuildError
-from stackbuild.recipe import Recipe, project_root
+from stackbuild.lock.api import default_lockfile
+from stackbuild.recipe import Recipe
 
 CHECK = "environment"
 PROBE_TIMEOUT_S = 120
@@ -126,24 +126,7 @@ def _version_from_url(url: str) -> str | None:
 
 def probe_interpreter(python: Path, cwd: Path) -> dict[str, Any]:
     """Ask the target interpreter about itself (one subprocess)."""
-    try:
-        proc = subprocess.run([str(python), "-c", PROBE], cwd=cwd, capture_output=True, text=True,
-                              timeout=PROBE_TIMEOUT_S)
-    except FileNotFoundError:
-        raise StackbuildError("no such interpreter", file=python, key="--python") from None
-    except PermissionError:
-        raise StackbuildError("not executable", file=python, key="--python") from None
-    except subprocess.TimeoutExpired:
-        raise StackbuildError(f"did not answer within {PROBE_TIMEOUT_S} s", file=python, key="--python") from None
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise StackbuildError(f"failed to run (exit {proc.returncode}): {last}", file=python, key="--python")
-    data: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return data
-
-
-def default_lockfile(recipe: Recipe) -> Path:
-    return project_root() / "lockfiles" / f"{recipe.name}.txt"
+    return run_probe(python, PROBE, timeout=PROBE_TIMEOUT_S, cwd=cwd)
 
 
 def _installed(info: dict[str, Any]) -> dict[str, str]:

@@ -13,8 +13,6 @@ platform's IP version (B70 20.2.0, Lunar Lake 20.4.0).
 
 from __future__ import annotations
 
-import json
-import subprocess
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -22,6 +20,7 @@ from urllib.parse import unquote, urlparse
 from stackbuild.cache import cache_dir
 from stackbuild.checks import CheckContext, CheckResult, CheckStatus
 from stackbuild.checks.environment import default_lockfile, read_locked_versions
+from stackbuild.checks.probe import run_probe
 from stackbuild.errors import StackbuildError
 from stackbuild.platforms import Platform
 from stackbuild.recipe import Recipe
@@ -66,20 +65,7 @@ print(json.dumps(out))
 
 
 def probe_torch(python: Path) -> dict[str, Any]:
-    try:
-        proc = subprocess.run([str(python), "-c", PROBE], capture_output=True, text=True,
-                              timeout=PROBE_TIMEOUT_S, cwd="/")
-    except FileNotFoundError:
-        raise StackbuildError("no such interpreter", file=python, key="--python") from None
-    except PermissionError:
-        raise StackbuildError("not executable", file=python, key="--python") from None
-    except subprocess.TimeoutExpired:
-        raise StackbuildError(f"did not answer within {PROBE_TIMEOUT_S} s", file=python, key="--python") from None
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise StackbuildError(f"failed to run (exit {proc.returncode}): {last}", file=python, key="--python")
-    data: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return data
+    return run_probe(python, PROBE, timeout=PROBE_TIMEOUT_S)
 
 
 def device_matches(platform: Platform, name: str) -> bool:
