@@ -153,6 +153,8 @@ def verify(
     device: str | None = typer.Option(None, "--device", help="numerics: xpu, cuda or cpu (default: the first available)."),
     adapter: list[str] | None = typer.Option(None, "--adapter", help="numerics: extra adapter module:function."),
     threshold: list[str] | None = typer.Option(None, "--threshold", help="numerics: override a threshold, e.g. bf16.rel=2e-2."),
+    lockfile: Path | None = typer.Option(None, "--lockfile", help="environment: the lockfile to compare with (default lockfiles/RECIPE.txt)."),
+    kernel_wheel: Path | None = typer.Option(None, "--kernel-wheel", help="platform: read this vllm-xpu-kernels wheel instead of the installed package."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Check the applied workspace (and with --python, a target environment)."""
@@ -184,6 +186,12 @@ def verify(
         options["device"] = device
     if adapter:
         options["adapters"] = list(adapter)
+    if lockfile is not None:
+        options["lockfile"] = lockfile
+    if kernel_wheel is not None:
+        if not kernel_wheel.is_file():
+            raise _E(f"{kernel_wheel} is not a file", key="--kernel-wheel")
+        options["kernel_wheel"] = kernel_wheel
     if threshold:
         thr: dict[str, float] = {}
         for item in threshold:
