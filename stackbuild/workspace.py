@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from stackbuild import __version__
-from stackbuild.cache import locked
+from stackbuild.cache import atomic_file, cache_dir, locked
 from stackbuild.errors import PatchError, SourceError, StackbuildError
 from stackbuild.manifest import Manifest, PatchRecord, SourceRecord, read_manifest
 from stackbuild.recipe import PatchEntry, PatchKind, Recipe, Source, SourceKind
@@ -34,9 +34,10 @@ from stackbuild.series import (
     parse_patch,
     split_mbox,
 )
-from stackbuild.sources.archive import import_tarball_to_git, read_members
 from stackbuild.sources.git import GitCheckout, export_tree, fetch_git, read_file_at
-from stackbuild.sources.pypi import fetch_sdist
+
+# sources.pypi (urllib, http) and sources.archive (tarfile) are imported where they are
+# used: a re-apply with unchanged inputs needs neither, and it should take a blink.
 
 Progress = Callable[[str], None]
 BASE_TAG = "stackbuild/base"
@@ -201,12 +202,16 @@ def _read_from_source(ctx: _Ctx, src: Source, path: str, key: str) -> bytes:
             raise PatchError(f"{path} not found in local source {src.name!r}", file=ctx.recipe.path, key=f"{key}.path")
         return p.read_bytes()
     sdist = _sdist(ctx, src)
+    from stackbuild.sources.archive import read_members
+
     return read_members(sdist, [path])[path]
 
 
 def _sdist(ctx: _Ctx, src: Source) -> Path:
     if src.name not in ctx.sdists:
         assert src.requirement and src.sha256
+        from stackbuild.sources.pypi import fetch_sdist
+
         ctx.sdists[src.name] = fetch_sdist(src.requirement, src.sha256, ctx.progress)
     return ctx.sdists[src.name]
 
@@ -234,12 +239,41 @@ def _inputs_digest(ctx: _Ctx) -> tuple[str, dict[str, dict[str, Any]], list[str]
 # ------------------------------------------------------------------ materialising
 
 
+def _base_repo(ctx: _Ctx, src: Source) -> Path:
+    """A bare repository in the cache holding the pristine release as one commit,
+    keyed by the sdist's sha256: importing 4,000 files from a tarball is the slow part
+    of a cold apply, and it only has to happen once per release."""
+    assert src.sha256
+    base = cache_dir() / "bases" / f"{src.sha256}.git"
+    with locked(cache_dir() / "locks" / f"base-{src.sha256}.lock", f"cache entry for {src.requirement}", timeout=600):
+        if (base / "refs" / "heads" / "stackbuild").exists():
+            return base
+        tmp = Path(tempfile.mkdtemp(prefix=".import-", dir=base.parent if base.parent.exists() else _mkdir(base.parent)))
+        try:
+            from stackbuild.sources.archive import import_tarball_to_git
+
+            run_git(tmp, "init", "-q", "--bare", "-b", "stackbuild")
+            import_tarball_to_git(_sdist(ctx, src), tmp, "stackbuild", f"base: {src.describe()}",
+                                  {**os.environ, **GIT_ENV}, checkout=False)
+            shutil.rmtree(base, ignore_errors=True)
+            os.replace(tmp, base)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return base
+
+
+def _mkdir(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
 def _materialise(ctx: _Ctx, src: Source, dest: Path) -> None:
     if src.kind is SourceKind.PYPI:
-        dest.mkdir(parents=True)
-        run_git(dest, "init", "-q", "-b", "stackbuild")
+        base = _base_repo(ctx, src)
+        # a local clone hard-links the objects: the workspace shares nothing mutable with the cache
+        run_git(dest.parent, "clone", "-q", "--local", "-b", "stackbuild", str(base), dest.name)
+        run_git(dest, "remote", "remove", "origin")
         run_git(dest, "config", "core.autocrlf", "false")
-        import_tarball_to_git(_sdist(ctx, src), dest, "stackbuild", f"base: {src.describe()}", {**os.environ, **GIT_ENV})
         run_git(dest, "tag", BASE_TAG)
         return
     if src.kind is SourceKind.GIT:
@@ -344,9 +378,27 @@ def _apply_text_patch(ctx: _Ctx, entry: PatchEntry, data: bytes, tree: Path) -> 
     return PatchResult(entry.name, entry.kind.value, entry.source, verdict, "; ".join(details), sha, tuple(files), commit)
 
 
+def _backport_files(ctx: _Ctx, entry: PatchEntry) -> dict[str, bytes]:
+    """The backported files, read once from the verified release and kept in the cache
+    (keyed by the release's sha256), so later applies need not scan a 36 MB tarball."""
+    assert entry.release and entry.sha256
+    root = cache_dir() / "backports" / entry.sha256
+    cached = {rel: root / rel for rel in entry.files}
+    if all(p.is_file() for p in cached.values()):
+        return {rel: p.read_bytes() for rel, p in cached.items()}
+    from stackbuild.sources.archive import read_members
+    from stackbuild.sources.pypi import fetch_sdist
+
+    members = read_members(fetch_sdist(entry.release, entry.sha256, ctx.progress), list(entry.files))
+    for rel, data in members.items():
+        with atomic_file(root / rel) as f:
+            f.write(data)
+    return members
+
+
 def _apply_backport(ctx: _Ctx, entry: PatchEntry, tree: Path) -> PatchResult:
     assert entry.release and entry.sha256
-    members = read_members(fetch_sdist(entry.release, entry.sha256, ctx.progress), list(entry.files))
+    members = _backport_files(ctx, entry)
     digest = hashlib.sha256()
     replaced = []
     same = 0

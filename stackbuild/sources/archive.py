@@ -82,7 +82,8 @@ def read_members(archive: Path, names: list[str], strip_top: bool = True) -> dic
 
 
 def import_tarball_to_git(
-    archive: Path, repo_dir: Path, branch: str, message: str, env: dict[str, str], strip_top: bool = True
+    archive: Path, repo_dir: Path, branch: str, message: str, env: dict[str, str], strip_top: bool = True,
+    checkout: bool = True,
 ) -> None:
     """Stream the archive's files straight into a new commit of the (initialised) git
     repository at `repo_dir` with `git fast-import`, then check it out.
@@ -150,6 +151,8 @@ def import_tarball_to_git(
     err = proc.stderr.read().decode() if proc.stderr else ""
     if proc.wait() != 0:
         raise SourceError(f"git fast-import failed: {err.strip()}", file=archive)
+    if not checkout:
+        return
     r = subprocess.run(["git", "checkout", "-q", "-f", branch], cwd=repo_dir, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         raise SourceError(f"checking out the imported tree failed: {r.stderr.strip()}", file=archive)
