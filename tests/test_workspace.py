@@ -495,3 +495,32 @@ def test_real_vllm_release_with_a_patch_a_backport_and_a_site_packages_diff(
 
     again = proj.apply(load_recipe(path))
     assert again.ok and not again.changed
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_a_release_is_imported_once_then_cloned_from_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fixtures
+
+    cache = fixtures.seed_cache(tmp_path / "cache", ("0.19.0",))
+    monkeypatch.setenv("STACKBUILD_CACHE", str(cache))
+    monkeypatch.setenv("STACKBUILD_INDEX_URL", "http://127.0.0.1:9/simple")
+    sha_19 = fixtures.VLLM_SDISTS["0.19.0"]
+    proj = Project(tmp_path / "proj")
+    new_file = "diff --git a/NOTES b/NOTES\nnew file mode 100644\n--- /dev/null\n+++ b/NOTES\n@@ -0,0 +1 @@\n+ours\n"
+    rel = proj.add_patch("notes.patch", new_file)
+    path = proj.write_recipe("rel", {"vllm": {"pypi": "vllm==0.19.0", "sha256": sha_19}},
+                             [{"file": rel, "source": "vllm", "sha256": sha256(new_file)}])
+    first = apply_recipe(load_recipe(path), tmp_path / "ws1")
+    assert first.ok
+    base = cache / "bases" / f"{sha_19}.git"
+    assert (base / "refs" / "heads" / "stackbuild").exists()
+    # without the sdist, a second workspace can only come from the imported base
+    for sdist in (cache / "sdists" / sha_19).iterdir():
+        sdist.unlink()
+    second = apply_recipe(load_recipe(path), tmp_path / "ws2")
+    assert second.ok
+    t1, t2 = git.Repo(tmp_path / "ws1" / "vllm"), git.Repo(tmp_path / "ws2" / "vllm")
+    assert t1.tags[BASE_TAG].commit.hexsha == t2.tags[BASE_TAG].commit.hexsha  # deterministic
+    assert not t2.remotes  # the workspace does not point into the cache
+    assert (tmp_path / "ws2" / "vllm" / "vllm" / "envs.py").read_bytes() == (fixtures.vllm_tree("0.19.0") / "vllm/envs.py").read_bytes()
