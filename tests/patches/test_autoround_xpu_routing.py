@@ -36,6 +36,8 @@ MIGRATION = "INC quantization is not supported during xpu kernel migration."
 CASES: list[tuple[str, str, dict[str, Any], str]] = [
     ("gptq_sym4", "xpu", {"packing_format": "auto_round:auto_gptq", "sym": True}, O_PROJ),
     ("awq4", "xpu", {"packing_format": "auto_round:auto_awq", "sym": False}, O_PROJ),
+    # AutoRound's default sym=True: AWQ packing still carries qzeros (all 8)
+    ("awq4_sym", "xpu", {"packing_format": "auto_round:auto_awq", "sym": True}, O_PROJ),
     ("gptq_asym4", "xpu", {"packing_format": "auto_round:auto_gptq", "sym": False}, O_PROJ),
     ("gptq_8bit", "xpu", {"packing_format": "auto_round:auto_gptq", "bits": 8}, O_PROJ),
     ("awq_8bit", "xpu", {"packing_format": "auto_round:auto_awq", "bits": 8, "sym": False}, O_PROJ),
@@ -190,6 +192,13 @@ def test_awq_4bit_gets_the_awq_marlin_method_on_xpu(patched_routes: dict[str, An
     assert (
         case["quant_type"] == "uint4" and case["group_size"] == 128 and case["zero_point"] is True
     )
+
+
+def test_awq_exported_symmetric_loads_its_zero_points_on_xpu(patched_routes: dict[str, Any]) -> None:
+    case = patched_routes["awq4_sym"]
+    assert _ok(case) == "vllm.model_executor.layers.quantization.awq_marlin.AWQMarlinLinearMethod"
+    assert case["calls"] == [["apply_awq_quant_layer", "xpu"]]
+    assert case["quant_type"] == "uint4" and case["zero_point"] is True
 
 
 def test_asymmetric_gptq_raises_naming_the_layer(patched_routes: dict[str, Any]) -> None:
