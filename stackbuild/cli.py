@@ -315,6 +315,7 @@ def lock_cmd(
     index_url: str | None = typer.Option(None, "--index-url", help="Primary index (default: PIP_INDEX_URL, else PyPI)."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Default: lockfiles/RECIPE.txt."),
     lockfile: Path | None = typer.Option(None, "--lockfile", help="--check: the lockfile to check."),
+    record_first_use: bool = typer.Option(False, "--record-first-use", help="Write the sha256 of trust-on-first-use artifacts this lock downloaded into the recipe."),
     workdir: Path | None = WorkdirOpt,
     as_json: bool = JsonOpt,
 ) -> None:
@@ -345,6 +346,15 @@ def lock_cmd(
         _progress(f"locking {r.name} with {chosen}{' (offline)' if offline else ''}")
     result = lock(r, requirements_from=req_tree, resolver=chosen, offline=offline, output=output, index_url=index_url)
     _emit(result, as_json)
+    if record_first_use:
+        from stackbuild.lock import record_first_use as _record
+
+        for fu in result.first_use:
+            if fu.sha256:
+                done = _record(r.path, fu.pin, fu.sha256)
+                print(done.message, file=sys.stderr)
+            elif not as_json:
+                _progress(f"pins.{fu.pin}: not downloaded here, nothing to record ({fu.url})")
     raise typer.Exit(result.exit_code)
 
 
