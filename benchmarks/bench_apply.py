@@ -112,7 +112,7 @@ def main() -> int:
     ok_mem = peak_mb <= 300
     print(f"recipe {RECIPE}: best of 3")
     print(f"  raw sequence (tar, git init/add/commit, git apply+commit): {raw:6.2f} s")
-    print(f"  stackbuild apply, first of a release (sdist cached, imported into the cache's base repo):")
+    print("  stackbuild apply, first of a release (sdist cached, imported into the cache's base repo):")
     print(f"                                                             {first:6.2f} s  ratio {first / raw:.2f}x  (once per release; no target)")
     print(f"  stackbuild apply, cold (new workspace, release cached):    {cold:6.2f} s  ratio {cold / raw:.2f}x  (target <= 1.30x) {'ok' if ok_cold else 'MISSED'}")
     print(f"  stackbuild apply, unchanged inputs:                        {reapply:6.2f} s  {reapply / cold:.1%} of cold  (target <= 0.5 s and <= 10%) {'ok' if ok_re else 'MISSED'}")
