@@ -38,7 +38,12 @@ def atomic_file(dest: Path) -> Iterator[BinaryIO]:
     a crash or Ctrl-C never leaves a half-written file under the final name."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    os.fchmod(fd, 0o644)  # mkstemp makes 0600; cached files are shared like any download
+    # mkstemp makes 0600: keep the mode of the file being replaced, else an ordinary 0644
+    try:
+        mode = dest.stat().st_mode & 0o7777
+    except OSError:
+        mode = 0o644
+    os.fchmod(fd, mode)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
@@ -51,8 +56,9 @@ def atomic_file(dest: Path) -> Iterator[BinaryIO]:
 
 
 def atomic_write_text(dest: Path, text: str) -> None:
+    """Replace `dest` with `text` (UTF-8, line endings as given) in one rename."""
     with atomic_file(dest) as f:
-        f.write(text.encode())
+        f.write(text.encode("utf-8"))
 
 
 @contextmanager

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stackbuild.cache import atomic_write_text
 from stackbuild.errors import PatchError, RecipeError, StackbuildError
 from stackbuild.recipe import PatchEntry, PatchKind, Recipe
 from stackbuild.report import Table
@@ -242,11 +243,7 @@ def append_entries(text: str, entries: list[str]) -> str:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def git_env() -> dict[str, str]:

@@ -24,6 +24,7 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
+from stackbuild.cache import atomic_write_text
 from stackbuild.lock import backends
 from stackbuild.lock.errors import IndexUnreachable, LockError, ResolutionFailed
 from stackbuild.lock.lockfile import (
@@ -556,7 +557,7 @@ def lock(
         resolver_runs=runs,
     )
     text = render_lockfile(result, plan, pins_rec, patches_rec, primary, notes)
-    _atomic_write(out_path, text)
+    atomic_write_text(out_path, text)
     return _replace_seconds(result, time.monotonic() - started)
 
 
@@ -771,20 +772,6 @@ def render_lockfile(result: LockResult, plan: _Plan, pins_rec: list[dict[str, An
         if line.startswith("-"):
             raise LockError(f"refusing to write a machine-local option line: {line!r}", file=result.lockfile)
     return text
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------- --check
