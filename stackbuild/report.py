@@ -18,10 +18,13 @@ class Table:
 
     def render(self) -> str:
         widths = [len(c) for c in self.columns]
+        last = len(self.columns) - 1
         for row in self.rows:
             for i, cell in enumerate(row):
                 first = str(cell).splitlines()[0] if str(cell) else ""
-                widths[i] = max(widths[i], min(len(first), 100))
+                # one long cell (a skip reason, a URL) must not push every row's detail
+                # off the screen: it overflows its column instead
+                widths[i] = max(widths[i], min(len(first), 100 if i == last else 48))
         lines = []
         if self.title:
             lines.append(self.title)
