@@ -89,29 +89,11 @@ def _control(name: str, corrupt: Corruption) -> Callable[[Int4Case, torch.Tensor
         assert case.w2_qweight is not None and case.w2_scales is not None
         assert case.topk_ids is not None and case.topk_weights is not None
         if key not in case.scratch:
-            e_range = range(case.num_experts)
-            w13 = torch.stack(
-                [
-                    dequant(
-                        case.w13_qweight[e],
-                        case.w13_scales[e],
-                        None if case.w13_zeros is None else case.w13_zeros[e],
-                        case,
-                    )
-                    for e in e_range
-                ]
-            )
-            w2 = torch.stack(
-                [
-                    dequant(
-                        case.w2_qweight[e],
-                        case.w2_scales[e],
-                        None if case.w2_zeros is None else case.w2_zeros[e],
-                        case,
-                    )
-                    for e in e_range
-                ]
-            )
+            def dq(q: torch.Tensor, sc: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+                return dequant(q, sc, z, case)
+
+            w13 = ref.per_expert(dq, case.w13_qweight, case.w13_scales, case.w13_zeros)
+            w2 = ref.per_expert(dq, case.w2_qweight, case.w2_scales, case.w2_zeros)
             case.scratch[key] = (w13, w2)
         w13, w2 = case.scratch[key]
         return ref.moe(x, w13, w2, case.topk_ids, case.topk_weights)

@@ -21,6 +21,7 @@ Only torch is imported: this module runs inside the target environment.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -111,6 +112,18 @@ def dequant_gptq(
     g_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
     return dequant_q(unpack_gptq(qweight.cpu()), scales, zeros, group_size, g_idx)
+
+
+def per_expert(
+    fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor],
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+) -> torch.Tensor:
+    """`fn(q, s, z)` on each expert's slice of [E, ...] tensors, stacked back to [E, ...]."""
+    return torch.stack(
+        [fn(qweight[e], scales[e], None if zeros is None else zeros[e]) for e in range(qweight.shape[0])]
+    )
 
 
 def dequant_awq(

@@ -243,28 +243,11 @@ def dequant_case(case: Int4Case) -> dict[str, torch.Tensor]:
         }
     assert case.w13_qweight is not None and case.w13_scales is not None
     assert case.w2_qweight is not None and case.w2_scales is not None
-    w13 = torch.stack(
-        [
-            ref.dequant_gptq(
-                case.w13_qweight[e],
-                case.w13_scales[e],
-                None if case.w13_zeros is None else case.w13_zeros[e],
-                case.group_size,
-            )
-            for e in range(case.num_experts)
-        ]
-    )
-    w2 = torch.stack(
-        [
-            ref.dequant_gptq(
-                case.w2_qweight[e],
-                case.w2_scales[e],
-                None if case.w2_zeros is None else case.w2_zeros[e],
-                case.group_size,
-            )
-            for e in range(case.num_experts)
-        ]
-    )
+    def dq(q: torch.Tensor, sc: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+        return ref.dequant_gptq(q, sc, z, case.group_size)
+
+    w13 = ref.per_expert(dq, case.w13_qweight, case.w13_scales, case.w13_zeros)
+    w2 = ref.per_expert(dq, case.w2_qweight, case.w2_scales, case.w2_zeros)
     return {"w13": w13, "w2": w2}
 
 
