@@ -63,7 +63,7 @@ from stackbuild.errors import StackbuildError
 from stackbuild.manifest import Manifest, SourceRecord, read_manifest
 from stackbuild.recipe import Recipe, Source, SourceKind
 from stackbuild.report import Table
-from stackbuild.workspace import GIT_ENV, apply_recipe, default_workdir
+from stackbuild.workspace import apply_recipe, default_workdir, git_process, run_git
 
 Progress = Callable[[str], None]
 
@@ -416,13 +416,6 @@ class BuildResult:
 # ------------------------------------------------------------------ doing
 
 
-def _git(args: list[str], cwd: Path, env: Mapping[str, str]) -> str:
-    r = subprocess.run(["git", *args], cwd=cwd, env=dict(env), capture_output=True, text=True)
-    if r.returncode != 0:
-        raise BuildError(f"git {args[0]} failed: {r.stderr.strip()}", file=cwd)
-    return r.stdout.strip()
-
-
 def build_tree_dir(tree: Path) -> Path:
     """Where the throwaway build copy of a workspace tree lives: in the cache, not in
     the workspace (apply swaps the workspace whole, and a copy kept there would go)."""
@@ -440,12 +433,11 @@ def sync_build_tree(tree: Path, dest: Path) -> str:
     if not index.exists() and dest.exists():
         shutil.rmtree(dest)  # a copy without its index: start over
     dest.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **GIT_ENV, "GIT_INDEX_FILE": str(index), "GIT_DIR": str(tree / ".git"),
-           "GIT_WORK_TREE": str(dest)}
+    env = {"GIT_INDEX_FILE": str(index), "GIT_DIR": str(tree / ".git"), "GIT_WORK_TREE": str(dest)}
     try:
-        _git(["-c", "checkout.workers=0", "read-tree", "--reset", "-u", "HEAD"], dest, env)
-        _git(["clean", "-f", "-d", "-x", "-q"], dest, env)
-        return _git(["rev-parse", "HEAD"], dest, env)
+        run_git(dest, "-c", "checkout.workers=0", "read-tree", "--reset", "-u", "HEAD", env=env, error=BuildError)
+        run_git(dest, "clean", "-f", "-d", "-x", "-q", env=env, error=BuildError)
+        return run_git(dest, "rev-parse", "HEAD", env=env, error=BuildError)
     except BaseException:
         # half-synced: the next build copies afresh
         index.unlink(missing_ok=True)
@@ -454,8 +446,7 @@ def sync_build_tree(tree: Path, dest: Path) -> str:
 
 
 def tree_id(tree: Path) -> str:
-    r = subprocess.run(["git", "rev-parse", "HEAD^{tree}"], cwd=tree, env={**os.environ, **GIT_ENV},
-                       capture_output=True, text=True)
+    r = git_process(tree, "rev-parse", "HEAD^{tree}")
     if r.returncode != 0:
         raise BuildError(f"not a workspace git tree: {r.stderr.strip()}", file=tree)
     return r.stdout.strip()

@@ -48,7 +48,7 @@ from stackbuild.series import (
     parse_patch,
     split_mbox,
 )
-from stackbuild.workspace import BASE_TAG, GIT_ENV, apply_recipe, default_workdir, run_git
+from stackbuild.workspace import BASE_TAG, apply_recipe, default_workdir, git_process, run_git
 
 EDIT_BRANCH = "stackbuild-edit"
 TRAILER_RE = re.compile(r"^stackbuild-(patch|sha256):\s*(.*)$", re.M)
@@ -242,16 +242,8 @@ def append_entries(text: str, entries: list[str]) -> str:
     return text.rstrip("\n") + "\n" + "".join(entries)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    atomic_write_text(path, text)
-
-
-def git_env() -> dict[str, str]:
-    return {**os.environ, **GIT_ENV}
-
-
 def git_out(cwd: Path, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run(["git", *args], cwd=cwd, env=git_env(), capture_output=True, text=True, input=stdin)
+    r = git_process(cwd, *args, stdin=stdin)
     if check and r.returncode != 0:
         raise StackbuildError(f"git {' '.join(args[:3])} failed: {r.stderr.strip() or r.stdout.strip()}", file=cwd)
     return r
@@ -494,10 +486,10 @@ def export(recipe: Recipe, workdir: Path | None = None) -> ExportResult:
                 results.append(ExportedPatch(name, rel, "new", new_sha, None, shas))
     missing = tuple(p.name for p in recipe.patches if p.name not in seen_names and p.kind is not PatchKind.BACKPORT)
     for path, body in writes.items():
-        write_text_atomic(path, body)
+        atomic_write_text(path, body)
     new_text = append_entries("\n".join(lines), appended)
     if new_text != text:
-        write_text_atomic(recipe.path, new_text)
+        atomic_write_text(recipe.path, new_text)
     counts: dict[str, int] = {}
     for r in results:
         counts[r.action] = counts.get(r.action, 0) + 1
@@ -679,7 +671,7 @@ def import_patch(
             verdict = out.verdict.value
             if out.verdict in (PatchVerdict.APPLIED, PatchVerdict.APPLIED_OFFSET):
                 overlay.update(out.new_contents)
-        write_text_atomic(path, body)
+        atomic_write_text(path, body)
         sha = sha256_text(body)
         root = project_root_of(into) if into is not None else Path.cwd()
         rel = _rel(path, root)
@@ -688,7 +680,7 @@ def import_patch(
             appended.append(new_entry_text(rel, source, sha, parsed.description))
     if into is not None and appended:
         text_r = into.path.read_text(encoding="utf-8")
-        write_text_atomic(into.path, append_entries(text_r, appended))
+        atomic_write_text(into.path, append_entries(text_r, appended))
     msg = f"{len(written)} patch(es) written to {dest}"
     if into is not None:
         msg += f"; {len(appended)} entr{'y' if len(appended) == 1 else 'ies'} appended to {into.path.name}"
@@ -763,9 +755,10 @@ def snapshot(
         raise StackbuildError(f"{ref} does not exist in this tree (not a stackbuild workspace?)", file=tree)
     base = run_git(tree, "rev-parse", f"{ref}^{{commit}}")
     with tempfile.TemporaryDirectory(prefix="stackbuild-snap-") as td:
-        env = {**git_env(), "GIT_INDEX_FILE": str(Path(td) / "index")}
+        env = {"GIT_INDEX_FILE": str(Path(td) / "index")}
+
         def g(*args: str) -> str:
-            r = subprocess.run(["git", *args], cwd=tree, env=env, capture_output=True, text=True)
+            r = git_process(tree, *args, env=env)
             if r.returncode != 0:
                 raise StackbuildError(f"git {' '.join(args[:2])} failed: {r.stderr.strip()}", file=tree)
             return r.stdout
@@ -788,7 +781,7 @@ def snapshot(
             imported = import_patch(tmpf, into, source=source or tree.name, tree=None, split_per_file=split_per_file, strip=1)
         out_path = None
     elif output is not None:
-        write_text_atomic(output, text)
+        atomic_write_text(output, text)
     msg = f"{len(files)} file(s) differ from {ref}"
     if out_path:
         msg += f"; written to {out_path}"

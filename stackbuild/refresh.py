@@ -47,6 +47,7 @@ from typing import Any
 
 from packaging.requirements import Requirement
 
+from stackbuild.cache import atomic_write_text
 from stackbuild.errors import PatchError, SourceError, StackbuildError
 from stackbuild.patchqueue import (
     bump_last_update,
@@ -60,7 +61,6 @@ from stackbuild.patchqueue import (
     sha256_text,
     split_header,
     today,
-    write_text_atomic,
 )
 from stackbuild.recipe import PatchEntry, PatchKind, Recipe, Source, SourceKind, load_recipe
 from stackbuild.report import Table
@@ -282,7 +282,7 @@ class _Engine:
 
     # -- state
     def save(self) -> None:
-        write_text_atomic(self.rdir / STATE_FILE, json.dumps(self.st, indent=2) + "\n")
+        atomic_write_text(self.rdir / STATE_FILE, json.dumps(self.st, indent=2) + "\n")
 
     @property
     def results(self) -> list[dict[str, Any]]:

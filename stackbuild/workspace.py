@@ -14,7 +14,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,11 +120,21 @@ def default_workdir(recipe: Recipe) -> Path:
     return recipe.path.parent.parent / "work" / recipe.name
 
 
-def run_git(cwd: Path, *args: str) -> str:
-    env = {**os.environ, **GIT_ENV}
-    r = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True)
+def git_process(
+    cwd: Path, *args: str, env: Mapping[str, str] | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run git with stackbuild's fixed identity and dates (plus `env`); never raises."""
+    return subprocess.run(["git", *args], cwd=cwd, env={**os.environ, **GIT_ENV, **(env or {})},
+                          capture_output=True, text=True, input=stdin)
+
+
+def run_git(
+    cwd: Path, *args: str, env: Mapping[str, str] | None = None, error: type[StackbuildError] = StackbuildError
+) -> str:
+    """`git_process`, raising `error` naming the command on failure; stdout stripped."""
+    r = git_process(cwd, *args, env=env)
     if r.returncode != 0:
-        raise StackbuildError(f"git {' '.join(args[:3])} failed: {r.stderr.strip() or r.stdout.strip()}", file=cwd)
+        raise error(f"git {' '.join(args[:3])} failed: {r.stderr.strip() or r.stdout.strip()}", file=cwd)
     return r.stdout.strip()
 
 
