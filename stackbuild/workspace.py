@@ -114,6 +114,7 @@ class _Ctx:
     progress: Progress
     checkouts: dict[str, GitCheckout] = field(default_factory=dict)
     sdists: dict[str, Path] = field(default_factory=dict)
+    patch_data: dict[int, bytes] = field(default_factory=dict)  # series position -> checked bytes
 
 
 def default_workdir(recipe: Recipe) -> Path:
@@ -172,7 +173,10 @@ def _tree_digest(path: Path) -> str:
 
 
 def _patch_bytes(ctx: _Ctx, entry: PatchEntry, index: int) -> bytes:
-    """The patch's bytes, checked against the recipe's sha256."""
+    """The patch's bytes, checked against the recipe's sha256 (read once per run: the
+    inputs digest and the apply both need them)."""
+    if index in ctx.patch_data:
+        return ctx.patch_data[index]
     key = f"patches[{index}]"
     if entry.kind is PatchKind.FILE:
         assert entry.file is not None
@@ -194,6 +198,7 @@ def _patch_bytes(ctx: _Ctx, entry: PatchEntry, index: int) -> bytes:
             f"sha256 mismatch for {where}: recipe pins {entry.sha256}, the file has {got}",
             file=ctx.recipe.path, key=f"{key}.sha256",
         )
+    ctx.patch_data[index] = data
     return data
 
 
