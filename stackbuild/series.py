@@ -456,19 +456,17 @@ def _apply_hunks(path: str, lines: list[str], hunks: tuple[Hunk, ...], fuzz: int
         pos = _find(out, old, start)
         used_fuzz = 0
         if pos is None and fuzz > 0:
+            lead, trail = _context_lines(h)
             for f in range(1, fuzz + 1):
-                lead = _leading_context(h, reverse)
-                trail = _trailing_context(h, reverse)
                 cut_lead, cut_trail = min(f, lead), min(f, trail)
                 core = old[cut_lead : len(old) - cut_trail]
                 if not core:
                     continue
                 p = _find(out, core, start + cut_lead)
                 if p is not None:
-                    pos, used_fuzz = p - cut_lead, f
+                    pos, used_fuzz = p, f
                     new = new[cut_lead : len(new) - cut_trail]
                     old = core
-                    pos = p
                     break
         if pos is None:
             res.conflict = f"{path}: hunk {n} (@@ -{h.old_start},{h.old_len} +{h.new_start},{h.new_len} @@{' ' + h.section if h.section else ''}) does not match"
@@ -482,22 +480,12 @@ def _apply_hunks(path: str, lines: list[str], hunks: tuple[Hunk, ...], fuzz: int
     return res
 
 
-def _leading_context(h: Hunk, reverse: bool) -> int:
-    n = 0
-    for ln in h.lines:
-        if ln[0] != " ":
-            break
-        n += 1
-    return n
-
-
-def _trailing_context(h: Hunk, reverse: bool) -> int:
-    n = 0
-    for ln in reversed(h.lines):
-        if ln[0] != " ":
-            break
-        n += 1
-    return n
+def _context_lines(h: Hunk) -> tuple[int, int]:
+    """How many context lines open and close the hunk (what fuzz may drop)."""
+    kinds = [ln[0] for ln in h.lines]
+    lead = next((i for i, k in enumerate(kinds) if k != " "), len(kinds))
+    trail = next((i for i, k in enumerate(reversed(kinds)) if k != " "), len(kinds))
+    return lead, trail
 
 
 def _split(text: str) -> tuple[list[str], bool]:
