@@ -507,6 +507,7 @@ def apply_parsed(
     fuzz: int = 0,
 ) -> ApplyOutcome:
     """Apply in memory. `read(path)` returns a file's text or None when absent."""
+    read = _read_once(read)  # path repair, forward and reverse all look at the same files
     parsed, path_notes = resolve_paths(parsed, lambda p: read(p) is not None)
     notes = list(parsed.notes) + path_notes
     touched = tuple(dict.fromkeys(fp.path for fp in parsed.files))
@@ -533,6 +534,17 @@ def apply_parsed(
     if fwd_missing:
         return ApplyOutcome(PatchVerdict.MISSING_FILE, _with_notes(fwd_missing, notes), {}, {}, touched, tuple(notes))
     return ApplyOutcome(PatchVerdict.CONFLICT, _with_notes(fwd_problem or "does not apply", notes), {}, {}, touched, tuple(notes))
+
+
+def _read_once(read: Callable[[str], str | None]) -> Callable[[str], str | None]:
+    seen: dict[str, str | None] = {}
+
+    def cached(path: str) -> str | None:
+        if path not in seen:
+            seen[path] = read(path)
+        return seen[path]
+
+    return cached
 
 
 def _with_notes(detail: str, notes: list[str]) -> str:
