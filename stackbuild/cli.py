@@ -52,6 +52,12 @@ def _print_version(value: bool) -> None:
         raise typer.Exit(0)
 
 
+def _finish(result: Any, as_json: bool) -> None:
+    """Render the result and exit with its code."""
+    _emit(result, as_json)
+    raise typer.Exit(result.exit_code)
+
+
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
@@ -259,8 +265,7 @@ def build_cmd(
         raise _E("must be >= 1", key="--jobs")
     result = build(load_recipe(recipe), workdir, target_device=target_device, jobs=jobs, dry_run=dry_run,
                    progress=None if as_json else _progress)
-    _emit(result, as_json)
-    raise typer.Exit(result.exit_code)
+    _finish(result, as_json)
 
 
 @app.command("bom")
@@ -273,8 +278,7 @@ def bom_cmd(
     from stackbuild.bom import read_bom
 
     result = read_bom(recipe, key=key)
-    _emit(result, as_json)
-    raise typer.Exit(result.exit_code)
+    _finish(result, as_json)
 
 
 cache_app = typer.Typer(help="The build cache: list and garbage-collect entries.", no_args_is_help=True)
@@ -287,8 +291,7 @@ def cache_ls_cmd(as_json: bool = JsonOpt) -> None:
     from stackbuild.buildcache import cache_ls
 
     result = cache_ls()
-    _emit(result, as_json)
-    raise typer.Exit(result.exit_code)
+    _finish(result, as_json)
 
 
 @cache_app.command("gc")
@@ -301,8 +304,7 @@ def cache_gc_cmd(
     from stackbuild.buildcache import cache_gc
 
     result = cache_gc(max_age, max_size)
-    _emit(result, as_json)
-    raise typer.Exit(result.exit_code)
+    _finish(result, as_json)
 
 
 @app.command("lock")
@@ -394,8 +396,7 @@ def refresh(
     else:
         assert to is not None
         result = rf.refresh(r, to, sha256=sha256, progress=progress, force=force)
-    _emit(result, as_json)
-    raise typer.Exit(result.exit_code)
+    _finish(result, as_json)
 
 
 @app.command()
@@ -405,8 +406,7 @@ def edit(recipe: str = typer.Argument(..., help="Recipe name or path."), as_json
     from stackbuild.recipe import load_recipe
 
     result = _edit(load_recipe(recipe), progress=None if as_json else _progress)
-    _emit(result, as_json)
-    raise typer.Exit(result.exit_code)
+    _finish(result, as_json)
 
 
 @app.command()
@@ -416,8 +416,7 @@ def export(recipe: str = typer.Argument(..., help="Recipe name or path."), as_js
     from stackbuild.recipe import load_recipe
 
     result = _export(load_recipe(recipe))
-    _emit(result, as_json)
-    raise typer.Exit(result.exit_code)
+    _finish(result, as_json)
 
 
 @app.command("import")
@@ -437,8 +436,7 @@ def import_cmd(
 
     result = import_patch(file, load_recipe(into) if into else None, source=source, dest=dest, tree=tree,
                           split_per_file=split_per_file, strip=strip)
-    _emit(result, as_json)
-    raise typer.Exit(result.exit_code)
+    _finish(result, as_json)
 
 
 @app.command()
@@ -457,8 +455,7 @@ def snapshot(
 
     result = _snapshot(tree, against=against, output=output, into=load_recipe(into) if into else None,
                        source=source, split_per_file=split_per_file)
-    _emit(result, as_json)
-    raise typer.Exit(result.exit_code)
+    _finish(result, as_json)
 
 
 def _log_crash(exc: BaseException) -> Path:
