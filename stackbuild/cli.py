@@ -168,15 +168,13 @@ def verify(
     from stackbuild.errors import StackbuildError as _E
     from stackbuild.manifest import read_manifest
     from stackbuild.recipe import load_recipe
-    from stackbuild.verify import CHECKS, run_verify
+    from stackbuild.verify import check_names, run_verify
     from stackbuild.workspace import default_workdir
 
     r = load_recipe(recipe)
     wd = (workdir or default_workdir(r)).resolve()
     checks = _split_csv(only)
-    for c in checks or []:
-        if c not in CHECKS:
-            raise _E(f"unknown check {c!r} (known: {', '.join(CHECKS)})", key="--only")
+    check_names(checks or [])  # before looking for a workspace: a bad name is the problem
     if python is not None and not python.exists():
         raise _E(f"interpreter {python} does not exist", key="--python")
     if device is not None and device not in ("xpu", "cuda", "cpu"):

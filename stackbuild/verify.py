@@ -93,12 +93,17 @@ def resolve_check(name: str) -> CheckFn:
     return fn
 
 
+def check_names(names: list[str]) -> None:
+    """Refuse a check name that is not registered, listing the known ones."""
+    unknown = [n for n in names if n not in CHECKS]
+    if unknown:
+        raise StackbuildError(f"unknown check {unknown[0]!r} (known: {', '.join(CHECKS)})", key="--only")
+
+
 def run_verify(ctx: CheckContext, only: list[str] | None = None) -> VerifyReport:
     names = list(CHECKS)
     if only:
-        unknown = [n for n in only if n not in CHECKS]
-        if unknown:
-            raise StackbuildError(f"unknown check {unknown[0]!r} (known: {', '.join(CHECKS)})", key="--only")
+        check_names(only)
         names = [n for n in CHECKS if n in only]
     results: list[CheckResult] = []
     timings: list[tuple[str, float]] = []
