@@ -60,6 +60,7 @@ from stackbuild.buildcache import (
 )
 from stackbuild.cache import atomic_write_text, cache_dir, locked, sha256_file
 from stackbuild.errors import StackbuildError
+from stackbuild.lock.api import default_lockfile
 from stackbuild.manifest import Manifest, SourceRecord, read_manifest
 from stackbuild.recipe import Recipe, Source, SourceKind
 from stackbuild.report import Table
@@ -516,7 +517,7 @@ def pip_wheel_command(out: Path, target: str, python: str = sys.executable) -> l
 
 
 def lockfile_facts(recipe: Recipe) -> dict[str, str] | None:
-    path = recipe.path.parent.parent / "lockfiles" / f"{recipe.name}.txt"
+    path = default_lockfile(recipe)
     return {"path": str(path), "sha256": sha256_file(path)} if path.is_file() else None
 
 

@@ -226,10 +226,11 @@ def install_script(
     """Render a bash script that installs the recipe's stack on a fresh host."""
     from stackbuild.errors import StackbuildError as _E
     from stackbuild.installer import render_install_script
+    from stackbuild.lock import default_lockfile
     from stackbuild.recipe import load_recipe
 
     r = load_recipe(recipe)
-    lock = lockfile or (r.path.parent.parent / "lockfiles" / f"{r.name}.txt")
+    lock = lockfile or default_lockfile(r)
     script = render_install_script(r, lock if (lock.exists() or lockfile) else None, list(wheel or []), dry_run=dry_run)
     if dry_run:
         _emit(script, as_json)

@@ -253,10 +253,6 @@ def commit_trailers(message: str) -> dict[str, str]:
     return {m.group(1): m.group(2).strip() for m in TRAILER_RE.finditer(message)}
 
 
-def project_root_of(recipe: Recipe) -> Path:
-    return recipe.path.parent.parent
-
-
 # ------------------------------------------------------------------ edit
 
 
@@ -406,7 +402,7 @@ def _message_parts(msg: str) -> tuple[str, str]:
 def export(recipe: Recipe, workdir: Path | None = None) -> ExportResult:
     """Edit-branch commits back to patch files and the recipe's sha256 lines."""
     ws = (workdir or default_workdir(recipe)).resolve()
-    root = project_root_of(recipe)
+    root = recipe.root
     droot = edit_dir(recipe, ws)
     text = recipe.path.read_text(encoding="utf-8")
     lines = text.split("\n")
@@ -629,7 +625,7 @@ def import_patch(
             cand = (workdir or default_workdir(into)).resolve() / source
             tree = cand if cand.is_dir() else None
     if dest is None:
-        root = project_root_of(into) if into is not None else Path.cwd()
+        root = into.root if into is not None else Path.cwd()
         dest = root / "patches" / source / (version or "unversioned")
     form = ("gzip+base64 " if "base64-decoded" in notes else "gzip " if "gunzipped" in notes else "")
     form += "mbox series" if len(parts) > 1 else ("git diff" if "diff --git " in text else "plain diff")
@@ -673,7 +669,7 @@ def import_patch(
                 overlay.update(out.new_contents)
         atomic_write_text(path, body)
         sha = sha256_text(body)
-        root = project_root_of(into) if into is not None else Path.cwd()
+        root = into.root if into is not None else Path.cwd()
         rel = _rel(path, root)
         written.append(ImportedPatch(rel, sha, parsed.description, tuple(fp.path for fp in parsed.files), level, verdict, tuple(pnotes)))
         if into is not None:

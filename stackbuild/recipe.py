@@ -173,6 +173,11 @@ class Recipe:
         return None
 
     @property
+    def root(self) -> Path:
+        """The project the recipe belongs to: recipes/ and patches/, work/, lockfiles/ beside it."""
+        return self.path.parent.parent
+
+    @property
     def sha256(self) -> str:
         return hashlib.sha256(self.raw.encode()).hexdigest()
 

@@ -56,7 +56,6 @@ from stackbuild.patchqueue import (
     find_block,
     git_out,
     join_patch,
-    project_root_of,
     set_key,
     sha256_text,
     split_header,
@@ -721,7 +720,7 @@ def new_recipe_name(name: str, old_version: str | None, new_version: str) -> str
 def _write_outputs(eng: _Engine, done: list[RefreshedPatch], force: bool) -> tuple[list[RefreshedPatch], Path, list[str]]:
     recipe = eng.recipe
     st = eng.st
-    root = project_root_of(recipe)
+    root = recipe.root
     src = recipe.source(st["source"])
     old_version = src.version or src.tag or (src.commit[:12] if src.commit else None)
     new_version = st["new_version"]

@@ -118,7 +118,7 @@ class _Ctx:
 
 
 def default_workdir(recipe: Recipe) -> Path:
-    return recipe.path.parent.parent / "work" / recipe.name
+    return recipe.root / "work" / recipe.name
 
 
 def git_process(
@@ -468,7 +468,7 @@ def apply_recipe(
     dry_run: bool = False,
 ) -> ApplyResult:
     workdir = (workdir or default_workdir(recipe)).resolve()
-    ctx = _Ctx(recipe, recipe.path.parent.parent, progress or (lambda _m: None))
+    ctx = _Ctx(recipe, recipe.root, progress or (lambda _m: None))
     if dry_run:
         return ApplyResult(recipe.name, workdir, False, True, "dry run: nothing fetched or applied", (), plan=plan_apply(recipe))
     workdir.parent.mkdir(parents=True, exist_ok=True)

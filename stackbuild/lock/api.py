@@ -45,7 +45,7 @@ from stackbuild.lock.requirements import (
     read_source_requirements,
     requirement_files_for,
 )
-from stackbuild.recipe import Pin, Recipe, project_root
+from stackbuild.recipe import Pin, Recipe
 from stackbuild.report import Table
 
 RECIPE_LABEL = "recipe pins"
@@ -359,7 +359,7 @@ def plan_lock(recipe: Recipe, requirements_from: Path | None) -> _Plan:
 
 
 def default_lockfile(recipe: Recipe) -> Path:
-    return project_root() / "lockfiles" / f"{recipe.name}.txt"
+    return recipe.root / "lockfiles" / f"{recipe.name}.txt"
 
 
 def regenerate_command(recipe: Recipe, *, resolver: str, offline: bool, pins_only: bool,
