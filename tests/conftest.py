@@ -24,7 +24,9 @@ NETWORK_FIXTURES = frozenset({
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if NETWORK_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+        # a module names its own such fixtures in NETWORK_FIXTURES too
+        local = getattr(getattr(item, "module", None), "NETWORK_FIXTURES", frozenset())
+        if (NETWORK_FIXTURES | local).intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.network)
 
 
