@@ -241,7 +241,7 @@ def test_wrong_hash_is_refused_and_nothing_is_kept(server, cache: Path, tmp_path
     assert last.startswith(f"stackbuild: error: {base}/f/tinypkg-1.0.tar.gz: sha256 mismatch: expected {wrong}")
     assert SDIST_SHA in last
     assert [p for p in files_in(cache / "sdists") if not p.endswith(wrong)] == []
-    assert not (proj.workdir / "tinypkg").exists()
+    assert not (proj.workdir / "r" / "tinypkg").exists()
 
 
 @pytest.mark.parametrize("declared", [True, False], ids=["content-length", "no-length"])

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -23,6 +23,9 @@ from packaging.utils import canonicalize_name
 from stackbuild import net
 from stackbuild.cache import cache_dir, locked, sha256_file
 from stackbuild.errors import SourceError
+
+if TYPE_CHECKING:
+    from stackbuild.sources.archive import ArchiveLimits
 
 DEFAULT_INDEX = "https://pypi.org/simple"
 JSON_ACCEPT = "application/vnd.pypi.simple.v1+json, text/html;q=0.1"
@@ -152,9 +155,11 @@ def sdist_filename_candidates(project: str, version: str) -> list[str]:
     return [f"{n}-{version}.tar.gz" for n in names]
 
 
-def fetch_sdist(requirement: str, sha256: str, progress: Progress | None = None, index: str | None = None) -> Path:
+def fetch_sdist(requirement: str, sha256: str, progress: Progress | None = None, index: str | None = None,
+                limits: ArchiveLimits | None = None) -> Path:
     """The sdist of an exactly pinned requirement, from the cache or the index,
-    verified against `sha256` before it is returned."""
+    verified against `sha256` before it is returned. A fresh download is also read to
+    the end of its compressed stream (within `limits`) before it is cached."""
     req = Requirement(requirement)
     version = next(iter(req.specifier)).version
     dest_dir = cache_dir() / "sdists" / sha256
@@ -179,10 +184,11 @@ def fetch_sdist(requirement: str, sha256: str, progress: Progress | None = None,
             return dest
         if progress:
             progress(f"downloading {match.filename}")
-        from stackbuild.sources.archive import verify_compressed
+        from stackbuild.sources.archive import DEFAULT_LIMITS, verify_compressed
 
         # a corrupt stream (bad CRC, truncated) is never cached, even when its hash is pinned
-        download_verified(match.url, dest, sha256, check=lambda f: verify_compressed(f, match.url), label=match.filename)
+        download_verified(match.url, dest, sha256, label=match.filename,
+                          check=lambda f: verify_compressed(f, match.url, limits or DEFAULT_LIMITS))
     return dest
 
 
