@@ -10,7 +10,6 @@ import gzip
 import hashlib
 import io
 import os
-import resource
 import subprocess
 import sys
 import tarfile
