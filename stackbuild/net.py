@@ -97,6 +97,7 @@ class _Deadline:
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
+        self.op_timeout = seconds  # the limit on each socket operation
         self.expired = False
         self._socks: list[socket.socket] = []
         self._lock = threading.Lock()
@@ -171,18 +172,19 @@ class _Source:
     """An open response: `read1` returns what one receive brought (never waits to fill
     a buffer, so the deadline is checked between small reads)."""
 
-    def __init__(self, stream: Any, length: int | None, content_type: str, url: str) -> None:
+    def __init__(self, stream: Any, length: int | None, content_type: str, url: str, status: int = 200) -> None:
         self.stream = stream
         self.length = length
         self.content_type = content_type
         self.url = url
+        self.status = status
 
     def read1(self) -> bytes:
         return bytes(self.stream.read1(CHUNK))
 
 
 @contextmanager
-def _open(url: str, accept: str | None, timeout: float) -> Iterator[tuple[_Source, _Deadline]]:
+def _open(url: str, accept: str | None, timeout: float, method: str = "GET") -> Iterator[tuple[_Source, _Deadline]]:
     scheme = urllib.parse.urlparse(url).scheme
     if scheme == "file":
         path = Path(urllib.request.url2pathname(urllib.parse.urlparse(url).path))
@@ -200,10 +202,11 @@ def _open(url: str, accept: str | None, timeout: float) -> Iterator[tuple[_Sourc
     headers = {"User-Agent": USER_AGENT}
     if accept:
         headers["Accept"] = accept
-    req = urllib.request.Request(url, headers=headers)
+    req = urllib.request.Request(url, headers=headers, method=method)
     with _Deadline(timeout) as d:
+        d.op_timeout = min(timeout, request_timeout())
         try:
-            r = _opener(d).open(req, timeout=min(timeout, request_timeout()))
+            r = _opener(d).open(req, timeout=d.op_timeout)
         except urllib.error.HTTPError as e:
             e.close()
             raise NetError(url, f"HTTP {e.code} {e.reason}", status=e.code) from None
@@ -212,7 +215,7 @@ def _open(url: str, accept: str | None, timeout: float) -> Iterator[tuple[_Sourc
         with r:
             length = r.headers.get("Content-Length")
             n = int(length) if length and length.isdigit() else None
-            yield _Source(r, n, r.headers.get("Content-Type", ""), r.geturl()), d
+            yield _Source(r, n, r.headers.get("Content-Type", ""), r.geturl(), r.status), d
 
 
 def _why(e: BaseException, d: _Deadline) -> str:
@@ -220,7 +223,7 @@ def _why(e: BaseException, d: _Deadline) -> str:
         return f"no complete answer within the overall deadline of {d.seconds:g} s"
     reason: Any = getattr(e, "reason", e)
     if isinstance(reason, (TimeoutError, socket.timeout)) or "timed out" in str(reason):
-        return f"no answer within {request_timeout():g} s (STACKBUILD_NET_TIMEOUT)"
+        return f"no answer within {d.op_timeout:g} s"
     if isinstance(reason, OSError) and reason.strerror:
         return f"unreachable: {reason.strerror}"
     return f"unreachable: {reason}" if isinstance(e, urllib.error.URLError) else f"{type(e).__name__}: {e}"
@@ -261,6 +264,12 @@ def get(url: str, *, accept: str | None = None, timeout: float | None = None,
     with _open(url, accept, timeout) as (src, d):
         _stream(url, src, d, max_bytes, parts.append)
         return Response(src.url, b"".join(parts), src.content_type)
+
+
+def head(url: str, *, timeout: float) -> int:
+    """The HTTP status of a HEAD request (an error status raises NetError with `status`)."""
+    with _open(url, None, timeout, method="HEAD") as (src, _):
+        return src.status
 
 
 def download(url: str, dest: Path, *, sha256: str | None, timeout: float | None = None,

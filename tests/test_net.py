@@ -72,6 +72,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except OSError:  # the client hung up (its deadline): expected here
             pass
 
+    do_HEAD = do_GET
+
     def answer(self, ctype: str, body: bytes, length: int | None = None) -> None:
         self.send_response(200)
         self.send_header("Content-Type", ctype)
@@ -312,3 +314,18 @@ def test_bad_timeout_setting_is_bad_input(cache: Path, monkeypatch: pytest.Monke
     monkeypatch.setenv("STACKBUILD_NET_TIMEOUT", "soon")
     with pytest.raises(SourceError, match="STACKBUILD_NET_TIMEOUT='soon' is not a number"):
         net.get("http://127.0.0.1:9/x")
+
+
+def test_lock_probe_goes_through_the_door_and_its_deadline(server) -> None:  # type: ignore[no-untyped-def]
+    from stackbuild.lock.backends import probe
+
+    base, routes = server
+    routes["/slow"] = drip_headers
+    routes["/there"] = lambda h: h.answer("text/html", b"")
+    t0 = time.monotonic()
+    assert probe(f"{base}/slow", timeout=1.0) == "no complete answer within the overall deadline of 1 s"
+    assert time.monotonic() - t0 < 4
+    assert probe(f"{base}/there", timeout=1.0) is None
+    assert probe(f"{base}/missing", timeout=1.0) is None  # an index host that answers at all
+    assert probe(f"{base}/missing", timeout=1.0, artifact=True) == "HTTP 404 (no such file)"
+    assert probe("http://127.0.0.1:9/x", timeout=1.0) == "Connection refused"

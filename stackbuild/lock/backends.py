@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import urllib.error
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -70,23 +69,15 @@ def probe(url: str, timeout: float = PROBE_TIMEOUT_S, *, artifact: bool = False)
     scheme = urllib.parse.urlparse(url).scheme
     if scheme not in ("http", "https"):
         return f"unsupported URL scheme {scheme!r}"
-    req = urllib.request.Request(url, method="HEAD", headers={"User-Agent": "stackbuild-lock"})
+    from stackbuild.net import NetError, head
+
     try:
-        with urllib.request.urlopen(req, timeout=timeout):
-            return None
-    except urllib.error.HTTPError as e:
-        if artifact and e.code in (404, 410):
-            return f"HTTP {e.code} (no such file)"
+        head(url, timeout=timeout)
         return None
-    except urllib.error.URLError as e:
-        reason = e.reason
-        if isinstance(reason, TimeoutError) or "timed out" in str(reason):
-            return f"no answer within {timeout:g} s"
-        return f"{getattr(reason, 'strerror', None) or reason}"
-    except TimeoutError:
-        return f"no answer within {timeout:g} s"
-    except OSError as e:
-        return e.strerror or str(e)
+    except NetError as e:
+        if e.status is not None:  # the host answered
+            return f"HTTP {e.status} (no such file)" if artifact and e.status in (404, 410) else None
+        return e.message.removeprefix("unreachable: ")
 
 
 def probe_all(urls: list[tuple[str, bool]], timeout: float = PROBE_TIMEOUT_S) -> dict[str, str | None]:
