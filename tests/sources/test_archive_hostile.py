@@ -454,3 +454,53 @@ def test_recipe_limits_reach_the_base_import(tmp_path: Path, monkeypatch: pytest
     recipe.write_text(recipe.read_text().replace("max_members = 3", "max_members = 10"))
     assert main(["apply", "r"]) == 0
     assert (proj.workdir / "r/tinypkg/tinypkg/__init__.py").read_text() == "VALUE = 2\n"
+
+
+def _sparse_sdist() -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        add_file(tf, "tinypkg-1.0/tinypkg/__init__.py", b"VALUE = 1\n")
+        info = tarfile.TarInfo("tinypkg-1.0/sparse.bin")
+        info.pax_headers = {"GNU.sparse.major": "0", "GNU.sparse.minor": "1", "GNU.sparse.size": str(2 << 30),
+                            "GNU.sparse.map": f"{(2 << 30) - 1},1", "GNU.sparse.name": "tinypkg-1.0/sparse.bin"}
+        info.size = 1
+        tf.addfile(info, io.BytesIO(b"x"))
+    return gzip.compress(buf.getvalue(), mtime=0)
+
+
+CLI_CASES: dict[str, tuple[Callable[[], bytes], str]] = {
+    "hardlink-missing-target": (lambda: _sdist(lambda tf: add_link(tf, "tinypkg-1.0/h", "tinypkg-1.0/gone.py", hard=True)),
+                                "refusing member 'tinypkg-1.0/h': hard link to 'tinypkg-1.0/gone.py', which is not an earlier file"),
+    "link-chain": (lambda: _sdist(lambda tf: (add_dir(tf, "tinypkg-1.0/sub"), add_link(tf, "tinypkg-1.0/sub/up1", ".."),
+                                              add_link(tf, "tinypkg-1.0/up2", "sub/up1/.."))),
+                   "refusing member 'tinypkg-1.0/up2': link to 'sub/up1/..' points outside"),
+    "sparse-2GiB-member": (_sparse_sdist, "(limit max_member_mb)"),
+    "bad-crc-download": (lambda: _flip(_sdist(lambda tf: add_file(tf, "tinypkg-1.0/d.bin", os.urandom(3000))), -8),
+                         "corrupt archive: CRC check failed"),
+}
+
+
+@pytest.mark.parametrize("case", list(CLI_CASES))
+def test_hostile_sdist_through_the_cli_exits_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str], case: str) -> None:
+    from stackbuild.cli import main
+
+    make, why = CLI_CASES[case]
+    data = make()
+    sha = hashlib.sha256(data).hexdigest()
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("STACKBUILD_CACHE", str(cache))
+    monkeypatch.setenv("STACKBUILD_INDEX_URL", _index(tmp_path / "index", {"tinypkg-1.0.tar.gz": data}))
+    proj = _project(tmp_path, sha)
+    monkeypatch.chdir(proj.root)
+    (tmp_path / "sibling").mkdir()
+    (tmp_path / "sibling" / "keep.txt").write_text("keep\n")
+    before = snapshot(tmp_path / "sibling")
+    assert main(["apply", "r"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("stackbuild: error: ") and "tinypkg-1.0.tar.gz" in last and why in last, last
+    assert snapshot(tmp_path / "sibling") == before
+    assert not (cache / "bases").exists() or list((cache / "bases").iterdir()) == []
+    assert not (proj.workdir / "r" / "tinypkg").exists()
