@@ -165,7 +165,12 @@ def _opener(deadline: _Deadline) -> urllib.request.OpenerDirector:
         def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
             return self.do_open(HTTPSConn, req, context=self._context)  # type: ignore[attr-defined]
 
-    return urllib.request.build_opener(HTTPHandler(), HTTPSHandler())
+    class NoFTP(urllib.request.FTPHandler):
+        # urllib follows redirects to ftp://, where this door's guards do not reach
+        def ftp_open(self, req: urllib.request.Request) -> Any:
+            raise urllib.error.URLError("refusing a redirect to ftp://")
+
+    return urllib.request.build_opener(HTTPHandler(), HTTPSHandler(), NoFTP())
 
 
 class _Source:
@@ -240,7 +245,11 @@ def _stream(url: str, src: _Source, d: _Deadline, max_bytes: int, sink: Callable
         try:
             chunk = src.read1()
         except (OSError, http.client.HTTPException, ValueError) as e:
-            raise NetError(url, _why(e, d) if d.expired else f"connection broke after {got:,} bytes: {e}") from None
+            if d.expired:
+                raise NetError(url, _why(e, d)) from None
+            if isinstance(e, TimeoutError):
+                raise NetError(url, f"no data for {d.op_timeout:g} s after {got:,} bytes") from None
+            raise NetError(url, f"connection broke after {got:,} bytes: {e}") from None
         if not chunk:
             break
         got += len(chunk)

@@ -329,3 +329,31 @@ def test_lock_probe_goes_through_the_door_and_its_deadline(server) -> None:  # t
     assert probe(f"{base}/missing", timeout=1.0) is None  # an index host that answers at all
     assert probe(f"{base}/missing", timeout=1.0, artifact=True) == "HTTP 404 (no such file)"
     assert probe("http://127.0.0.1:9/x", timeout=1.0) == "Connection refused"
+
+
+def stall(h: Handler) -> None:
+    h.send_response(200)
+    h.send_header("Content-Length", "100")
+    h.end_headers()
+    h.wfile.write(b"s" * 10)
+    h.wfile.flush()
+    time.sleep(3)
+
+
+def to_ftp(h: Handler) -> None:
+    h.send_response(302)
+    h.send_header("Location", "ftp://127.0.0.1:9/x.tar.gz")
+    h.send_header("Content-Length", "0")
+    h.end_headers()
+
+
+def test_stalled_download_and_ftp_redirect(server, cache: Path, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    base, routes = server
+    routes["/stall"], routes["/ftp"] = stall, to_ftp
+    monkeypatch.setenv("STACKBUILD_NET_TIMEOUT", "1")
+    with pytest.raises(net.NetError, match="no data for 1 s after 10 bytes"):
+        net.download(f"{base}/stall", tmp_path / "dl" / "s", sha256=None)
+    with pytest.raises(net.NetError, match="refusing a redirect to ftp://"):
+        net.download(f"{base}/ftp", tmp_path / "dl" / "f", sha256=None)
+    assert files_in(tmp_path / "dl") == []
