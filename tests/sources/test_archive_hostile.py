@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import io
 import os
+import random
 import subprocess
 import sys
 import tarfile
@@ -504,3 +505,67 @@ def test_hostile_sdist_through_the_cli_exits_2(tmp_path: Path, monkeypatch: pyte
     assert snapshot(tmp_path / "sibling") == before
     assert not (cache / "bases").exists() or list((cache / "bases").iterdir()) == []
     assert not (proj.workdir / "r" / "tinypkg").exists()
+
+
+TOKENS = ["..", ".", "a", "b", "c", "a/b", "b/..", "../a", "x/../..", "/etc"]
+
+
+def _random_archive(rng: random.Random, path: Path) -> None:
+    with tarfile.open(path, "w:gz") as tf:
+        add_dir(tf, "pkg-1.0")
+        names: list[str] = []
+        for _ in range(rng.randint(1, 7)):
+            name = "/".join(rng.choice(["a", "b", "c", "d"]) for _ in range(rng.randint(1, 3)))
+            kind = rng.choice(["file", "dir", "symlink", "symlink", "hardlink"])
+            full = f"pkg-1.0/{name}"
+            if kind == "file":
+                add_file(tf, full, b"data\n")
+                names.append(full)
+            elif kind == "dir":
+                add_dir(tf, full)
+            elif kind == "symlink":
+                add_link(tf, full, "/".join(rng.choice(TOKENS) for _ in range(rng.randint(1, 3))))
+            else:
+                add_link(tf, full, rng.choice([*names, "pkg-1.0/../x", "pkg-1.0/zz"]), hard=True)
+
+
+def test_random_link_archives_never_reach_outside(tmp_path: Path) -> None:
+    """Seeded random archives of files, folders, symlinks and hard links: each is either
+    refused with a SourceError, or every path of the extracted tree, resolved by the
+    real file system, stays inside it; nothing beside it changes."""
+    rng = random.Random(20261201)
+    (tmp_path / "sibling").mkdir()
+    (tmp_path / "sibling" / "secret.txt").write_text("secret\n")
+    before = snapshot(tmp_path / "sibling")
+    refused = accepted = 0
+    for i in range(300):
+        archive = tmp_path / f"r{i}.tar.gz"
+        _random_archive(rng, archive)
+        dest = tmp_path / "out" / f"d{i}"
+        try:
+            extract_tarball(archive, dest)
+        except SourceError as e:
+            assert e.file == str(archive) and "\n" not in str(e)
+            assert not dest.exists()
+            refused += 1
+            # the git import and the backport reader refuse it too
+            with pytest.raises(SourceError):
+                read_members(archive, [])
+            repo = tmp_path / "out" / f"g{i}.git"
+            subprocess.run(["git", "init", "-q", "--bare", str(repo)], check=True)
+            with pytest.raises(SourceError):
+                import_tarball_to_git(archive, repo, "stackbuild", "base", dict(os.environ), checkout=False)
+            continue
+        accepted += 1
+        root = dest.resolve()
+        for p in dest.rglob("*"):
+            real = Path(os.path.realpath(p))
+            assert real == root or root in real.parents, (archive, p, os.readlink(p) if p.is_symlink() else None)
+        # the same archive through the git import and the backport reader: same verdict
+        assert read_members(archive, []) == {}
+        repo = tmp_path / "out" / f"g{i}.git"
+        subprocess.run(["git", "init", "-q", "--bare", str(repo)], check=True)
+        import_tarball_to_git(archive, repo, "stackbuild", "base", dict(os.environ), checkout=False)
+    assert snapshot(tmp_path / "sibling") == before
+    assert refused > 50 and accepted > 50, (refused, accepted)
+    print(f"random archives: {refused} refused, {accepted} accepted")
