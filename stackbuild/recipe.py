@@ -578,7 +578,8 @@ def load_recipe(name_or_path: str | Path, root: Path | None = None) -> Recipe:
     canonical = {
         "platform": plat_name,
         "description": data.get("description", ""),
-        "sources": [_clean(asdict(s)) for s in sources],
+        # a source without a limits table hashes as before limits existed
+        "sources": [_clean({k: x for k, x in asdict(s).items() if k != "limits" or x is not None}) for s in sources],
         "patches": [_clean(asdict(p)) for p in patches],
         "pins": [_clean(asdict(p)) for p in pins],
         "build": _clean(asdict(build)),

@@ -305,8 +305,13 @@ def test_limits_from_the_recipe(tmp_path: Path) -> None:
     proj = Project(tmp_path / "proj")
     path = proj.write_recipe("r", {"p": {"pypi": "p==1.0", "sha256": "a" * 64}},
                              extra="[sources.p.limits]\nmax_members = 5\nmax_total_mb = 2\n")
-    (src,) = load_recipe(path).sources
+    recipe = load_recipe(path)
+    (src,) = recipe.sources
     assert src.limits == ArchiveLimits(max_total_mb=2, max_members=5, max_member_mb=DEFAULT_LIMITS.max_member_mb)
+    assert '"limits"' in recipe.raw
+    # without a limits table the recipe hashes as before (lockfile headers carry that hash)
+    proj.write_recipe("r", {"p": {"pypi": "p==1.0", "sha256": "a" * 64}})
+    assert '"limits"' not in load_recipe(path).raw
     for extra, key, why in [
         ("[sources.p.limits]\nmax_files = 5\n", "sources.p.limits.max_files", "unknown key"),
         ("[sources.p.limits]\nmax_members = 0\n", "sources.p.limits.max_members", "positive"),
