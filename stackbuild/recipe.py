@@ -20,7 +20,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 
 from stackbuild.errors import RecipeError
 from stackbuild.platforms import PLATFORMS, Platform
-from stackbuild.sources.archive import ArchiveLimits
+from stackbuild.sources.limits import ArchiveLimits
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -35,29 +35,15 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from stackbuild.errors import SourceError
+from stackbuild.sources.limits import DEFAULT_LIMITS, ArchiveLimits
+
+__all__ = ["DEFAULT_LIMITS", "ArchiveLimits", "extract_tarball", "import_tarball_to_git", "read_members",
+           "verify_compressed"]
 
 MiB = 1 << 20
 CHUNK = MiB
 META_MAX = MiB  # one pax or GNU long-name header: names and a few attributes
 MAX_LINK_HOPS = 40  # as Linux's ELOOP
-
-
-@dataclass(frozen=True)
-class ArchiveLimits:
-    """What one archive may expand to. The defaults hold any vLLM release (0.19.0:
-    4,438 files, 31 MB packed) with room to spare."""
-
-    max_total_mb: int = 1024
-    max_members: int = 100_000
-    max_member_mb: int = 256
-
-    @property
-    def stream_cap(self) -> int:
-        """Decompressed bytes allowed in all: the data plus generous room for headers."""
-        return (self.max_total_mb + 16) * MiB + self.max_members * 4096
-
-
-DEFAULT_LIMITS = ArchiveLimits()
 
 
 class _SafeTarInfo(tarfile.TarInfo):

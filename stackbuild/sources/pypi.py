@@ -25,7 +25,7 @@ from stackbuild.cache import cache_dir, locked, sha256_file
 from stackbuild.errors import SourceError
 
 if TYPE_CHECKING:
-    from stackbuild.sources.archive import ArchiveLimits
+    from stackbuild.sources.limits import ArchiveLimits
 
 DEFAULT_INDEX = "https://pypi.org/simple"
 JSON_ACCEPT = "application/vnd.pypi.simple.v1+json, text/html;q=0.1"
