@@ -64,7 +64,7 @@ from stackbuild.patchqueue import (
 from stackbuild.recipe import PatchEntry, PatchKind, Recipe, Source, SourceKind, load_recipe
 from stackbuild.report import Table
 from stackbuild.series import MalformedPatch, PatchVerdict, apply_parsed, parse_patch, split_mbox
-from stackbuild.sources.archive import extract_tarball, read_members
+from stackbuild.sources.archive import DEFAULT_LIMITS, extract_tarball, read_members
 from stackbuild.sources.git import GitCheckout, export_tree, fetch_git
 from stackbuild.sources.pypi import fetch_sdist, list_files, sdist_filename_candidates
 from stackbuild.workspace import BASE_TAG, apply_recipe, default_workdir, run_git
@@ -533,7 +533,8 @@ def _materialise_new(target: _Target, dest: Path, progress: Progress) -> str | N
     src = target.new_source
     if src.kind is SourceKind.PYPI:
         assert src.requirement and src.sha256
-        extract_tarball(fetch_sdist(src.requirement, src.sha256, progress), dest)
+        extract_tarball(fetch_sdist(src.requirement, src.sha256, progress, limits=src.limits), dest,
+                        limits=src.limits or DEFAULT_LIMITS)
         return None
     co = fetch_git(src)
     export_tree(co, dest)
