@@ -11,7 +11,6 @@ from stackbuild import verify
 from stackbuild.checks import CheckStatus
 from stackbuild.errors import StackbuildError
 
-
 NETWORK_FIXTURES = frozenset({"workspace"})  # built from the real vLLM 0.19.0 release
 
 
