@@ -112,7 +112,7 @@ model_types = ["qwen3_5_moe"]
 numerics = ["int4-linear", "int4-moe"]
 EOF
 patch xpu-unified-memory-free-check "free-memory check from available system memory on iGPUs (VLLM_XPU_UNIFIED_MEMORY=1)" "tests/patches/test_xpu_free_memory.py"
-patch hybrid-kv-page-size-lcm "hybrid attention+Mamba page sizes unified by least common multiple" "tests/patches/test_kv_page_size_lcm.py"
+patch hybrid-kv-page-size-lcm "hybrid attention+Mamba page sizes: the largest page padded to a multiple of the attention pages" "tests/patches/test_kv_page_size_lcm.py"
 patch xpu-autoround-gptq-awq "AutoRound GPTQ/AWQ checkpoints on XPU" "tests/patches/test_vllm_series.py::test_every_touched_file_compiles"
 patch xpu-int4-linear "INT4 GPTQ/AWQ linear on XPU via int4_gemm_w4a16" "tests/patches/test_xpu_int4_layout.py"
 patch xpu-int4-moe "INT4 MoE on XPU (GPTQ, AWQ, compressed-tensors)" "tests/patches/test_xpu_int4_layout.py"
