@@ -111,6 +111,7 @@ results = {"vllm_file": vllm.__file__, "models": {}, "specs": {}}
 for name, (arch, fields, kv_heads, head_dim, tp) in json.load(open(models_path)).items():
     cache = CacheConfig()
     model = NS(dtype=torch.bfloat16, use_mla=False, architecture=arch, model=name,
+               is_mm_prefix_lm=False,
                hf_text_config=NS(**fields), max_model_len=262144,
                supports_mamba_prefix_caching=False,
                get_total_num_kv_heads=lambda kv=kv_heads: kv,
