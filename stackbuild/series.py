@@ -23,7 +23,9 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path, PurePosixPath
+from pathlib import Path
+
+from stackbuild.treewrite import UnsafePath, verify_path
 
 DEP3_FIELDS = (
     "Description", "Subject", "Author", "From", "Origin", "Bug", "Forwarded",
@@ -231,13 +233,77 @@ def _parse_header(lines: list[str]) -> tuple[dict[str, str], str]:
     return header, desc.split("\n")[0].strip()
 
 
+_C_ESCAPES = {"a": 7, "b": 8, "f": 12, "n": 10, "r": 13, "t": 9, "v": 11, "\\": 92, '"': 34}
+
+
+def unquote_git_path(raw: str) -> tuple[str, str]:
+    """A name as git writes it -> (name, the rest of the text after it).
+
+    git C-quotes a name holding a double quote, a backslash, a control character or
+    (with core.quotePath, the default) a byte above 0x7f: `"b/caf\\303\\251.py"`. The
+    escapes are git's (quote.c unquote_c_style): \\a \\b \\f \\n \\r \\t \\v \\\\ \\" and
+    three octal digits for one byte; the bytes are UTF-8. An unquoted name is taken as
+    it stands."""
+    if not raw.startswith('"'):
+        return raw, ""
+    out = bytearray()
+    i = 1
+    while i < len(raw):
+        ch = raw[i]
+        if ch == '"':
+            try:
+                return out.decode("utf-8"), raw[i + 1 :]
+            except UnicodeDecodeError:
+                raise MalformedPatch(f"quoted name {raw!r} is not UTF-8") from None
+        if ch == "\\":
+            nxt = raw[i + 1 : i + 2]
+            if nxt in _C_ESCAPES:
+                out.append(_C_ESCAPES[nxt])
+                i += 2
+                continue
+            octal = raw[i + 1 : i + 4]
+            if len(octal) == 3 and all(c in "01234567" for c in octal) and int(octal, 8) < 256:
+                out.append(int(octal, 8))
+                i += 4
+                continue
+            raise MalformedPatch(f"quoted name {raw!r} has an unknown escape \\{nxt}")
+        out.extend(ch.encode("utf-8"))
+        i += 1
+    raise MalformedPatch(f"quoted name {raw!r} has no closing quote")
+
+
+def quote_git_path(name: str) -> str:
+    """`name` as git writes it in a diff: C-quoted when it holds a double quote, a
+    backslash, a control character, a tab or space at an end (so `unquote_git_path`
+    and git apply read back exactly `name`)."""
+    if not any(c in name for c in '"\\') and name == name.strip() and all(ord(c) >= 0x20 and ord(c) != 0x7F for c in name):
+        return name
+    rev = {v: k for k, v in _C_ESCAPES.items()}
+    out = []
+    for b in name.encode("utf-8"):
+        if b in rev:
+            out.append("\\" + rev[b])
+        elif b < 0x20 or b >= 0x7F:
+            out.append(f"\\{b:03o}")
+        else:
+            out.append(chr(b))
+    return '"' + "".join(out) + '"'
+
+
+def _header_name(raw: str) -> str:
+    """The name in a `---`/`+++` line (after the marker): quoted names unquoted, a
+    tab-separated timestamp (diff -u) dropped."""
+    raw = raw.rstrip("\r")
+    if raw.startswith('"'):
+        return unquote_git_path(raw)[0]
+    return raw.split("\t")[0].strip()
+
+
 def _strip_path(raw: str, strip: int) -> str | None:
-    path = raw.split("\t")[0].strip()
-    if path.startswith('"') and path.endswith('"'):
-        path = path[1:-1]
+    path = _header_name(raw)
     if path == _DEV_NULL:
         return None
-    parts = [p for p in path.split("/") if p != ""]
+    parts = [p for p in path.split("/") if p not in ("", ".")]
     lead = 1 if path.startswith("/") else 0
     if len(parts) <= strip - lead and strip > 0:
         raise MalformedPatch(f"path {path!r} has fewer than {strip} leading components to strip")
@@ -251,13 +317,32 @@ def _strip_path(raw: str, strip: int) -> str | None:
 
 
 def check_safe_path(path: str) -> None:
-    p = PurePosixPath(path)
-    if path.startswith("/") or p.is_absolute():
-        raise MalformedPatch(f"path {path!r} is absolute")
-    if ".." in p.parts:
-        raise MalformedPatch(f"path {path!r} escapes the tree ('..')")
-    if path.startswith(".git/") or path == ".git":
-        raise MalformedPatch(f"path {path!r} points into the git metadata")
+    """git's rule for a tree entry (stackbuild.treewrite.verify_path): MalformedPatch
+    naming the path and the rule. The tree writer checks again on the final path."""
+    try:
+        verify_path(path)
+    except UnsafePath as e:
+        raise MalformedPatch(str(e)) from None
+
+
+def _diff_git_names(rest: str) -> tuple[str, str] | None:
+    """The two names of a `diff --git` line (after the prefix) as written (still
+    quoted where git quoted them). For unquoted names with spaces, the split where both
+    sides name the same file (git's rule when there is no rename)."""
+    if rest.startswith('"'):
+        tail = unquote_git_path(rest)[1]
+        return rest[: len(rest) - len(tail)], tail.lstrip(" ")
+    if ' "' in rest:
+        i = rest.index(' "')
+        return rest[:i], rest[i + 1 :]
+    spaces = [i for i, c in enumerate(rest) if c == " "]
+    for i in spaces:
+        a, b = rest[:i], rest[i + 1 :]
+        if a.split("/", 1)[-1] == b.split("/", 1)[-1]:
+            return a, b
+    if len(spaces) == 1:
+        return rest[: spaces[0]], rest[spaces[0] + 1 :]
+    return None
 
 
 def _parse_file(lines: list[str], i: int, strip: int, notes: list[str]) -> tuple[FilePatch, int]:
@@ -266,9 +351,9 @@ def _parse_file(lines: list[str], i: int, strip: int, notes: list[str]) -> tuple
     is_new = is_delete = is_rename = False
     rename_from = rename_to = None
     if lines[i].startswith("diff --git "):
-        m = re.match(r"^diff --git (\S+) (\S+)$", lines[i])
-        if m:
-            old_raw, new_raw = m.group(1), m.group(2)
+        names = _diff_git_names(lines[i][len("diff --git "):])
+        if names:
+            old_raw, new_raw = names
         i += 1
         while i < len(lines) and not lines[i].startswith(("--- ", "@@", "diff --git ")):
             ln = lines[i]
@@ -280,9 +365,9 @@ def _parse_file(lines: list[str], i: int, strip: int, notes: list[str]) -> tuple
             elif ln.startswith("new mode "):
                 new_mode = ln.split()[-1]
             elif ln.startswith("rename from "):
-                is_rename, rename_from = True, ln[len("rename from "):]
+                is_rename, rename_from = True, unquote_git_path(ln[len("rename from "):])[0]
             elif ln.startswith("rename to "):
-                rename_to = ln[len("rename to "):]
+                rename_to = unquote_git_path(ln[len("rename to "):])[0]
             elif ln.startswith(("Binary files ", "GIT binary patch")):
                 raise MalformedPatch(f"binary change to {new_raw or old_raw}: binary patches are not supported")
             i += 1
@@ -297,9 +382,9 @@ def _parse_file(lines: list[str], i: int, strip: int, notes: list[str]) -> tuple
     new_path = None if is_delete else _strip_path(new_raw, strip)
     if is_rename and rename_from and rename_to:
         old_path, new_path = rename_from, rename_to
-    if old_raw.split("\t")[0].strip() == _DEV_NULL:
+    if _header_name(old_raw) == _DEV_NULL:
         old_path = None
-    if new_raw.split("\t")[0].strip() == _DEV_NULL:
+    if _header_name(new_raw) == _DEV_NULL:
         new_path = None
     hunks: list[Hunk] = []
     while i < len(lines) and lines[i].startswith("@@"):
@@ -309,6 +394,8 @@ def _parse_file(lines: list[str], i: int, strip: int, notes: list[str]) -> tuple
 
 
 def _hunk_goes_on(lines: list[str], j: int) -> bool:
+    """Hunk lines follow the blank lines that start at `j` (callers ask once per run
+    of blank lines: asking per line made parsing quadratic in the run's length)."""
     while j < len(lines) and lines[j] == "":
         j += 1
     if j >= len(lines) or lines[j][0] not in " +-" or _is_file_start(lines, j):
@@ -319,8 +406,15 @@ def _hunk_goes_on(lines: list[str], j: int) -> bool:
 def _is_signature(lines: list[str], i: int) -> bool:
     """`-- ` followed by git's version line and the end of the mail: the signature,
     even when a hand-edited header over-counts the hunk above it."""
-    rest = [ln for ln in lines[i + 1 :] if ln.strip()]
-    return lines[i] == "-- " and len(rest) <= 1 and all(re.match(r"^\d+(\.\d+)+", ln) for ln in rest)
+    if lines[i] != "-- ":
+        return False
+    rest: list[str] = []
+    for ln in lines[i + 1 :]:
+        if ln.strip():
+            rest.append(ln)
+            if len(rest) > 1:
+                return False
+    return all(re.match(r"^\d+(\.\d+)+", ln) for ln in rest)
 
 
 def _parse_hunk(lines: list[str], i: int, notes: list[str], path: str) -> tuple[Hunk, int]:
@@ -334,6 +428,7 @@ def _parse_hunk(lines: list[str], i: int, notes: list[str], path: str) -> tuple[
     body: list[str] = []
     nn_old = nn_new = False
     n_old = n_new = 0
+    run_end, run_goes_on = -1, False
     while i < len(lines):
         ln = lines[i]
         if ln.startswith("\\"):
@@ -350,10 +445,17 @@ def _parse_hunk(lines: list[str], i: int, notes: list[str], path: str) -> tuple[
             # an empty context line whose leading space was eaten by an editor; only
             # when the hunk evidently goes on (the header said more lines follow, or
             # hunk lines follow: stopping there would silently drop half the hunk)
-            if n_old < old_len or n_new < new_len or _hunk_goes_on(lines, i + 1):
+            if n_old < old_len or n_new < new_len:
                 ln = " "
             else:
-                break
+                if run_end <= i:  # once per run of blank lines
+                    run_end = i
+                    while run_end < len(lines) and lines[run_end] == "":
+                        run_end += 1
+                    run_goes_on = _hunk_goes_on(lines, run_end)
+                if not run_goes_on:
+                    break
+                ln = " "
         if ln[0] not in " +-":
             break
         if ln.startswith("-- ") and (n_old >= old_len and n_new >= new_len or _is_signature(lines, i)):
@@ -378,20 +480,24 @@ def _parse_hunk(lines: list[str], i: int, notes: list[str], path: str) -> tuple[
 
 
 def resolve_paths(parsed: ParsedPatch, exists: Callable[[str], bool]) -> tuple[ParsedPatch, list[str]]:
-    """Drop extra leading components (a diff made against site-packages) when the
-    stripped path is not in the tree but a shorter suffix of it is."""
+    """Which file each change is for, as every patch tool decides it.
+
+    - A new file comes only from `/dev/null` (or git's `new file mode`).
+    - A plain diff whose `---` and `+++` names differ (`diff -u` between a checkout
+      and a site-packages copy, or `x.py.orig` vs `x.py`) changes ONE file: the name
+      that is in the tree, the `---` name first. It never creates the other.
+    - Extra leading components (a diff made against site-packages) are dropped when
+      the stripped name is not in the tree but a shorter suffix of it is.
+    The notes say which name was chosen and what was dropped."""
     notes: list[str] = []
     out: list[FilePatch] = []
     for fp in parsed.files:
-        target = fp.old_path
-        if target is None or exists(target):
+        old, new = fp.old_path, fp.new_path
+        if old is None:
             out.append(fp)
             continue
-        # `diff -u x.py.orig x.py`: the old name is a backup that is not in the tree, so
-        # the new name is patched (as GNU patch does); never for a git rename
-        names = [target]
-        if not fp.is_rename and fp.new_path and fp.new_path != target:
-            names.append(fp.new_path)
+        two_names = not fp.is_rename and new is not None and new != old
+        names = [old, new] if two_names and new is not None else [old]
         found: tuple[int, str] | None = None
         for k in range(0, max(len(n.split("/")) for n in names)):
             for name in names:
@@ -402,19 +508,27 @@ def resolve_paths(parsed: ParsedPatch, exists: Callable[[str], bool]) -> tuple[P
             if found:
                 break
         if found is None:
-            out.append(fp)
+            # not in the tree under either name: a missing file, never a new one
+            out.append(FilePatch(old, old, fp.hunks, fp.raw_old, fp.raw_new, fp.new_mode, False) if two_names else fp)
             continue
         fixed, name = found
 
         def cut(p: str | None, k: int = fixed) -> str | None:
             return "/".join(p.split("/")[k:]) if p else p
 
-        old = fp.old_path if name == target else fp.new_path
-        if name != target:
-            notes.append(f"{target}: not in the tree; patched {cut(name)} (the diff's new name)")
         if fixed:
             notes.append(f"{name}: dropped {fixed} extra leading path component(s) -> {cut(name)}")
-        out.append(FilePatch(cut(old), cut(fp.new_path), fp.hunks, fp.raw_old, fp.raw_new, fp.new_mode, fp.is_rename))
+        if two_names:
+            target = cut(name)
+            which = "---" if name == old else "+++"
+            other = new if name == old else old
+            notes.append(f"the '---' and '+++' names differ; patched {target} (the '{which}' name, which is in "
+                         f"the tree), not {other}")
+            out.append(FilePatch(target, target, fp.hunks, fp.raw_old, fp.raw_new, fp.new_mode, False))
+        elif fixed:
+            out.append(FilePatch(cut(old), cut(new), fp.hunks, fp.raw_old, fp.raw_new, fp.new_mode, fp.is_rename))
+        else:
+            out.append(fp)
     return ParsedPatch(parsed.header, parsed.description, tuple(out), parsed.notes), notes
 
 
