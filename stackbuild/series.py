@@ -378,6 +378,9 @@ def _parse_file(lines: list[str], i: int, strip: int, notes: list[str]) -> tuple
         i += 2
     if not old_raw and not new_raw:
         raise MalformedPatch(f"line {i}: file header without paths")
+    if new_mode is not None and new_mode not in ("100644", "100755"):
+        # 120000 (a symbolic link) or 160000 (a submodule): a link could point anywhere
+        raise MalformedPatch(f"line {i}: file mode {new_mode} (a symbolic link or submodule) is not supported")
     old_path = None if is_new else _strip_path(old_raw, strip)
     new_path = None if is_delete else _strip_path(new_raw, strip)
     if is_rename and rename_from and rename_to:

@@ -182,11 +182,17 @@ class Tree:
 
     # -- writing
 
-    def write(self, rel: str, data: bytes, mode: int | None = None) -> None:
+    def real_path(self, rel: str) -> str:
+        """Where `rel` really is, relative to the root (links of its folders resolved):
+        the name to hand to git, which refuses paths beyond a symbolic link."""
+        return "/".join([*self._real_parent(rel), rel.rpartition("/")[2]])
+
+    def write(self, rel: str, data: bytes, mode: int | None = None) -> str:
         """Create or replace the regular file `rel` with `data` (mode kept from the old
-        file unless given)."""
+        file unless given). Returns the real path written (see `real_path`)."""
         fds = self._open_parent(rel, create=True)
         assert fds is not None
+        real = self.real_path(rel)
         name = rel.rpartition("/")[2]
         pfd = fds[-1]
         tmp = f".{name}.stackbuild-{os.getpid()}"
@@ -207,6 +213,7 @@ class Tree:
             finally:
                 os.close(fd)
             os.replace(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
+            return real
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=pfd)
@@ -230,17 +237,19 @@ class Tree:
         finally:
             _close(fds)
 
-    def delete(self, rel: str) -> None:
-        """Remove the file (or link) `rel`, and folders it leaves empty (as git does)."""
+    def delete(self, rel: str) -> str:
+        """Remove the file (or link) `rel`, and folders it leaves empty (as git does).
+        Returns the real path (see `real_path`)."""
+        comps = self._real_parent(rel)
+        real = "/".join([*comps, rel.rpartition("/")[2]])
         fds = self._open_parent(rel, create=False)
         if fds is None:
-            return
-        comps = self._real_parent(rel)
+            return real
         try:
             name = rel.rpartition("/")[2]
             old = _lstat(name, fds[-1])
             if old is None:
-                return
+                return real
             if stat.S_ISDIR(old.st_mode):
                 raise TreeWriteError(f"cannot delete {rel!r}: it is a folder")
             os.unlink(name, dir_fd=fds[-1])
@@ -249,6 +258,7 @@ class Tree:
                     os.rmdir(comps[i], dir_fd=fds[i])
                 except OSError:
                     break
+            return real
         finally:
             _close(fds)
 

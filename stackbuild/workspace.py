@@ -309,18 +309,21 @@ class _TreeText:
                 pass
         return text.encode("utf-8")
 
-    def write_outcome(self, contents: Mapping[str, str | None], modes: Mapping[str, str]) -> None:
+    def write_outcome(self, contents: Mapping[str, str | None], modes: Mapping[str, str]) -> list[str]:
         """Every file a patch changes goes through the door: the final paths, after
-        strip, quoting and path repair."""
+        strip, quoting and path repair. Returns the real paths changed (for git)."""
+        changed = []
         for rel, text in contents.items():
             if text is None:
-                self.door.delete(rel)
+                changed.append(self.door.delete(rel))
             else:
-                self.door.write(rel, self.encode(rel, text), mode_bits(modes.get(rel)))
+                changed.append(self.door.write(rel, self.encode(rel, text), mode_bits(modes.get(rel))))
         for rel, mode in modes.items():
             bits = mode_bits(mode)
             if rel not in contents and bits is not None:
                 self.door.chmod(rel, bits)
+                changed.append(self.door.real_path(rel))
+        return changed
 
 
 def _commit(tree: Path, files: Sequence[str], message: str) -> str:
@@ -359,14 +362,14 @@ def _apply_text_patch(ctx: _Ctx, entry: PatchEntry, data: bytes, tree: Path) -> 
         if outcome.verdict is PatchVerdict.ALREADY_APPLIED:
             continue
         try:
-            text_tree.write_outcome(outcome.new_contents, outcome.modes)
+            changed = text_tree.write_outcome(outcome.new_contents, outcome.modes)
         except UnsafePath as e:
             return _replace(base, verdict=PatchVerdict.MALFORMED, detail=f"{label}{e}", files=tuple(files))
         except TreeWriteError as e:
             return _replace(base, verdict=PatchVerdict.CONFLICT, detail=f"{label}{e}", files=tuple(files))
         subject = parsed.description or entry.description or entry.name
         msg = f"{subject}\n\nstackbuild-patch: {entry.name}\nstackbuild-sha256: {sha}\n"
-        commit = _commit(tree, list(outcome.new_contents), msg)
+        commit = _commit(tree, changed, msg)
     if all(v is PatchVerdict.ALREADY_APPLIED for v in verdicts):
         verdict = PatchVerdict.ALREADY_APPLIED
     elif PatchVerdict.APPLIED_FUZZ in verdicts:
@@ -406,6 +409,7 @@ def _apply_backport(ctx: _Ctx, entry: PatchEntry, tree: Path) -> PatchResult:
     replaced = []
     same = 0
     base = PatchResult(entry.name, entry.kind.value, entry.source, PatchVerdict.MALFORMED, "", "", entry.files)
+    written: list[str] = []
     for rel in entry.files:
         data = members[rel]
         digest.update(rel.encode() + b"\0" + data)
@@ -416,7 +420,7 @@ def _apply_backport(ctx: _Ctx, entry: PatchEntry, tree: Path) -> PatchResult:
                     same += 1
                     continue
                 replaced.append(rel)
-            door.write(rel, data)
+            written.append(door.write(rel, data))
         except UnsafePath as e:
             return _replace(base, detail=f"{rel} from {entry.release}: {e}")
         except TreeWriteError as e:
@@ -427,7 +431,7 @@ def _apply_backport(ctx: _Ctx, entry: PatchEntry, tree: Path) -> PatchResult:
                            f"files from {entry.release} already identical in the tree", sha, entry.files)
     msg = (f"{entry.description or 'backport'}\n\nBackport of {', '.join(entry.files)} from {entry.release}\n"
            f"stackbuild-patch: {entry.name}\n")
-    commit = _commit(tree, entry.files, msg)
+    commit = _commit(tree, written, msg)
     detail = f"{len(entry.files)} file(s) from {entry.release}"
     if replaced:
         detail += f"; replaced existing {', '.join(replaced)}"
