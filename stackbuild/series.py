@@ -35,6 +35,7 @@ DEP3_FIELDS = (
 _HUNK_RE = re.compile(r"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@(.*)$")
 _MBOX_FROM_RE = re.compile(r"^From [0-9a-f]{40} ")
 _DEV_NULL = "/dev/null"
+CRLF_NOTE = "CRLF line endings normalised"
 
 
 class PatchVerdict(str, Enum):
@@ -120,6 +121,9 @@ class ApplyOutcome:
     modes: dict[str, str] = field(default_factory=dict)
     files: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    failures: tuple[str, ...] = ()  # every hunk that did not apply ("path: hunk N (@@ ... @@) does not match")
+    applied: tuple[str, ...] = ()  # on a conflict: the files whose hunks all applied
+    hints: tuple[str, ...] = ()  # on a conflict: what would make it apply (fuzz, whitespace)
 
 
 # ------------------------------------------------------------------ decoding
@@ -150,7 +154,7 @@ def decode_patch_bytes(data: bytes, name: str = "") -> tuple[str, list[str]]:
     # CR on some lines only: they belong to files with CRLF endings and stay.
     if "\r\n" in text and all(ln.endswith("\r") for ln in text.split("\n")[:-1]):
         text = text.replace("\r\n", "\n")
-        notes.append("CRLF line endings normalised")
+        notes.append(CRLF_NOTE)
     return text, notes
 
 
@@ -556,10 +560,16 @@ class _FileResult:
     lines: list[str] | None
     offset_used: bool = False
     fuzz_used: int = 0
-    conflict: str | None = None
+    failed: list[tuple[int, Hunk]] = field(default_factory=list)
+
+
+def _hunk_label(h: Hunk) -> str:
+    return f"@@ -{h.old_start},{h.old_len} +{h.new_start},{h.new_len} @@{' ' + h.section if h.section else ''}"
 
 
 def _apply_hunks(path: str, lines: list[str], hunks: tuple[Hunk, ...], fuzz: int, reverse: bool) -> _FileResult:
+    """Apply every hunk that matches; the ones that do not are listed in `failed` (and
+    then `lines` is None), so a conflict can name all of them, as patch(1) does."""
     out = list(lines)
     shift = 0
     res = _FileResult(None)
@@ -586,14 +596,15 @@ def _apply_hunks(path: str, lines: list[str], hunks: tuple[Hunk, ...], fuzz: int
                     old = core
                     break
         if pos is None:
-            res.conflict = f"{path}: hunk {n} (@@ -{h.old_start},{h.old_len} +{h.new_start},{h.new_len} @@{' ' + h.section if h.section else ''}) does not match"
-            return res
+            res.failed.append((n, h))
+            continue
         if pos != start:
             res.offset_used = True
         res.fuzz_used = max(res.fuzz_used, used_fuzz)
         out[pos : pos + len(old)] = new
         shift += len(new) - len(old) + (pos - start)
-    res.lines = out
+    if not res.failed:
+        res.lines = out
     return res
 
 
@@ -628,29 +639,52 @@ def apply_parsed(
     parsed, path_notes = resolve_paths(parsed, lambda p: read(p) is not None)
     notes = list(parsed.notes) + path_notes
     touched = tuple(dict.fromkeys(fp.path for fp in parsed.files))
+    crlf = CRLF_NOTE in parsed.notes
 
     # forward
-    forward, fwd_problem, fwd_missing = _try(parsed, read, fuzz, reverse=False)
-    if forward is not None:
-        contents, modes, offset, fz = forward
-        if fz:
-            verdict, detail = PatchVerdict.APPLIED_FUZZ, f"fuzz {fz} (allowed by the recipe)"
-        elif offset:
+    forward = _try(parsed, read, fuzz, reverse=False, crlf=crlf)
+    if forward.ok:
+        if forward.fuzz:
+            verdict, detail = PatchVerdict.APPLIED_FUZZ, f"fuzz {forward.fuzz} (allowed by the recipe)"
+        elif forward.offset:
             verdict, detail = PatchVerdict.APPLIED_OFFSET, "hunks matched at an offset"
         else:
             verdict, detail = PatchVerdict.APPLIED, ""
-        return ApplyOutcome(verdict, _with_notes(detail, notes), contents, modes, touched, tuple(notes))
+        return ApplyOutcome(verdict, _with_notes(detail, notes), forward.contents, forward.modes, touched, tuple(notes))
     # reverse: is the change already there?
-    backward, _, _ = _try(parsed, read, 0, reverse=True)
-    if backward is not None:
+    if _try(parsed, read, 0, reverse=True, crlf=crlf).ok:
         return ApplyOutcome(
             PatchVerdict.ALREADY_APPLIED,
             _with_notes("the reverse applies: change already present; skipped", notes),
             {}, {}, touched, tuple(notes),
         )
-    if fwd_missing:
-        return ApplyOutcome(PatchVerdict.MISSING_FILE, _with_notes(fwd_missing, notes), {}, {}, touched, tuple(notes))
-    return ApplyOutcome(PatchVerdict.CONFLICT, _with_notes(fwd_problem or "does not apply", notes), {}, {}, touched, tuple(notes))
+    failures = tuple(forward.problems)
+    applied = tuple(f for f in forward.applied if f not in forward.failed_files)
+    if forward.missing and not forward.problems:
+        detail = "; ".join(f"{m}: not in the tree" for m in forward.missing)
+        return ApplyOutcome(PatchVerdict.MISSING_FILE, _with_notes(detail, notes), {}, {}, touched, tuple(notes),
+                            failures=tuple(f"{m}: not in the tree" for m in forward.missing), applied=applied)
+    hints = _hints(parsed, read, fuzz, forward, crlf)
+    summary = list(forward.summary) + [f"{m}: not in the tree" for m in forward.missing]
+    if applied:
+        summary.append(f"applied cleanly: {', '.join(applied)}")
+    summary += hints
+    return ApplyOutcome(PatchVerdict.CONFLICT, _with_notes("; ".join(summary) or "does not apply", notes), {}, {},
+                        touched, tuple(notes), failures=failures + tuple(f"{m}: not in the tree" for m in forward.missing),
+                        applied=applied, hints=tuple(hints))
+
+
+def _hints(parsed: ParsedPatch, read: Callable[[str], str | None], fuzz: int, forward: _Attempt, crlf: bool) -> list[str]:
+    """What would have made a conflict apply: fuzz the recipe does not allow, or a
+    difference in whitespace or line endings only."""
+    hints: list[str] = []
+    for f in range(fuzz + 1, 3):
+        if _try(parsed, read, f, reverse=False, crlf=crlf).ok:
+            hints.append(f"applies with fuzz {f} (allow with `fuzz = {f}`)")
+            break
+    if forward.whitespace_only and forward.failed_files:
+        hints.append(forward.whitespace_only)
+    return hints
 
 
 def _read_once(read: Callable[[str], str | None]) -> Callable[[str], str | None]:
@@ -668,62 +702,126 @@ def _with_notes(detail: str, notes: list[str]) -> str:
     return "; ".join(x for x in [detail, *notes] if x)
 
 
-_Applied = tuple[dict[str, "str | None"], dict[str, str], bool, int]
+@dataclass
+class _Attempt:
+    contents: dict[str, str | None] = field(default_factory=dict)
+    modes: dict[str, str] = field(default_factory=dict)
+    offset: bool = False
+    fuzz: int = 0
+    problems: list[str] = field(default_factory=list)  # one per failing hunk (or file)
+    summary: list[str] = field(default_factory=list)  # one per failing file
+    missing: list[str] = field(default_factory=list)
+    applied: list[str] = field(default_factory=list)
+    failed_files: list[str] = field(default_factory=list)
+    whitespace_only: str = ""  # set when every failing hunk matches ignoring whitespace
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and not self.missing
 
 
-def _try(
-    parsed: ParsedPatch, read: Callable[[str], str | None], fuzz: int, reverse: bool
-) -> tuple[_Applied | None, str | None, str | None]:
-    contents: dict[str, str | None] = {}
-    modes: dict[str, str] = {}
-    any_offset = False
-    max_fuzz = 0
+def _norm_ws(line: str) -> str:
+    return " ".join(line.split())
+
+
+def _whitespace_only(path: str, lines: list[str], failed: list[tuple[int, Hunk]], reverse: bool) -> str:
+    """Why the failing hunks fail, when it is only whitespace or line endings."""
+    norm = [_norm_ws(ln) for ln in lines]
+    hunks = tuple(Hunk(h.old_start, h.old_len, h.new_start, h.new_len, tuple(ln[0] + _norm_ws(ln[1:]) for ln in h.lines))
+                  for _, h in failed)
+    if _apply_hunks(path, norm, hunks, 0, reverse).lines is None:
+        return ""
+    file_crlf = bool(lines) and all(ln.endswith("\r") for ln in lines)
+    patch_crlf = any(ln.endswith("\r") for _, h in failed for ln in h.lines)
+    if file_crlf != patch_crlf:
+        return (f"{path}: only line endings differ (the file has {'CRLF' if file_crlf else 'LF'}, "
+                f"the patch {'CRLF' if patch_crlf else 'LF'})")
+    return f"{path}: only whitespace differs"
+
+
+def _try(parsed: ParsedPatch, read: Callable[[str], str | None], fuzz: int, reverse: bool, crlf: bool = False) -> _Attempt:
+    """Apply every file of the patch, collecting every failing hunk (the result is
+    usable only when `ok`). With `crlf` (the patch's every line ended in CRLF), a file
+    whose every line ends in CRLF is patched without its CRs and gets them back."""
+    att = _Attempt()
+    ws_notes: list[str] = []
+    ws_all = True
     for fp in parsed.files:
         src_path = fp.new_path if reverse else fp.old_path
         dst_path = fp.old_path if reverse else fp.new_path
-        creating = src_path is None
-        deleting = dst_path is None
-        if creating:
+        if src_path is None:
             assert dst_path is not None
-            existing = contents.get(dst_path) if dst_path in contents else read(dst_path)
+            existing = att.contents.get(dst_path) if dst_path in att.contents else read(dst_path)
             if existing is not None:
                 new_text = _join(*_new_file_lines(fp, reverse))
-                if existing == new_text and not reverse:
-                    return None, f"{dst_path}: already exists with the patch's content", None
-                return None, f"{dst_path}: is to be created but already exists", None
+                why = "already exists with the patch's content" if existing == new_text and not reverse else \
+                    "is to be created but already exists"
+                att.problems.append(f"{dst_path}: {why}")
+                att.summary.append(f"{dst_path}: {why}")
+                att.failed_files.append(dst_path)
+                ws_all = False
+                continue
             lines, ends = _new_file_lines(fp, reverse)
-            contents[dst_path] = _join(lines, ends)
+            att.contents[dst_path] = _join(lines, ends)
+            att.applied.append(dst_path)
             if fp.new_mode and not reverse:
-                modes[dst_path] = fp.new_mode
+                att.modes[dst_path] = fp.new_mode
             continue
-        assert src_path is not None
-        text = contents[src_path] if src_path in contents else read(src_path)
+        text = att.contents[src_path] if src_path in att.contents else read(src_path)
         if text is None:
-            return None, None, f"{src_path}: not in the tree"
+            att.missing.append(src_path)
+            continue
         lines, ends = _split(text)
-        r = _apply_hunks(src_path, lines, fp.hunks, fuzz, reverse)
+        cr = crlf and bool(lines) and all(ln.endswith("\r") for ln in lines[:-1]) and \
+            (lines[-1].endswith("\r") or not ends) and not any(ln.endswith("\r") for h in fp.hunks for ln in h.lines)
+        last_cr = bool(lines) and lines[-1].endswith("\r")
+        work = [ln[:-1] if ln.endswith("\r") else ln for ln in lines] if cr else lines
+        r = _apply_hunks(src_path, work, fp.hunks, fuzz, reverse)
         if r.lines is None:
-            return None, r.conflict, None
-        any_offset |= r.offset_used
-        max_fuzz = max(max_fuzz, r.fuzz_used)
+            for n, h in r.failed:
+                att.problems.append(f"{src_path}: hunk {n} ({_hunk_label(h)}) does not match")
+            if len(r.failed) == 1:
+                n, h = r.failed[0]
+                att.summary.append(f"{src_path}: hunk {n} ({_hunk_label(h)}) does not match")
+            else:
+                att.summary.append(f"{src_path}: hunks {', '.join(f'{n} ({_hunk_label(h)})' for n, h in r.failed)} do not match")
+            att.failed_files.append(src_path)
+            why = _whitespace_only(src_path, lines, r.failed, reverse)
+            ws_all = ws_all and bool(why)
+            ws_notes.append(why)
+            continue
+        out_lines = r.lines
+        if cr:
+            out_lines = [ln + "\r" for ln in out_lines]
+            if out_lines and not last_cr and not ends:
+                out_lines[-1] = out_lines[-1][:-1]
+        att.offset |= r.offset_used
+        att.fuzz = max(att.fuzz, r.fuzz_used)
         last = fp.hunks[-1] if fp.hunks else None
         if last is not None:
             nn = last.no_newline_old if reverse else last.no_newline_new
-            touches_end = r.lines and (last.old_start - 1 + last.old_len >= len(lines) - 1)
+            touches_end = out_lines and (last.old_start - 1 + last.old_len >= len(lines) - 1)
             if touches_end:
                 ends = not nn
-        if deleting:
-            if r.lines:
-                return None, f"{src_path}: to be deleted but content differs", None
-            contents[src_path] = None
+        if dst_path is None:
+            if out_lines:
+                att.problems.append(f"{src_path}: to be deleted but content differs")
+                att.summary.append(f"{src_path}: to be deleted but content differs")
+                att.failed_files.append(src_path)
+                ws_all = False
+                continue
+            att.contents[src_path] = None
+            att.applied.append(src_path)
             continue
         if fp.is_rename and dst_path != src_path:
-            contents[src_path] = None
-        assert dst_path is not None
-        contents[dst_path] = _join(r.lines, ends)
+            att.contents[src_path] = None
+        att.contents[dst_path] = _join(out_lines, ends)
+        att.applied.append(dst_path)
         if fp.new_mode and not reverse:
-            modes[dst_path] = fp.new_mode
-    return (contents, modes, any_offset, max_fuzz), None, None
+            att.modes[dst_path] = fp.new_mode
+    if att.failed_files and ws_all:
+        att.whitespace_only = "; ".join(ws_notes)
+    return att
 
 
 def _new_file_lines(fp: FilePatch, reverse: bool) -> tuple[list[str], bool]:

@@ -55,13 +55,19 @@ class PatchResult:
     sha256: str = ""
     files: tuple[str, ...] = ()
     commit: str | None = None
+    failures: tuple[str, ...] = ()  # a conflict: every hunk (or file) that did not apply
+    applied: tuple[str, ...] = ()  # a conflict: the files that did apply
+    hints: tuple[str, ...] = ()  # a conflict: what would make it apply (fuzz, whitespace)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "name": self.name, "kind": self.kind, "source": self.source,
             "verdict": self.verdict.value, "detail": self.detail, "sha256": self.sha256,
             "files": list(self.files), "commit": self.commit,
         }
+        if self.failures or self.applied or self.hints:
+            d.update(failures=list(self.failures), applied=list(self.applied), hints=list(self.hints))
+        return d
 
 
 @dataclass(frozen=True)
@@ -358,7 +364,9 @@ def _apply_text_patch(ctx: _Ctx, entry: PatchEntry, data: bytes, tree: Path) -> 
         if outcome.detail:
             details.append(label + outcome.detail)
         if not outcome.verdict.ok:
-            return _replace(base, verdict=outcome.verdict, detail="; ".join(details), files=tuple(files))
+            return _replace(base, verdict=outcome.verdict, detail="; ".join(details), files=tuple(files),
+                            failures=tuple(label + f for f in outcome.failures), applied=outcome.applied,
+                            hints=outcome.hints)
         if outcome.verdict is PatchVerdict.ALREADY_APPLIED:
             continue
         try:
