@@ -48,6 +48,7 @@ from stackbuild.series import (
     decode_patch_bytes,
     parse_patch,
     quote_git_path,
+    resolve_paths,
     split_mbox,
 )
 from stackbuild.treewrite import Tree, TreeWriteError
@@ -563,9 +564,18 @@ def detect_strip(paths: list[str], exists: Any = None) -> int:
         return 1
     absolute = 1 if cands[0].startswith("/") else 0
     if exists is not None:
-        for k in range(0, len([c for c in cands[0].split("/") if c])):
-            if all(_cut(c, k) and exists(_cut(c, k)) for c in cands):
-                return k + absolute
+        # all the names, else all the `---` names, else all the `+++` names (a diff
+        # between a checkout and an installed copy has one side laid out like the tree)
+        sides = [cands, cands[0::2], cands[1::2]] if len(cands) % 2 == 0 else [cands]
+        for side in sides:
+            if not side:
+                continue
+            for k in range(0, len([c for c in side[0].split("/") if c])):
+                try:
+                    if all(_cut(c, k) and exists(_cut(c, k)) for c in side):
+                        return k + absolute
+                except ValueError:  # a NUL in a name: the parser refuses it next
+                    break
     for c in cands:
         parts = [x for x in c.split("/") if x]
         for marker in ("site-packages", "dist-packages"):
@@ -648,8 +658,11 @@ def import_patch(
         level = strip if strip is not None else detect_strip(_raw_paths(part), exists)
         try:
             parsed = parse_patch(part, level, notes if n == 1 else [])
+            # which file each change is for (the existing one of two names), said in the notes
+            parsed, repaired = resolve_paths(parsed, exists or (lambda _p: False))
         except MalformedPatch as e:
             raise PatchError((f"mail {n}: " if len(parts) > 1 else "") + str(e), file=file) from None
+        parsed = ParsedPatch(parsed.header, parsed.description, parsed.files, (*parsed.notes, *repaired))
         header_text, _ = split_header(part)
         desc = parsed.description or (f"imported from {file.name}" + (f" (part {n})" if len(parts) > 1 else ""))
         base_name = slug(parsed.header.get("Subject", "") and desc) if len(parts) > 1 else stem

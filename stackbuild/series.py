@@ -495,6 +495,7 @@ def resolve_paths(parsed: ParsedPatch, exists: Callable[[str], bool]) -> tuple[P
       that is in the tree, the `---` name first. It never creates the other.
     - Extra leading components (a diff made against site-packages) are dropped when
       the stripped name is not in the tree but a shorter suffix of it is.
+    - In the tree under neither name: named as GNU patch would (see below).
     The notes say which name was chosen and what was dropped."""
     notes: list[str] = []
     out: list[FilePatch] = []
@@ -515,8 +516,14 @@ def resolve_paths(parsed: ParsedPatch, exists: Callable[[str], bool]) -> tuple[P
             if found:
                 break
         if found is None:
-            # not in the tree under either name: a missing file, never a new one
-            out.append(FilePatch(old, old, fp.hunks, fp.raw_old, fp.raw_new, fp.new_mode, False) if two_names else fp)
+            # in the tree under neither name: a missing file, never a new one; named as
+            # GNU patch picks without a tree (fewest components, shortest base name,
+            # shortest name), so `x.py.orig` vs `x.py` is x.py
+            if two_names:
+                pick = min(names, key=lambda n: (n.count("/"), len(n.rsplit("/", 1)[-1]), len(n)))
+                out.append(FilePatch(pick, pick, fp.hunks, fp.raw_old, fp.raw_new, fp.new_mode, False))
+            else:
+                out.append(fp)
             continue
         fixed, name = found
 

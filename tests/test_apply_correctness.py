@@ -227,3 +227,30 @@ def test_long_blank_line_run_after_the_counted_lines_parses() -> None:
     (h,) = fp.hunks
     assert h.lines[-1] == "+new" and len(h.lines) == 40_002
     assert h.old_len == 40_001 and h.new_len == 40_002
+
+
+@pytest.mark.parametrize("with_tree, strip", [(True, 5), (False, 5), (True, None)])
+def test_import_of_a_site_packages_diff_names_the_existing_file(tmp_path: Path, with_tree: bool, strip: int | None) -> None:
+    """`stackbuild import` of a checkout-vs-site-packages diff writes a patch with one
+    name per file, the tree's; git apply takes it and changes that file."""
+    from stackbuild.patchqueue import import_patch
+
+    tree = tmp_path / "tree"
+    (tree / "pkg").mkdir(parents=True)
+    (tree / "pkg/a.py").write_text(ORIG)
+    home = tmp_path / "home/u"
+    src, site = home / "src/pkg/pkg/a.py", home / "venv/lib64/python3.12/site-packages/pkg/a.py"
+    for p, text in ((src, ORIG), (site, edit(ORIG, "line 4\n", "line four\n"))):
+        p.parent.mkdir(parents=True)
+        p.write_text(text)
+    diff = subprocess.run(["diff", "-u", str(src), str(site)], capture_output=True, text=True).stdout
+    raw = tmp_path / "site.diff"
+    raw.write_text(diff.replace(str(tmp_path), ""))
+    res = import_patch(raw, None, source="pkg", dest=tmp_path / "out", tree=tree if with_tree else None, strip=strip)
+    (imp,) = res.patches
+    assert imp.files == ("pkg/a.py",)
+    body = (tmp_path / "out" / "site.patch").read_text()
+    assert "diff --git a/pkg/a.py b/pkg/a.py" in body and "site-packages" not in body.split("diff --git", 1)[1]
+    _git(tree, "init", "-q")
+    _git(tree, "apply", str(tmp_path / "out" / "site.patch"))
+    assert (tree / "pkg/a.py").read_text() == edit(ORIG, "line 4\n", "line four\n")
