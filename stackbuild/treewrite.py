@@ -29,7 +29,9 @@ import contextlib
 import errno
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # code points HFS+ ignores when comparing names (git's utf8.c is_hfs_dotgit)
@@ -188,6 +190,9 @@ class Tree:
         return "/".join([*self._real_parent(rel), rel.rpartition("/")[2]])
 
     def write(self, rel: str, data: bytes, mode: int | None = None) -> str:
+        return _os_errors(rel, lambda: self._write(rel, data, mode))
+
+    def _write(self, rel: str, data: bytes, mode: int | None = None) -> str:
         """Create or replace the regular file `rel` with `data` (mode kept from the old
         file unless given). Returns the real path written (see `real_path`)."""
         fds = self._open_parent(rel, create=True)
@@ -222,6 +227,9 @@ class Tree:
             _close(fds)
 
     def chmod(self, rel: str, mode: int) -> None:
+        _os_errors(rel, lambda: self._chmod(rel, mode))
+
+    def _chmod(self, rel: str, mode: int) -> None:
         fds = self._open_parent(rel, create=False)
         if fds is None:
             raise TreeWriteError(f"cannot change the mode of {rel!r}: it does not exist")
@@ -238,6 +246,9 @@ class Tree:
             _close(fds)
 
     def delete(self, rel: str) -> str:
+        return _os_errors(rel, lambda: self._delete(rel))
+
+    def _delete(self, rel: str) -> str:
         """Remove the file (or link) `rel`, and folders it leaves empty (as git does).
         Returns the real path (see `real_path`)."""
         comps = self._real_parent(rel)
@@ -261,6 +272,18 @@ class Tree:
             return real
         finally:
             _close(fds)
+
+
+_T = TypeVar("_T")
+
+
+def _os_errors(rel: str, op: Callable[[], _T]) -> _T:
+    """An OS error while writing (no space, a name too long, no permission) is one
+    TreeWriteError naming the path and the cause, not a crash."""
+    try:
+        return op()
+    except OSError as e:
+        raise TreeWriteError(f"cannot write {rel!r}: {e.strerror or e}") from None
 
 
 def _lstat(name: str, dir_fd: int) -> os.stat_result | None:

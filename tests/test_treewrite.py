@@ -197,3 +197,22 @@ def test_property_never_outside_never_git(path: str, op: str, via_patch: bool) -
                 assert os.path.realpath(tree / real).startswith(str(tree.resolve()) + os.sep)
         assert _hash(outside) == before_out
         assert _hash(tree / ".git") == before_git
+
+
+def test_os_errors_are_one_clear_error(tmp_path: Path) -> None:
+    tree, _ = _world(tmp_path)
+    with pytest.raises(TreeWriteError, match="name too long"):
+        Tree(tree).write("x" * 300 + ".py", b"x")
+
+
+def test_permission_denied_is_one_clear_error(tmp_path: Path) -> None:
+    tree, _ = _world(tmp_path)
+    (tree / "ro").mkdir()
+    (tree / "ro").chmod(0o555)
+    try:
+        if os.access(tree / "ro", os.W_OK):
+            pytest.skip("running as a user that ignores permissions (root)")
+        with pytest.raises(TreeWriteError, match="ermission denied"):
+            Tree(tree).write("ro/x.py", b"x")
+    finally:
+        (tree / "ro").chmod(0o755)
