@@ -173,6 +173,12 @@ class Recipe:
         return None
 
     @property
+    def is_base(self) -> bool:
+        """A base (such as xpu-base) only exists to be extended: it has no sources, so
+        there is nothing to apply, build, lock or verify."""
+        return not self.sources
+
+    @property
     def root(self) -> Path:
         """The project the recipe belongs to: recipes/ and patches/, work/, lockfiles/ beside it."""
         return self.path.parent.parent
