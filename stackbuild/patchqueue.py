@@ -137,6 +137,8 @@ def render_file_patch(fp: FilePatch) -> str:
         out.append("deleted file mode 100644")
     elif fp.is_rename and old != new:
         out += [f"rename from {q(old)}", f"rename to {q(new)}"]
+    elif fp.is_copy and old != new:
+        out += [f"copy from {q(old)}", f"copy to {q(new)}"]
     elif fp.new_mode:
         out.append(f"new mode {fp.new_mode}")
     out.append(f"--- {q('a/' + old) if old else '/dev/null'}")

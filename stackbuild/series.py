@@ -91,6 +91,7 @@ class FilePatch:
     raw_new: str = ""
     new_mode: str | None = None
     is_rename: bool = False
+    is_copy: bool = False  # git's `copy from`/`copy to`: the new file starts as a copy of the old
 
     @property
     def path(self) -> str:
@@ -352,7 +353,7 @@ def _diff_git_names(rest: str) -> tuple[str, str] | None:
 def _parse_file(lines: list[str], i: int, strip: int, notes: list[str]) -> tuple[FilePatch, int]:
     old_raw = new_raw = ""
     new_mode = None
-    is_new = is_delete = is_rename = False
+    is_new = is_delete = is_rename = is_copy = False
     rename_from = rename_to = None
     if lines[i].startswith("diff --git "):
         names = _diff_git_names(lines[i][len("diff --git "):])
@@ -372,6 +373,10 @@ def _parse_file(lines: list[str], i: int, strip: int, notes: list[str]) -> tuple
                 is_rename, rename_from = True, unquote_git_path(ln[len("rename from "):])[0]
             elif ln.startswith("rename to "):
                 rename_to = unquote_git_path(ln[len("rename to "):])[0]
+            elif ln.startswith("copy from "):
+                is_copy, rename_from = True, unquote_git_path(ln[len("copy from "):])[0]
+            elif ln.startswith("copy to "):
+                rename_to = unquote_git_path(ln[len("copy to "):])[0]
             elif ln.startswith(("Binary files ", "GIT binary patch")):
                 raise MalformedPatch(f"binary change to {new_raw or old_raw}: binary patches are not supported")
             i += 1
@@ -387,7 +392,7 @@ def _parse_file(lines: list[str], i: int, strip: int, notes: list[str]) -> tuple
         raise MalformedPatch(f"line {i}: file mode {new_mode} (a symbolic link or submodule) is not supported")
     old_path = None if is_new else _strip_path(old_raw, strip)
     new_path = None if is_delete else _strip_path(new_raw, strip)
-    if is_rename and rename_from and rename_to:
+    if (is_rename or is_copy) and rename_from and rename_to:
         old_path, new_path = rename_from, rename_to
     if _header_name(old_raw) == _DEV_NULL:
         old_path = None
@@ -397,7 +402,7 @@ def _parse_file(lines: list[str], i: int, strip: int, notes: list[str]) -> tuple
     while i < len(lines) and lines[i].startswith("@@"):
         h, i = _parse_hunk(lines, i, notes, new_path or old_path or "")
         hunks.append(h)
-    return FilePatch(old_path, new_path, tuple(hunks), old_raw, new_raw, new_mode, is_rename), i
+    return FilePatch(old_path, new_path, tuple(hunks), old_raw, new_raw, new_mode, is_rename, is_copy), i
 
 
 def _hunk_goes_on(lines: list[str], j: int) -> bool:
@@ -504,7 +509,7 @@ def resolve_paths(parsed: ParsedPatch, exists: Callable[[str], bool]) -> tuple[P
         if old is None:
             out.append(fp)
             continue
-        two_names = not fp.is_rename and new is not None and new != old
+        two_names = not fp.is_rename and not fp.is_copy and new is not None and new != old
         names = [old, new] if two_names and new is not None else [old]
         found: tuple[int, str] | None = None
         for k in range(0, max(len(n.split("/")) for n in names)):
@@ -540,7 +545,7 @@ def resolve_paths(parsed: ParsedPatch, exists: Callable[[str], bool]) -> tuple[P
                          f"the tree), not {other}")
             out.append(FilePatch(target, target, fp.hunks, fp.raw_old, fp.raw_new, fp.new_mode, False))
         elif fixed:
-            out.append(FilePatch(cut(old), cut(new), fp.hunks, fp.raw_old, fp.raw_new, fp.new_mode, fp.is_rename))
+            out.append(FilePatch(cut(old), cut(new), fp.hunks, fp.raw_old, fp.raw_new, fp.new_mode, fp.is_rename, fp.is_copy))
         else:
             out.append(fp)
     return ParsedPatch(parsed.header, parsed.description, tuple(out), parsed.notes), notes
@@ -777,6 +782,14 @@ def _try(parsed: ParsedPatch, read: Callable[[str], str | None], fuzz: int, reve
         text = att.contents[src_path] if src_path in att.contents else read(src_path)
         if text is None:
             att.missing.append(src_path)
+            continue
+        if (fp.is_copy or fp.is_rename) and dst_path is not None and dst_path != src_path and \
+                (att.contents[dst_path] if dst_path in att.contents else read(dst_path)) is not None:
+            why = f"is the target of a {'copy' if fp.is_copy else 'rename'} but already exists"
+            att.problems.append(f"{dst_path}: {why}")
+            att.summary.append(f"{dst_path}: {why}")
+            att.failed_files.append(dst_path)
+            ws_all = False
             continue
         lines, ends = _split(text)
         cr = crlf and bool(lines) and all(ln.endswith("\r") for ln in lines[:-1]) and \

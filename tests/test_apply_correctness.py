@@ -254,3 +254,23 @@ def test_import_of_a_site_packages_diff_names_the_existing_file(tmp_path: Path, 
     _git(tree, "init", "-q")
     _git(tree, "apply", str(tmp_path / "out" / "site.patch"))
     assert (tree / "pkg/a.py").read_text() == edit(ORIG, "line 4\n", "line four\n")
+
+
+def test_git_copy_creates_the_copy_and_keeps_the_original(tmp_path: Path) -> None:
+    """`copy from`/`copy to` (git diff -C -C): the two names differ on purpose; the new
+    file is the patched copy and the original stays, as git apply does."""
+    repo = tmp_path / "r"
+    repo.mkdir()
+    (repo / "a.py").write_text(ORIG)
+    _git(repo, "init", "-q")
+    _git(repo, "add", "a.py")
+    _git(repo, "commit", "-q", "-m", "base")
+    (repo / "b.py").write_text(edit(ORIG, "line 4\n", "line four\n"))
+    _git(repo, "add", "b.py")
+    patch = _git(repo, "diff", "--cached", "-C", "-C", "HEAD") + "\n"
+    assert "copy from a.py" in patch and "copy to b.py" in patch
+    o = apply_text({"a.py": ORIG}, patch)
+    assert o.verdict is PatchVerdict.APPLIED, o.detail
+    assert o.new_contents == {"b.py": edit(ORIG, "line 4\n", "line four\n")}
+    o2 = apply_text({"a.py": ORIG, "b.py": "other\n"}, patch)
+    assert o2.verdict is PatchVerdict.CONFLICT and "b.py: is the target of a copy but already exists" in o2.detail

@@ -138,6 +138,12 @@ def _git_meta_cases(marker: Path) -> list[tuple[str, bytes, dict[str, str], str]
         ("rename-into-git", b"diff --git a/setup.py b/.git/hooks/post-commit\nsimilarity index 100%\n"
                             b"rename from setup.py\nrename to .git/hooks/post-commit\n", {}, "git metadata"),
         ("link-to-git", new_file_patch("b/meta/hooks/post-commit", hook), {"meta": ".git"}, "git metadata"),
+        ("copy-into-git", b"diff --git a/setup.py b/x\nsimilarity index 100%\n"
+                          b"copy from setup.py\ncopy to .git/hooks/post-commit\n", {}, "git metadata"),
+        ("quoted-rename-into-git", b"diff --git a/setup.py b/x\nsimilarity index 100%\n"
+                                   b'rename from setup.py\nrename to "\\056git/config"\n', {}, "git metadata"),
+        ("delete-git-index", b"diff --git a/.git/index b/.git/index\ndeleted file mode 100644\n--- a/.git/index\n"
+                             b"+++ /dev/null\n@@ -1 +0,0 @@\n-x\n", {}, "git metadata"),
         ("strip0-git", new_file_patch(".git/hooks/post-commit", hook), {}, "git metadata"),
     ]
 
