@@ -110,11 +110,11 @@ def test_site_packages_diff_on_real_vllm_equals_git_apply_at_every_strip(tmp_pat
         r = apply_recipe(load_recipe(path), tmp_path / f"work{strip}")
         assert r.ok, r.message
         (p,) = r.patches
+        tree = tmp_path / f"work{strip}" / "vllm"
+        assert not (tree / "lib64").exists() and not (tree / "python3.12").exists()
+        assert _git(tree, "rev-parse", f"{p.commit}^{{tree}}") == want, strip
         assert p.verdict is PatchVerdict.APPLIED, p.detail
         assert "the '---' name" in p.detail
-        tree = tmp_path / f"work{strip}" / "vllm"
-        assert _git(tree, "rev-parse", f"{p.commit}^{{tree}}") == want, strip
-        assert not (tree / "lib64").exists() and not (tree / "python3.12").exists()
 
 
 # ------------------------------------------------------------------ item 2: every failing hunk, and what applied
