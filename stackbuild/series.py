@@ -561,7 +561,8 @@ def _find(haystack: list[str], needle: list[str], start: int) -> int | None:
         return None
     first = needle[0]
     for delta in range(0, max(start, limit - start) + 1):
-        for pos in (start - delta, start + delta) if delta else (start,):
+        # at equal distance the later place first, as git apply (apply.c find_pos) and GNU patch do
+        for pos in (start + delta, start - delta) if delta else (start,):
             if 0 <= pos <= limit and haystack[pos] == first and haystack[pos : pos + n] == needle:
                 return pos
     return None

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_series import apply_text, diff_u
 from test_workspace import ORIG, Project, edit, git_diff, sha256
 
@@ -274,3 +276,75 @@ def test_git_copy_creates_the_copy_and_keeps_the_original(tmp_path: Path) -> Non
     assert o.new_contents == {"b.py": edit(ORIG, "line 4\n", "line four\n")}
     o2 = apply_text({"a.py": ORIG, "b.py": "other\n"}, patch)
     assert o2.verdict is PatchVerdict.CONFLICT and "b.py: is the target of a copy but already exists" in o2.detail
+
+
+# ------------------------------------------------------------------ property: the same result as git apply
+
+_REAL = (Path(__file__).resolve().parent.parent / "stackbuild" / "series.py").read_text()
+
+
+def _edit_lines(lines: list[str], edits: list[tuple[int, int, str]]) -> list[str]:
+    out = list(lines)
+    for pos, op, text in sorted(edits, reverse=True):
+        pos = pos % (len(out) + 1)
+        if op == 0 and pos < len(out):
+            out[pos] = text
+        elif op == 1:
+            out.insert(pos, text)
+        elif pos < len(out):
+            del out[pos]
+    return out
+
+
+_edits = st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 2), st.sampled_from(["", "x = 1", "    pass", ")", "# edited"])),
+                  min_size=1, max_size=4)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(edits=_edits, drift=_edits, start=st.integers(0, 700))
+def test_property_same_result_as_git_apply(tmp_path_factory: pytest.TempPathFactory, edits: list[tuple[int, int, str]],
+                                           drift: list[tuple[int, int, str]], start: int) -> None:
+    """Random edits of a real file (a 200-line window of stackbuild/series.py: blank
+    lines, repeated lines), made into a patch by git, applied to the file after random
+    upstream drift: whenever git apply applies it cleanly, stackbuild gives the same
+    file (a tie between two equally near places goes to the later one, as in git)."""
+    base = _REAL.splitlines(keepends=True)[start : start + 200]
+    mine = _edit_lines(base, [(p % 200, op, t + "\n") for p, op, t in edits])
+    if mine == base:
+        return
+    tmp = tmp_path_factory.mktemp("prop")
+    repo = tmp / "r"
+    repo.mkdir()
+    (repo / "f.py").write_text("".join(base))
+    _git(repo, "init", "-q")
+    _git(repo, "add", "f.py")
+    _git(repo, "commit", "-q", "-m", "base")
+    (repo / "f.py").write_text("".join(mine))
+    patch = subprocess.run(["git", "diff"], cwd=repo, env=git_env(), capture_output=True, text=True, check=True).stdout
+    upstream = "".join(_edit_lines(base, [(p % 200, op, t + "  # upstream\n") for p, op, t in drift]))
+    target = tmp / "t"
+    target.mkdir()
+    (target / "f.py").write_text(upstream)
+    g = subprocess.run(["git", "apply", "-"], cwd=target, input=patch, capture_output=True, text=True, env=git_env())
+    o = apply_text({"f.py": upstream}, patch)
+    ours_applied = o.verdict in (PatchVerdict.APPLIED, PatchVerdict.APPLIED_OFFSET)
+    if g.returncode == 0:
+        assert ours_applied, o.detail
+        assert o.new_contents["f.py"] == (target / "f.py").read_text()
+    # the other way round is allowed: git anchors a hunk at line 1, or one without
+    # trailing context, to the file's start or end; stackbuild (like GNU patch) lets
+    # it apply at an offset, and says so
+
+
+def test_equally_near_places_go_to_the_later_one_as_in_git(tmp_path: Path) -> None:
+    """The hunk's place moved; its context is found 2 lines before and 2 lines after
+    where the header says. git apply and GNU patch both take the later place."""
+    patch = "--- a/f.txt\n+++ b/f.txt\n@@ -5,3 +5,3 @@\n k\n-m\n+M\n k\n"
+    upstream = "".join(f"{x}\n" for x in ["0", "1", "k", "m", "k", "5", "k", "m", "k", "9"])
+    (tmp_path / "f.txt").write_text(upstream)
+    g = subprocess.run(["git", "apply", "-"], cwd=tmp_path, input=patch, capture_output=True, text=True, env=git_env())
+    assert g.returncode == 0, g.stderr
+    o = apply_text({"f.txt": upstream}, patch)
+    assert o.verdict is PatchVerdict.APPLIED_OFFSET
+    assert o.new_contents["f.txt"] == (tmp_path / "f.txt").read_text()
+    assert o.new_contents["f.txt"].split("\n")[7] == "M"
