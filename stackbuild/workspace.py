@@ -359,6 +359,8 @@ def _apply_text_patch(ctx: _Ctx, entry: PatchEntry, data: bytes, tree: Path) -> 
             outcome = apply_parsed(parsed, text_tree.read, entry.fuzz)
         except (MalformedPatch, UnsafePath) as e:
             return _replace(base, verdict=PatchVerdict.MALFORMED, detail=f"{label}{e}", files=tuple(files))
+        except TreeWriteError as e:  # a file the patch reads cannot be read
+            return _replace(base, verdict=PatchVerdict.CONFLICT, detail=f"{label}{e}", files=tuple(files))
         files.extend(f for f in outcome.files if f not in files)
         verdicts.append(outcome.verdict)
         if outcome.detail:

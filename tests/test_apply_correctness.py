@@ -348,3 +348,19 @@ def test_equally_near_places_go_to_the_later_one_as_in_git(tmp_path: Path) -> No
     assert o.verdict is PatchVerdict.APPLIED_OFFSET
     assert o.new_contents["f.txt"] == (tmp_path / "f.txt").read_text()
     assert o.new_contents["f.txt"].split("\n")[7] == "M"
+
+
+def test_a_folder_needed_where_an_earlier_patch_made_a_file_is_one_clear_line(tmp_path: Path) -> None:
+    proj = Project(tmp_path / "proj")
+    tree = proj.add_tree("pkg", {"pkg/a.py": ORIG})
+    first = "--- /dev/null\n+++ b/pkg/x\n@@ -0,0 +1 @@\n+file\n"
+    second = "--- /dev/null\n+++ b/pkg/x/y.py\n@@ -0,0 +1 @@\n+inner\n"
+    entries = [{"file": proj.add_patch(f"{n}.patch", t), "source": "pkg", "sha256": sha256(t)}
+               for n, t in (("first", first), ("second", second))]
+    proj.write_recipe("r", {"pkg": {"path": str(tree)}}, entries)
+    r = subprocess.run([str(BIN), "apply", "recipes/r.toml", "--workdir", "work"], cwd=proj.root,
+                       capture_output=True, text=True)
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    (err,) = [ln for ln in r.stderr.splitlines() if ln.startswith("stackbuild: error:")]
+    assert "second (patches/second.patch): conflict" in err and "pkg/x is a file, not a folder" in err
