@@ -1,0 +1,394 @@
+"""The `layers` suite: the PATCHED vLLM quantization methods on emulated XPU kernels.
+
+Runs inside the interpreter under test, with the applied vLLM tree importable:
+
+    python -m stackbuild.checks.numerics.layers '{"tree": ..., "kernels": "0.1.5", ...}'
+
+For each case it
+  1. writes a throw-away vllm_xpu_kernels package at the case's kernel version
+     (kernelpkg.py; ops -> emulators.py) and puts it first on sys.path,
+  2. fakes the XPU platform on vLLM's current_platform instance (as vLLM's own modules
+     read it: is_xpu, _enum, get_device_capability),
+  3. builds the layer through vLLM: a ReplicatedLinear with GPTQMarlinConfig or
+     AWQMarlinConfig (the kernel class is chosen by vLLM's choose_mp_linear_kernel), or
+     GPTQMarlinMoEMethod.create_weights for MoE,
+  4. loads a seeded checkpoint through the parameters' own weight_loader (linear) or by
+     copying into the created parameters (MoE: FusedMoE.weight_loader needs a whole
+     FusedMoE layer, whose construction needs a VllmConfig that imports the engine),
+  5. calls process_weights_after_loading and apply, and
+  6. compares with an fp64 reference made from the checkpoint tensors directly
+     (GPTQ: w[k, n] = (q[k, n] - z[g_idx[k], n]) * s[g_idx[k], n]).
+
+A case passes when rel = ||y - ref|| / ||ref|| <= 5e-3 (fp16 output of an fp64 product
+gives ~3e-4), or, for a case that declares an expected refusal, when the patched code
+raises that error. Negative controls plant a kernel bug (emulators.PLANT) and must fail.
+One JSON object on the last stdout line.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REL_LIMIT = 5e-3
+
+
+@dataclass(frozen=True)
+class LayerCase:
+    name: str
+    method: str  # gptq-linear | awq-linear | gptq-moe
+    k: int  # input dim (hidden size for MoE)
+    n: int  # output dim (intermediate size per partition for MoE)
+    group_size: int
+    kernels: str = "0.1.5"
+    act_order: bool = False
+    experts: int = 0
+    topk: int = 0
+    m: int = 7  # tokens
+    refusal: str = ""  # a substring of the clear error the patched code must raise instead
+    seed: int = 0
+
+
+DEFAULT_CASES: tuple[LayerCase, ...] = (
+    LayerCase("gptq-sym-g128", "gptq-linear", 256, 192, 128),
+    LayerCase("gptq-sym-g32", "gptq-linear", 128, 320, 32),
+    LayerCase("gptq-actorder-g64", "gptq-linear", 256, 192, 64, act_order=True),
+    LayerCase("gptq-actorder-g128", "gptq-linear", 384, 128, 128, act_order=True),
+    LayerCase("awq-asym-g128", "awq-linear", 256, 192, 128),
+    LayerCase("awq-asym-g64", "awq-linear", 128, 256, 64),
+    LayerCase("gptq-moe-e4-top2-g64", "gptq-moe", 128, 64, 64, experts=4, topk=2),
+    LayerCase("gptq-moe-e3-top1-g32", "gptq-moe", 64, 96, 32, experts=3, topk=1),
+    LayerCase(
+        "gptq-moe-kernels-0.1.16",
+        "gptq-moe",
+        128,
+        64,
+        64,
+        kernels="0.1.16.2",
+        experts=4,
+        topk=2,
+        refusal="vllm-xpu-kernels 0.1.16.2",
+    ),
+)
+
+# (control, case it plants its bug into)
+CONTROLS: tuple[tuple[str, str], ...] = (
+    ("fp4-decode", "gptq-sym-g128"),
+    ("skipped-transpose", "gptq-sym-g128"),
+    ("zp-0", "awq-asym-g128"),
+    ("fp4-decode", "gptq-moe-e4-top2-g64"),
+    ("skipped-transpose", "gptq-moe-e4-top2-g64"),
+)
+
+
+@dataclass
+class CaseResult:
+    case: str
+    kernels: str
+    status: str  # pass | fail | skipped
+    detail: str = ""
+    max_abs: float | None = None
+    rel: float | None = None
+    control: str = ""
+    seconds: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+# -- environment ---------------------------------------------------------------------
+
+
+class Harness:
+    """One vLLM import, one faked platform, one TP group; kernel packages per version."""
+
+    def __init__(self, tree: str, work: Path) -> None:
+        self.work = work
+        self.packages: dict[str, Path] = {}
+        sys.path.insert(0, tree)
+        import torch
+
+        self.torch = torch
+        torch.manual_seed(0)
+        self._use_kernels("0.1.5")
+        from vllm.platforms import PlatformEnum, current_platform
+
+        # what vLLM's modules ask the platform instance (current_platform is shared)
+        current_platform.is_xpu = lambda: True  # type: ignore[method-assign]
+        current_platform.is_cpu = lambda: False  # type: ignore[method-assign]
+        current_platform.is_cuda = lambda: False  # type: ignore[method-assign]
+        current_platform.is_rocm = lambda: False  # type: ignore[method-assign]
+        current_platform.is_cuda_alike = lambda: False  # type: ignore[method-assign]
+        current_platform._enum = PlatformEnum.XPU
+        current_platform.get_device_capability = lambda device_id=0: None  # type: ignore[method-assign]
+        # XPUPlatform.num_compute_units reads torch.xpu device properties (Arc B580: 160)
+        current_platform.num_compute_units = lambda device_id=0: 160  # type: ignore[method-assign]
+        import vllm
+
+        self.vllm_file = vllm.__file__
+        from vllm.distributed import parallel_state as ps
+
+        port = 20000 + (hash(str(work)) % 20000)
+        ps.init_distributed_environment(
+            world_size=1,
+            rank=0,
+            distributed_init_method=f"tcp://127.0.0.1:{port}",
+            local_rank=0,
+            backend="gloo",
+        )
+        # initialize_model_parallel asks for a VllmConfig (which imports the engine)
+        ps._TP = ps.init_model_parallel_group([[0]], 0, "gloo", group_name="tp")
+
+    def _use_kernels(self, version: str) -> None:
+        from stackbuild.checks.numerics.kernelpkg import write_kernel_package
+
+        if version not in self.packages:
+            self.packages[version] = write_kernel_package(self.work / f"k-{version}", version)
+        for p in self.packages.values():
+            if str(p) in sys.path:
+                sys.path.remove(str(p))
+        sys.path.insert(0, str(self.packages[version]))
+        for mod in [m for m in sys.modules if m == "vllm_xpu_kernels" or m.startswith("vllm_xpu_kernels.")]:
+            if mod != "vllm_xpu_kernels._xpu_C":  # the op registration lives once per process
+                del sys.modules[mod]
+        importlib.invalidate_caches()
+        if "vllm_xpu_kernels._xpu_C" not in sys.modules:
+            importlib.import_module("vllm_xpu_kernels._xpu_C")  # what vllm/platforms/xpu.py imports
+
+    # -- checkpoints -------------------------------------------------------------
+
+    def gptq_checkpoint(self, k: int, n: int, g: int, act_order: bool, gen: Any) -> dict[str, Any]:
+        torch = self.torch
+        q = torch.randint(0, 16, (k, n), generator=gen)
+        groups = k // g
+        scales = (torch.rand(groups, n, generator=gen) * 0.02 + 0.005).to(torch.float16)
+        if act_order:
+            g_idx = (torch.randperm(k, generator=gen) // g).to(torch.int32)
+        else:
+            g_idx = (torch.arange(k) // g).to(torch.int32)
+        zeros = torch.full((groups, n), 8)
+        return {
+            "q": q,
+            "scales": scales,
+            "g_idx": g_idx,
+            "zeros": zeros,
+            "qweight": _pack_rows(torch, q),
+            "qzeros": _pack_cols(torch, zeros - 1, range(8)),  # GPTQ v1 stores z - 1
+        }
+
+    def reference(self, x: Any, ck: dict[str, Any]) -> Any:
+        torch = self.torch
+        gi = ck["g_idx"].to(torch.int64)
+        w = (ck["q"].double() - ck["zeros"].double()[gi]) * ck["scales"].double()[gi]
+        return x.double() @ w
+
+    # -- cases -------------------------------------------------------------------
+
+    def run_linear(self, case: LayerCase, gen: Any) -> tuple[Any, Any]:
+        torch = self.torch
+        from vllm.model_executor.layers.linear import ReplicatedLinear
+
+        prefix = "model.layers.0.mlp.down_proj"
+        k, n, g = case.k, case.n, case.group_size
+        if case.method == "gptq-linear":
+            from vllm.model_executor.layers.quantization.gptq_marlin import GPTQMarlinConfig
+
+            qc: Any = GPTQMarlinConfig.from_config(
+                {
+                    "bits": 4,
+                    "group_size": g,
+                    "desc_act": case.act_order,
+                    "sym": True,
+                    "lm_head": False,
+                    "modules_in_block_to_quantize": ["mlp.down_proj"],
+                }
+            )
+            ck = self.gptq_checkpoint(k, n, g, case.act_order, gen)
+            tensors = {"qweight": ck["qweight"], "scales": ck["scales"], "qzeros": ck["qzeros"], "g_idx": ck["g_idx"]}
+        else:
+            from vllm.model_executor.layers.quantization.awq_marlin import AWQMarlinConfig
+
+            qc = AWQMarlinConfig.from_config({"bits": 4, "group_size": g, "zero_point": True, "lm_head": False})
+            ck = self.gptq_checkpoint(k, n, g, False, gen)
+            ck["zeros"] = torch.randint(0, 16, (k // g, n), generator=gen)
+            awq = (0, 2, 4, 6, 1, 3, 5, 7)
+            tensors = {
+                "qweight": _pack_cols(torch, ck["q"], awq),
+                "qzeros": _pack_cols(torch, ck["zeros"], awq),
+                "scales": ck["scales"],
+            }
+        layer = ReplicatedLinear(k, n, bias=False, quant_config=qc, params_dtype=torch.float16, prefix=prefix)
+        params = dict(layer.named_parameters())
+        for name, t in tensors.items():
+            if name not in params:
+                raise RuntimeError(f"the layer has no parameter {name} (has {sorted(params)})")
+            p = params[name]
+            p.weight_loader(p, t)  # the parameter's own loader, as DefaultModelLoader calls it
+        layer.quant_method.process_weights_after_loading(layer)
+        x = (torch.randn(case.m, k, generator=gen)).to(torch.float16)
+        y = layer.quant_method.apply(layer, x)
+        return y, self.reference(x, ck)
+
+    def run_moe(self, case: LayerCase, gen: Any) -> tuple[Any, Any]:
+        torch = self.torch
+        from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+        from vllm.model_executor.layers.fused_moe.config import (
+            FusedMoEConfig,
+            FusedMoEParallelConfig,
+            RoutingMethodType,
+        )
+        from vllm.model_executor.layers.quantization.gptq_marlin import (
+            GPTQMarlinConfig,
+            GPTQMarlinMoEMethod,
+        )
+
+        e, h, inter, g = case.experts, case.k, case.n, case.group_size
+        qc = GPTQMarlinConfig.from_config(
+            {"bits": 4, "group_size": g, "desc_act": False, "sym": True, "lm_head": False}
+        )
+        moe = FusedMoEConfig(
+            num_experts=e,
+            experts_per_token=case.topk,
+            hidden_dim=h,
+            intermediate_size_per_partition=inter,
+            num_local_experts=e,
+            num_logical_experts=e,
+            activation=MoEActivation.SILU,
+            device="cpu",
+            routing_method=RoutingMethodType.TopK,
+            moe_parallel_config=FusedMoEParallelConfig.make_no_parallel(),
+            in_dtype=torch.float16,
+        )
+        method = GPTQMarlinMoEMethod(qc, moe)
+        layer = torch.nn.Module()
+        layer.activation = MoEActivation.SILU
+        method.create_weights(
+            layer, e, h, inter, torch.float16, intermediate_size_full=inter, weight_loader=None
+        )
+        w13 = [self.gptq_checkpoint(h, 2 * inter, g, False, gen) for _ in range(e)]
+        w2 = [self.gptq_checkpoint(inter, h, g, False, gen) for _ in range(e)]
+        with torch.no_grad():
+            layer.w13_qweight.copy_(torch.stack([c["qweight"] for c in w13]))
+            layer.w2_qweight.copy_(torch.stack([c["qweight"] for c in w2]))
+            layer.w13_scales.copy_(torch.stack([c["scales"] for c in w13]))
+            layer.w2_scales.copy_(torch.stack([c["scales"] for c in w2]))
+        method.process_weights_after_loading(layer)
+        x = torch.randn(case.m, h, generator=gen).to(torch.float16)
+        logits = torch.randn(case.m, e, generator=gen)
+        topk_w, topk_ids = torch.topk(torch.softmax(logits, -1), case.topk, dim=-1)
+        y = method.apply(layer, x, topk_w.to(torch.float32), topk_ids.to(torch.int32), None)
+        # reference: per token, sum over its experts of w * (silu(x W1) * (x W3)) W2
+        ref = torch.zeros(case.m, h, dtype=torch.float64)
+        for t in range(case.m):
+            for j in range(case.topk):
+                ex = int(topk_ids[t, j])
+                a = self.reference(x[t : t + 1], w13[ex])
+                act = torch.nn.functional.silu(a[:, :inter]) * a[:, inter:]
+                ref[t] += float(topk_w[t, j]) * self.reference(act, w2[ex])[0]
+        return y, ref
+
+    def run(self, case: LayerCase, control: str = "") -> CaseResult:
+        torch = self.torch
+        from stackbuild.checks.numerics import emulators
+
+        t0 = time.perf_counter()
+        self._use_kernels(case.kernels)
+        emulators.PLANT = control or None
+        gen = torch.Generator().manual_seed(1000 + case.seed)
+        res = CaseResult(case.name, case.kernels, "fail", control=control)
+        try:
+            y, ref = (self.run_moe if case.method == "gptq-moe" else self.run_linear)(case, gen)
+        except Exception as exc:  # the patched code failing in any way is this case's verdict
+            msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:400]
+            if case.refusal and not control and isinstance(exc, (RuntimeError, NotImplementedError)) \
+                    and case.refusal in str(exc):
+                res.status, res.detail = "pass", f"refused clearly: {msg}"
+            else:
+                res.detail = msg
+                res.info["trace"] = traceback.format_exc()[-2000:]
+        else:
+            diff = (y.double() - ref).abs()
+            res.max_abs = float(diff.max())
+            denom = float(ref.norm())
+            res.rel = float((y.double() - ref).norm()) / denom if denom else float("inf")
+            res.info["ref_max"] = float(ref.abs().max())
+            if case.refusal and not control:
+                res.detail = f"expected a refusal ({case.refusal!r}), got output (rel {res.rel:.3g})"
+            elif res.rel <= REL_LIMIT and bool(torch.isfinite(y).all()):
+                res.status, res.detail = "pass", f"rel {res.rel:.3g} <= {REL_LIMIT:g}"
+            else:
+                res.detail = f"rel {res.rel:.3g} > {REL_LIMIT:g} (max abs {res.max_abs:.3g} on |ref| <= {res.info['ref_max']:.3g})"
+        finally:
+            emulators.PLANT = None
+        if control:  # a control passes when the planted bug shows in the numbers
+            caught = res.status == "fail" and res.rel is not None
+            res.status = "pass" if caught else "fail"
+            res.detail = ("caught: " if caught else "NOT caught by the numbers (harness broken): ") + res.detail
+        res.seconds = round(time.perf_counter() - t0, 3)
+        return res
+
+
+def _pack_rows(torch: Any, q: Any) -> Any:
+    """[R, C] in 0..15 -> int32 [R/8, C]; nibble i of row r is row 8r+i (GPTQ qweight)."""
+    r, c = q.shape
+    g = q.to(torch.int64).reshape(r // 8, 8, c)
+    word = sum(g[:, i, :] << (4 * i) for i in range(8))
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
+
+def _pack_cols(torch: Any, q: Any, order: Any) -> Any:
+    """[R, C] in 0..15 -> int32 [R, C/8]; nibble i of column c holds column 8c + order[i]."""
+    r, c = q.shape
+    g = q.to(torch.int64).reshape(r, c // 8, 8)
+    word = sum(g[:, :, o] << (4 * i) for i, o in enumerate(order))
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
+
+def select_cases(names: list[str] | None) -> list[LayerCase]:
+    if not names:
+        return list(DEFAULT_CASES)
+    by_name = {c.name: c for c in DEFAULT_CASES}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise KeyError(f"unknown layers case {unknown[0]!r} (known: {', '.join(by_name)})")
+    return [by_name[n] for n in names]
+
+
+def main(argv: list[str]) -> int:
+    args = json.loads(argv[0]) if argv else {}
+    t0 = time.perf_counter()
+    try:
+        cases = select_cases(args.get("cases"))
+    except KeyError as exc:
+        print(json.dumps({"error": str(exc.args[0])}))
+        return 2
+    import torch
+
+    torch.set_num_threads(int(args.get("threads", 1)))
+    with tempfile.TemporaryDirectory(prefix="stackbuild-layers-") as tmp:
+        h = Harness(args["tree"], Path(tmp))
+        results = [h.run(c) for c in cases]
+        by_name = {c.name: c for c in DEFAULT_CASES}
+        if args.get("controls", True):
+            for control, name in CONTROLS:
+                if name in by_name:
+                    results.append(h.run(by_name[name], control))
+    out = {
+        "vllm_file": h.vllm_file,
+        "torch": torch.__version__,
+        "rel_limit": REL_LIMIT,
+        "cases": [asdict(c) for c in cases],
+        "results": [asdict(r) for r in results],
+        "wall_s": round(time.perf_counter() - t0, 3),
+    }
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
