@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ class LayerCase:
     k: int  # input dim (hidden size for MoE)
     n: int  # output dim (intermediate size per partition for MoE)
     group_size: int
-    kernels: str = "0.1.5"
+    kernels: str = ""  # "": the version the recipe pins (main's "kernels" argument)
     act_order: bool = False
     experts: int = 0
     topk: int = 0
@@ -107,15 +107,16 @@ class CaseResult:
 class Harness:
     """One vLLM import, one faked platform, one TP group; kernel packages per version."""
 
-    def __init__(self, tree: str, work: Path) -> None:
+    def __init__(self, tree: str, work: Path, kernels: str = "0.1.5") -> None:
         self.work = work
+        self.kernels = kernels
         self.packages: dict[str, Path] = {}
         sys.path.insert(0, tree)
         import torch
 
         self.torch = torch
         torch.manual_seed(0)
-        self._use_kernels("0.1.5")
+        self._use_kernels(kernels)
         from vllm.platforms import PlatformEnum, current_platform
 
         # what vLLM's modules ask the platform instance (current_platform is shared)
@@ -297,6 +298,7 @@ class Harness:
         from stackbuild.checks.numerics import emulators
 
         t0 = time.perf_counter()
+        case = replace(case, kernels=case.kernels or self.kernels)
         self._use_kernels(case.kernels)
         emulators.PLANT = control or None
         gen = torch.Generator().manual_seed(1000 + case.seed)
@@ -371,7 +373,7 @@ def main(argv: list[str]) -> int:
 
     torch.set_num_threads(int(args.get("threads", 1)))
     with tempfile.TemporaryDirectory(prefix="stackbuild-layers-") as tmp:
-        h = Harness(args["tree"], Path(tmp))
+        h = Harness(args["tree"], Path(tmp), args.get("kernels") or "0.1.5")
         results = [h.run(c) for c in cases]
         by_name = {c.name: c for c in DEFAULT_CASES}
         if args.get("controls", True):
@@ -382,6 +384,7 @@ def main(argv: list[str]) -> int:
         "vllm_file": h.vllm_file,
         "torch": torch.__version__,
         "rel_limit": REL_LIMIT,
+        "kernels": h.kernels,
         "cases": [asdict(c) for c in cases],
         "results": [asdict(r) for r in results],
         "wall_s": round(time.perf_counter() - t0, 3),
