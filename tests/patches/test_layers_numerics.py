@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PATCH_DIR, SERIES, apply_series
+from conftest import PATCH_DIR, SERIES
 
 from stackbuild.checks.numerics.layers_check import results_from_output
 

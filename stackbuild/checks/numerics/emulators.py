@@ -22,7 +22,6 @@ Version map of the fused MoE Python API (checked tag by tag):
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -256,16 +255,16 @@ def _fused_moe_function(
         if not hasattr(w13, "xpu_fused_moe"):
             w13.data = w13.transpose(-1, -2).contiguous()
             w2.data = w2.transpose(-1, -2).contiguous()
-            w13.xpu_fused_moe = True
-            w13.inter_size = inter_size
+            w13.xpu_fused_moe = True  # type: ignore[attr-defined]
+            w13.inter_size = inter_size  # type: ignore[attr-defined]
         else:
-            inter_size = w13.inter_size
+            inter_size = w13.inter_size  # type: ignore[attr-defined]
     else:
         inter_size = w13.shape[-1] // 2 if not four_bit else w13.shape[-2] // 2
     if is_int4 and not hasattr(w13, "xpu_fused_moe"):
         w13.data = _signed_int4(w13.data)
         w2.data = _signed_int4(w2.data)
-        w13.xpu_fused_moe = True
+        w13.xpu_fused_moe = True  # type: ignore[attr-defined]
     dtype = hidden_states.dtype
     w13_kn = _weights_kn(w13, w13_scales, four_bit, is_mxfp4, is_fp8, dtype)
     w2_kn = _weights_kn(w2, w2_scales, four_bit, is_mxfp4, is_fp8, dtype)
@@ -277,7 +276,7 @@ def _fused_moe_function(
     return output
 
 
-def xpu_fused_moe_0_1_3(hidden_states, w13, w13_scales, w13_bias, w2, w2_scales, w2_bias,  # type: ignore[no-untyped-def]
+def xpu_fused_moe_0_1_3(hidden_states, w13, w13_scales, w13_bias, w2, w2_scales, w2_bias,
                         topk_weights, topk_ids, n_experts_per_token, activation, num_experts,
                         ep_rank=0, ep_size=1, output=None, is_fp8=False, is_int4=False,
                         is_mxfp4=False):
@@ -295,7 +294,7 @@ def xpu_fused_moe_0_1_3(hidden_states, w13, w13_scales, w13_bias, w2, w2_scales,
         is_int4=is_int4, is_mxfp4=is_mxfp4)
 
 
-def xpu_fused_moe_0_1_5(hidden_states, w13, w13_scales, w13_bias, w2, w2_scales, w2_bias,  # type: ignore[no-untyped-def]
+def xpu_fused_moe_0_1_5(hidden_states, w13, w13_scales, w13_bias, w2, w2_scales, w2_bias,
                         topk_weights, topk_ids, n_experts_per_token, activation, num_experts,
                         ep_rank=0, ep_size=1, expert_map=None, output=None, is_fp8=False,
                         is_int4=False, is_mxfp4=False):
@@ -328,7 +327,7 @@ class XpuFusedMoe:
     apply(output, hidden_states, topk_weights, topk_ids, expert_map=None, a1q_scale=None):
     lines 267-283."""
 
-    def __init__(self, w13, w13_scales, w13_bias, w2, w2_scales, w2_bias,  # type: ignore[no-untyped-def]
+    def __init__(self, w13, w13_scales, w13_bias, w2, w2_scales, w2_bias,
                  n_experts_per_token, activation, num_experts, ep_rank=0, ep_size=1,
                  expert_map=None, gemm1_clamp_limit=None, activation_situ_beta=None,
                  activation_situ_linear_beta=None):
@@ -355,7 +354,7 @@ class XpuFusedMoe:
         self.num_experts, self.ep_rank, self.ep_size = num_experts, ep_rank, ep_size
         self.flags = (is_fp8, four_bit, is_mxfp4)
 
-    def apply(self, output, hidden_states, topk_weights, topk_ids, expert_map=None, a1q_scale=None):  # type: ignore[no-untyped-def]
+    def apply(self, output, hidden_states, topk_weights, topk_ids, expert_map=None, a1q_scale=None):
         if expert_map is not None or a1q_scale is not None:
             raise NotImplementedError("emulator: expert_map / a1q_scale are not emulated")
         is_fp8, four_bit, is_mxfp4 = self.flags

@@ -120,15 +120,15 @@ class Harness:
         from vllm.platforms import PlatformEnum, current_platform
 
         # what vLLM's modules ask the platform instance (current_platform is shared)
-        current_platform.is_xpu = lambda: True  # type: ignore[method-assign]
-        current_platform.is_cpu = lambda: False  # type: ignore[method-assign]
-        current_platform.is_cuda = lambda: False  # type: ignore[method-assign]
-        current_platform.is_rocm = lambda: False  # type: ignore[method-assign]
-        current_platform.is_cuda_alike = lambda: False  # type: ignore[method-assign]
+        current_platform.is_xpu = lambda: True
+        current_platform.is_cpu = lambda: False
+        current_platform.is_cuda = lambda: False
+        current_platform.is_rocm = lambda: False
+        current_platform.is_cuda_alike = lambda: False
         current_platform._enum = PlatformEnum.XPU
-        current_platform.get_device_capability = lambda device_id=0: None  # type: ignore[method-assign]
+        current_platform.get_device_capability = lambda device_id=0: None
         # XPUPlatform.num_compute_units reads torch.xpu device properties (Arc B580: 160)
-        current_platform.num_compute_units = lambda device_id=0: 160  # type: ignore[method-assign]
+        current_platform.num_compute_units = lambda device_id=0: 160
         import vllm
 
         self.vllm_file = vllm.__file__
