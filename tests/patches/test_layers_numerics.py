@@ -28,6 +28,7 @@ pytestmark = [pytest.mark.network, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 PRE_FIX = "89b51dc"  # the last commit with xpu-int4-linear/-moe as the review found them
 FIXED_PATCHES = ("xpu-int4-linear.patch", "xpu-int4-moe.patch")
+NEW_PATCHES = ("xpu-moe-kernel-layout.patch",)  # not in the series at PRE_FIX
 
 
 def run_layers(tree: Path, cases: list[str] | None = None) -> dict[str, Any]:
@@ -56,14 +57,15 @@ def fixed(patched_0190: Path) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def pre_fix(tmp_path_factory: pytest.TempPathFactory, pristine_0190: Path) -> dict[str, Any]:
-    """The whole series with xpu-int4-linear/-moe as they were at PRE_FIX."""
+    """The series as it was at PRE_FIX: xpu-int4-linear/-moe from then, no new patches."""
     git = shutil.which("git")
     if git is None or not (REPO / ".git").exists():
         pytest.skip("needs this repository's git history")
     work = tmp_path_factory.mktemp("pre-fix")
     patches = work / "patches"
     patches.mkdir()
-    for name in SERIES:
+    series = [n for n in SERIES if n not in NEW_PATCHES]
+    for name in series:
         src = PATCH_DIR / name
         if name in FIXED_PATCHES:
             blob = subprocess.run([git, "show", f"{PRE_FIX}:patches/vllm/0.19.0/{name}"], cwd=REPO,
@@ -75,15 +77,16 @@ def pre_fix(tmp_path_factory: pytest.TempPathFactory, pristine_0190: Path) -> di
             shutil.copy(src, patches / name)
     tree = work / "vllm-0.19.0"
     shutil.copytree(pristine_0190, tree)
-    for name in SERIES:
+    for name in series:
         subprocess.run([git, "apply", "-p1", "--whitespace=nowarn", str(patches / name)], cwd=tree, check=True)
-    return run_layers(tree, ["gptq-actorder-g64", "gptq-actorder-g128", "gptq-sym-g128", "gptq-moe-kernels-0.1.16"])
+    return run_layers(tree, ["gptq-actorder-g64", "gptq-actorder-g128", "gptq-sym-g128", "gptq-moe-kernels-0.1.16",
+                             "bf16-moe-e4-top2", "fp8-moe-e3-top2"])
 
 
 def test_every_case_passes_on_the_series(fixed: dict[str, Any]) -> None:
     bad = {n: r["detail"] for n, r in fixed["by_case"].items() if r["status"] != "pass"}
     assert not bad
-    assert len(fixed["by_case"]) >= 9
+    assert len(fixed["by_case"]) >= 11
 
 
 @pytest.mark.parametrize("case", ["gptq-actorder-g64", "gptq-actorder-g128"])
@@ -100,6 +103,15 @@ def test_int4_moe_refuses_kernels_without_xpu_fused_moe(fixed: dict[str, Any], p
     assert now["status"] == "pass" and now["detail"].startswith("refused clearly: RuntimeError: vllm-xpu-kernels 0.1.16.2")
     before = pre_fix["by_case"]["gptq-moe-kernels-0.1.16"]
     assert before["status"] == "fail" and "unexpected keyword argument 'is_int4'" in before["detail"]
+
+
+@pytest.mark.parametrize("case", ["bf16-moe-e4-top2", "fp8-moe-e3-top2"])
+def test_bf16_and_fp8_moe_run_on_kernels_0_1_5(fixed: dict[str, Any], pre_fix: dict[str, Any], case: str) -> None:
+    """Issue 15.3: 0.1.5 reads non-4-bit MoE weights as [E, K, N]; 0.19.0 did not transpose."""
+    now = fixed["by_case"][case]
+    assert now["status"] == "pass" and now["rel"] < 5e-3
+    before = pre_fix["by_case"][case]
+    assert before["status"] == "fail" and "ptr_A.size(1) must match ptr_B.size(1)" in before["detail"]
 
 
 def test_pre_fix_series_still_passes_what_was_right(pre_fix: dict[str, Any]) -> None:

@@ -112,6 +112,29 @@ def int4_gemm_w4a16(
     return out.to(A.dtype)
 
 
+# -- static_scaled_fp8_quant --------------------------------------------------------
+
+STATIC_SCALED_FP8_QUANT_SCHEMA = (
+    "static_scaled_fp8_quant(Tensor! result, Tensor input, Tensor scale, "
+    "(int, int)? group_shape=None) -> ()"
+)
+
+
+def static_scaled_fp8_quant(
+    result: torch.Tensor, input: torch.Tensor, scale: torch.Tensor, group_shape: Any = None
+) -> None:
+    """torch.ops._C.static_scaled_fp8_quant, vllm-xpu-kernels 0.1.5.
+
+    Schema: v0.1.5:csrc/torch_bindings.cpp:65-68. Semantics: v0.1.5:csrc/quantization/
+    fp8/fp8_quant.cpp:357-400: per-tensor when scale has one element (only this case is
+    emulated): result = fp8(clamp(input / scale, -max, max)), written in place."""
+    if scale.numel() != 1:
+        raise NotImplementedError("emulator: only per-tensor static_scaled_fp8_quant is emulated")
+    fmax = float(torch.finfo(result.dtype).max)
+    q = (input.to(F64) / float(scale.reshape(-1)[0])).clamp(-fmax, fmax)
+    result.copy_(q.to(result.dtype))
+
+
 # -- fused MoE -----------------------------------------------------------------------
 
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)

@@ -4,10 +4,13 @@ write_kernel_package(dest, version) makes, under `dest` (a directory to put firs
 sys.path of the interpreter under test):
 
     vllm_xpu_kernels/__init__.py
-    vllm_xpu_kernels/_C.py, _moe_C.py      empty: what vllm/platforms/xpu.py imports
+    vllm_xpu_kernels/_C.py                 registers torch.ops._C.static_scaled_fp8_quant
+    vllm_xpu_kernels/_moe_C.py             empty (vllm/platforms/xpu.py imports all three)
     vllm_xpu_kernels/_xpu_C.py             registers torch.ops._xpu_C.int4_gemm_w4a16
                                            (the kernel's own schema) -> emulators
     vllm_xpu_kernels/fused_moe_interface.py  the names that version exports -> emulators
+    vllm_xpu_kernels/flash_attn_interface.py  flash_attn_varlen_func (vllm/_xpu_ops.py imports
+                                           it at import time); calling it raises: not emulated
     vllm_xpu_kernels-<version>.dist-info/METADATA  so importlib.metadata sees the version
 
 The ops module imports stackbuild.checks.numerics.emulators, so stackbuild must be
@@ -37,10 +40,27 @@ _LIB.define({INT4_GEMM_W4A16_SCHEMA!r})
 _LIB.impl("int4_gemm_w4a16", emulators.int4_gemm_w4a16, "CompositeExplicitAutograd")
 '''
 
+_C = '''"""Emulated torch.ops._C (stackbuild layers suite; not the real kernels)."""
+import torch
+
+from stackbuild.checks.numerics import emulators
+
+_LIB = torch.library.Library("_C", "DEF")
+_LIB.define(emulators.STATIC_SCALED_FP8_QUANT_SCHEMA)
+_LIB.impl("static_scaled_fp8_quant", emulators.static_scaled_fp8_quant, "CompositeExplicitAutograd")
+'''
+
 _FUSED_MOE = '''"""Emulated fused MoE API of vllm-xpu-kernels {version} (stackbuild layers suite)."""
 from stackbuild.checks.numerics import emulators
 
 globals().update(emulators.fused_moe_api({version!r}))
+'''
+
+_FLASH_ATTN = '''"""vllm-xpu-kernels' flash attention: imported by vllm/_xpu_ops.py, not emulated."""
+
+
+def flash_attn_varlen_func(*args, **kwargs):
+    raise NotImplementedError("stackbuild layers suite: flash_attn_varlen_func is not emulated")
 '''
 
 _VERSION_RE = re.compile(r"^\d+(\.\d+){1,3}$")
@@ -53,9 +73,10 @@ def write_kernel_package(dest: Path, version: str) -> Path:
     pkg = dest / "vllm_xpu_kernels"
     pkg.mkdir(parents=True, exist_ok=True)
     (pkg / "__init__.py").write_text(f'"""Emulated vllm-xpu-kernels {version}."""\n')
-    for empty in ("_C.py", "_moe_C.py"):
-        (pkg / empty).write_text("")
+    (pkg / "_C.py").write_text(_C)
+    (pkg / "_moe_C.py").write_text("")
     (pkg / "_xpu_C.py").write_text(_XPU_C)
+    (pkg / "flash_attn_interface.py").write_text(_FLASH_ATTN)
     (pkg / "fused_moe_interface.py").write_text(_FUSED_MOE.format(version=version))
     info = dest / f"vllm_xpu_kernels-{version}.dist-info"
     info.mkdir(exist_ok=True)

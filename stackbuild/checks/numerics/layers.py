@@ -10,11 +10,13 @@ For each case it
   2. fakes the XPU platform on vLLM's current_platform instance (as vLLM's own modules
      read it: is_xpu, _enum, get_device_capability),
   3. builds the layer through vLLM: a ReplicatedLinear with GPTQMarlinConfig or
-     AWQMarlinConfig (the kernel class is chosen by vLLM's choose_mp_linear_kernel), or
-     GPTQMarlinMoEMethod.create_weights for MoE,
+     AWQMarlinConfig (the kernel class is chosen by vLLM's choose_mp_linear_kernel), or,
+     for MoE, the method object (GPTQMarlinMoEMethod, UnquantizedFusedMoEMethod,
+     Fp8MoEMethod) with create_weights on a module that carries the attributes a
+     FusedMoE layer gives those methods (a FusedMoE itself needs a validated VllmConfig,
+     which imports the engine: msgspec, ...),
   4. loads a seeded checkpoint through the parameters' own weight_loader (linear) or by
-     copying into the created parameters (MoE: FusedMoE.weight_loader needs a whole
-     FusedMoE layer, whose construction needs a VllmConfig that imports the engine),
+     copying into the created parameters (MoE: FusedMoE.weight_loader needs a FusedMoE),
   5. calls process_weights_after_loading and apply, and
   6. compares with an fp64 reference made from the checkpoint tensors directly
      (GPTQ: w[k, n] = (q[k, n] - z[g_idx[k], n]) * s[g_idx[k], n]).
@@ -33,6 +35,7 @@ import sys
 import tempfile
 import time
 import traceback
+import types
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -43,7 +46,7 @@ REL_LIMIT = 5e-3
 @dataclass(frozen=True)
 class LayerCase:
     name: str
-    method: str  # gptq-linear | awq-linear | gptq-moe
+    method: str  # gptq-linear | awq-linear | gptq-moe | unquantized-moe | fp8-moe
     k: int  # input dim (hidden size for MoE)
     n: int  # output dim (intermediate size per partition for MoE)
     group_size: int
@@ -65,6 +68,8 @@ DEFAULT_CASES: tuple[LayerCase, ...] = (
     LayerCase("awq-asym-g64", "awq-linear", 128, 256, 64),
     LayerCase("gptq-moe-e4-top2-g64", "gptq-moe", 128, 64, 64, experts=4, topk=2),
     LayerCase("gptq-moe-e3-top1-g32", "gptq-moe", 64, 96, 32, experts=3, topk=1),
+    LayerCase("bf16-moe-e4-top2", "unquantized-moe", 128, 64, 0, experts=4, topk=2),
+    LayerCase("fp8-moe-e3-top2", "fp8-moe", 96, 64, 0, experts=3, topk=2),
     LayerCase(
         "gptq-moe-kernels-0.1.16",
         "gptq-moe",
@@ -144,6 +149,21 @@ class Harness:
         )
         # initialize_model_parallel asks for a VllmConfig (which imports the engine)
         ps._TP = ps.init_model_parallel_group([[0]], 0, "gloo", group_name="tp")
+        # CustomOp (the unquantized MoE method is one) reads the current config's
+        # compilation_config; a VllmConfig cannot be validated without the engine
+        # (msgspec, ...), so the current one holds only a CompilationConfig with
+        # custom_ops ["all"] (what VllmConfig sets without inductor: eager custom ops).
+        import vllm.config.vllm as vllm_config_mod
+        from vllm.config import CompilationConfig
+
+        cfg = object.__new__(vllm_config_mod.VllmConfig)
+        object.__setattr__(cfg, "compilation_config", CompilationConfig(custom_ops=["all"]))
+        vllm_config_mod._current_vllm_config = cfg
+        vllm_config_mod.get_cached_compilation_config.cache_clear()
+        # the model runner does this once per worker; the modular MoE kernel needs it
+        from vllm.v1.worker.workspace import init_workspace_manager
+
+        init_workspace_manager(torch.device("cpu"))
 
     def _use_kernels(self, version: str) -> None:
         from stackbuild.checks.numerics.kernelpkg import write_kernel_package
@@ -154,12 +174,14 @@ class Harness:
             if str(p) in sys.path:
                 sys.path.remove(str(p))
         sys.path.insert(0, str(self.packages[version]))
+        ops_modules = ("vllm_xpu_kernels._C", "vllm_xpu_kernels._xpu_C", "vllm_xpu_kernels._moe_C")
         for mod in [m for m in sys.modules if m == "vllm_xpu_kernels" or m.startswith("vllm_xpu_kernels.")]:
-            if mod != "vllm_xpu_kernels._xpu_C":  # the op registration lives once per process
+            if mod not in ops_modules:  # op registrations live once per process
                 del sys.modules[mod]
         importlib.invalidate_caches()
-        if "vllm_xpu_kernels._xpu_C" not in sys.modules:
-            importlib.import_module("vllm_xpu_kernels._xpu_C")  # what vllm/platforms/xpu.py imports
+        for mod in ops_modules:  # what vllm/platforms/xpu.py imports
+            if mod not in sys.modules:
+                importlib.import_module(mod)
 
     # -- checkpoints -------------------------------------------------------------
 
@@ -235,6 +257,136 @@ class Harness:
         y = layer.quant_method.apply(layer, x)
         return y, self.reference(x, ck)
 
+    def moe_config(self, case: LayerCase, dtype: Any) -> Any:
+        from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+        from vllm.model_executor.layers.fused_moe.config import (
+            FusedMoEConfig,
+            FusedMoEParallelConfig,
+            RoutingMethodType,
+        )
+
+        return FusedMoEConfig(
+            num_experts=case.experts,
+            experts_per_token=case.topk,
+            hidden_dim=case.k,
+            intermediate_size_per_partition=case.n,
+            num_local_experts=case.experts,
+            num_logical_experts=case.experts,
+            activation=MoEActivation.SILU,
+            device="cpu",
+            routing_method=RoutingMethodType.TopK,
+            moe_parallel_config=FusedMoEParallelConfig.make_no_parallel(),
+            in_dtype=dtype,
+        )
+
+    def routing(self, case: LayerCase, gen: Any) -> tuple[Any, Any]:
+        torch = self.torch
+        logits = torch.randn(case.m, case.experts, generator=gen)
+        topk_w, topk_ids = torch.topk(torch.softmax(logits, -1), case.topk, dim=-1)
+        return topk_w.to(torch.float32), topk_ids.to(torch.int32)
+
+    def moe_reference(self, x: Any, topk_w: Any, topk_ids: Any, w13: Any, w2: Any) -> Any:
+        """Per token: sum over its experts of weight * (silu(x W1^T) * (x W3^T)) W2^T, with
+        w13 [E, 2I, H] (gate rows first) and w2 [E, H, I] as float64."""
+        torch = self.torch
+        inter = w2.shape[-1]
+        ref = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float64)
+        for t in range(x.shape[0]):
+            for j in range(topk_ids.shape[1]):
+                ex = int(topk_ids[t, j])
+                a = x[t].double() @ w13[ex].t()
+                act = torch.nn.functional.silu(a[:inter]) * a[inter:]
+                ref[t] += float(topk_w[t, j]) * (act @ w2[ex].t())
+        return ref
+
+    def run_unquantized_moe(self, case: LayerCase, gen: Any) -> tuple[Any, Any]:
+        """UnquantizedFusedMoEMethod (bf16): vLLM's modular kernel -> XPUExperts ->
+        vllm_xpu_kernels.fused_moe_interface.xpu_fused_moe."""
+        torch = self.torch
+        from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
+            UnquantizedFusedMoEMethod,
+        )
+
+        self._bind_xpu_experts()
+        e, h, inter = case.experts, case.k, case.n
+        moe = self.moe_config(case, torch.bfloat16)
+        method = UnquantizedFusedMoEMethod(moe)
+        layer = self._moe_layer(case, moe)
+        method.create_weights(layer, e, h, inter, torch.bfloat16, weight_loader=None)
+        w13 = (torch.randn(e, 2 * inter, h, generator=gen) / 8).to(torch.bfloat16)
+        w2 = (torch.randn(e, h, inter, generator=gen) / 8).to(torch.bfloat16)
+        with torch.no_grad():
+            layer.w13_weight.copy_(w13)
+            layer.w2_weight.copy_(w2)
+        method.process_weights_after_loading(layer)
+        x = (torch.randn(case.m, h, generator=gen) / 2).to(torch.bfloat16)
+        topk_w, topk_ids = self.routing(case, gen)
+        y = method.apply(layer, x, topk_w, topk_ids, None)
+        return y, self.moe_reference(x, topk_w, topk_ids, w13.double(), w2.double())
+
+    def _bind_xpu_experts(self) -> None:
+        import vllm.model_executor.layers.fused_moe as fused_moe_pkg
+        from vllm.model_executor.layers.fused_moe import xpu_fused_moe
+
+        # fused_moe/__init__.py exports XPUExperts only under `if HAS_TRITON:`; an XPU
+        # host has triton-xpu, this CPU venv has no triton: bind what that branch binds
+        for name in ("XPUExperts", "XPUExpertsFp8"):
+            if not hasattr(fused_moe_pkg, name):
+                setattr(fused_moe_pkg, name, getattr(xpu_fused_moe, name))
+
+    def _moe_layer(self, case: LayerCase, moe: Any) -> Any:
+        """The attributes of a FusedMoE layer the MoE methods read."""
+        from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+
+        layer: Any = self.torch.nn.Module()
+        layer.moe_config = moe
+        layer.activation = MoEActivation.SILU
+        layer.apply_router_weight_on_input = False
+        layer.global_num_experts = case.experts
+        layer.local_num_experts = case.experts
+        layer.intermediate_size_per_partition = case.n
+        layer.expert_map = None
+        layer.moe_parallel_config = moe.moe_parallel_config
+        layer.expert_placement_strategy = "linear"
+        layer.shared_experts = None
+        from vllm.model_executor.layers.fused_moe.layer import FusedMoE
+
+        # FusedMoE's own method (no EP: no routing tables), bound to this layer
+        layer._maybe_init_expert_routing_tables = types.MethodType(
+            FusedMoE._maybe_init_expert_routing_tables, layer
+        )
+        return layer
+
+    def run_fp8_moe(self, case: LayerCase, gen: Any) -> tuple[Any, Any]:
+        """Fp8MoEMethod (per-tensor FP8 weights, dynamic activations): the FP8 MoE oracle
+        -> XPUExpertsFp8 -> xpu_fused_moe(is_fp8=True)."""
+        torch = self.torch
+        from vllm.model_executor.layers.quantization.fp8 import Fp8Config, Fp8MoEMethod
+
+        self._bind_xpu_experts()
+        e, h, inter = case.experts, case.k, case.n
+        moe = self.moe_config(case, torch.bfloat16)
+        layer = self._moe_layer(case, moe)
+        qc = Fp8Config(is_checkpoint_fp8_serialized=True, activation_scheme="dynamic")
+        method = Fp8MoEMethod(qc, layer)
+        method.create_weights(layer, e, h, inter, torch.bfloat16, weight_loader=None)
+        w13 = (torch.randn(e, 2 * inter, h, generator=gen) * 4).to(torch.float8_e4m3fn)
+        w2 = (torch.randn(e, h, inter, generator=gen) * 4).to(torch.float8_e4m3fn)
+        s13 = torch.rand(e, generator=gen) * 0.02 + 0.01  # one scale for w1 and w3: no requantisation
+        s2 = torch.rand(e, generator=gen) * 0.02 + 0.01
+        with torch.no_grad():
+            layer.w13_weight.copy_(w13)
+            layer.w2_weight.copy_(w2)
+            layer.w13_weight_scale.copy_(s13[:, None].expand(e, 2))
+            layer.w2_weight_scale.copy_(s2)
+        method.process_weights_after_loading(layer)
+        x = (torch.randn(case.m, h, generator=gen) / 2).to(torch.bfloat16)
+        topk_w, topk_ids = self.routing(case, gen)
+        y = method.apply(layer, x, topk_w, topk_ids, None)
+        ref13 = w13.double() * s13.double()[:, None, None]
+        ref2 = w2.double() * s2.double()[:, None, None]
+        return y, self.moe_reference(x, topk_w, topk_ids, ref13, ref2)
+
     def run_moe(self, case: LayerCase, gen: Any) -> tuple[Any, Any]:
         torch = self.torch
         from vllm.model_executor.layers.fused_moe.activation import MoEActivation
@@ -304,7 +456,9 @@ class Harness:
         gen = torch.Generator().manual_seed(1000 + case.seed)
         res = CaseResult(case.name, case.kernels, "fail", control=control)
         try:
-            y, ref = (self.run_moe if case.method == "gptq-moe" else self.run_linear)(case, gen)
+            run = {"gptq-moe": self.run_moe, "unquantized-moe": self.run_unquantized_moe,
+                   "fp8-moe": self.run_fp8_moe}
+            y, ref = run.get(case.method, self.run_linear)(case, gen)
         except Exception as exc:  # the patched code failing in any way is this case's verdict
             msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:400]
             if case.refusal and not control and isinstance(exc, (RuntimeError, NotImplementedError)) \
