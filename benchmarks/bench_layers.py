@@ -1,5 +1,5 @@
-"""Layers-suite benchmark (issue 14): the default `layers` matrix (9 cases, 5 negative
-controls) on the real 0.19.0 tree with the whole series applied, in the CPU venv of
+"""Layers-suite benchmark (issue 14): the default `layers` matrix (every case and negative
+control of stackbuild/checks/numerics/layers.py) on the real 0.19.0 tree with the whole series applied, in the CPU venv of
 tests/checks/test_verify_dynamic.py, pinned to 2 CPU cores (taskset where available).
 Reports the worker's wall time (process start, vLLM import, distributed init, cases)
 and the in-worker time; the raw baseline is a bare `python -c "import vllm"` in the
@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT / "tests" / "patches"))
 
 import fixtures  # noqa: E402
 from conftest import apply_series  # noqa: E402
+from test_layers_numerics import extra_wheels  # noqa: E402
 from test_verify_dynamic import target_venv  # noqa: E402
 
 TARGET_S = 60.0
@@ -43,7 +44,8 @@ def main() -> int:
         shutil.copytree(fixtures.vllm_tree("0.19.0"), tree)
         apply_series(tree)
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-        env.update(PYTHONPATH=f"{ROOT}{os.pathsep}{tree}", HF_HUB_OFFLINE="1", VLLM_LOGGING_LEVEL="ERROR")
+        path = os.pathsep.join([str(ROOT), str(tree), *(str(w) for w in extra_wheels())])
+        env.update(PYTHONPATH=path, HF_HUB_OFFLINE="1", VLLM_LOGGING_LEVEL="ERROR")
         t0 = time.perf_counter()
         subprocess.run(_cmd([python, "-c", "import vllm.model_executor.layers.linear"]), env=env, check=True)
         baseline = time.perf_counter() - t0

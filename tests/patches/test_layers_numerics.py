@@ -15,9 +15,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import fixtures
 import pytest
 from conftest import PATCH_DIR, SERIES
 
+from stackbuild.cache import sha256_file
 from stackbuild.checks.numerics.layers_check import results_from_output
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "checks"))
@@ -31,12 +33,43 @@ FIXED_PATCHES = ("xpu-int4-linear.patch", "xpu-int4-moe.patch")
 NEW_PATCHES = ("xpu-moe-kernel-layout.patch",)  # not in the series at PRE_FIX
 
 
+# Pure-Python packages vLLM's compressed-tensors method imports, absent from the CPU venv:
+# their wheels (zip-importable) go on the worker's PYTHONPATH. sha256 from the index.
+EXTRA_WHEELS = {
+    "compressed_tensors-0.14.0.1-py3-none-any.whl": (
+        "compressed-tensors==0.14.0.1",
+        "46c4940a3a779d3d97108c294bfcd9acf4bd0491f7c6737c320f0e815ec732e4",
+    ),
+    "loguru-0.7.3-py3-none-any.whl": (
+        "loguru==0.7.3",
+        "31a33c10c8e1e10422bfd431aeb5d351c7cf7fa671e3c4df004162264b28220c",
+    ),
+}
+
+
+def extra_wheels() -> list[Path]:
+    dest_dir = fixtures.test_cache_dir() / "wheels"
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    out = []
+    for name, (req, sha) in EXTRA_WHEELS.items():
+        dest = dest_dir / name
+        if not (dest.exists() and sha256_file(dest) == sha):
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                            req, "-d", str(dest_dir)], check=True, capture_output=True)
+            if sha256_file(dest) != sha:
+                dest.unlink()
+                raise RuntimeError(f"sha256 mismatch for {name}")
+        out.append(dest)
+    return out
+
+
 def run_layers(tree: Path, cases: list[str] | None = None) -> dict[str, Any]:
     args: dict[str, Any] = {"tree": str(tree), "kernels": "0.1.5"}
     if cases:
         args["cases"] = cases
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-    env.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", VLLM_LOGGING_LEVEL="ERROR")
+    path = os.pathsep.join([str(REPO), *(str(w) for w in extra_wheels())])
+    env.update(PYTHONPATH=path, HF_HUB_OFFLINE="1", VLLM_LOGGING_LEVEL="ERROR")
     proc = subprocess.run(
         [str(target_venv() / "bin/python"), "-m", "stackbuild.checks.numerics.layers", json.dumps(args)],
         capture_output=True, text=True, env=env, timeout=600,
@@ -80,16 +113,18 @@ def pre_fix(tmp_path_factory: pytest.TempPathFactory, pristine_0190: Path) -> di
     for name in series:
         subprocess.run([git, "apply", "-p1", "--whitespace=nowarn", str(patches / name)], cwd=tree, check=True)
     return run_layers(tree, ["gptq-actorder-g64", "gptq-actorder-g128", "gptq-sym-g128", "gptq-moe-kernels-0.1.16",
-                             "bf16-moe-e4-top2", "fp8-moe-e3-top2"])
+                             "bf16-moe-e4-top2", "fp8-moe-e3-top2", "ct-actorder-asym-g64", "ct-actorder-sym-g32"])
 
 
 def test_every_case_passes_on_the_series(fixed: dict[str, Any]) -> None:
     bad = {n: r["detail"] for n, r in fixed["by_case"].items() if r["status"] != "pass"}
     assert not bad
-    assert len(fixed["by_case"]) >= 11
+    assert len(fixed["by_case"]) >= 16
 
 
-@pytest.mark.parametrize("case", ["gptq-actorder-g64", "gptq-actorder-g128"])
+@pytest.mark.parametrize(
+    "case", ["gptq-actorder-g64", "gptq-actorder-g128", "ct-actorder-asym-g64", "ct-actorder-sym-g32"]
+)
 def test_act_order_gptq_linear_matches_the_fp64_reference(fixed: dict[str, Any], pre_fix: dict[str, Any],
                                                           case: str) -> None:
     now, before = fixed["by_case"][case], pre_fix["by_case"][case]

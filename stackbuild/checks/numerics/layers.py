@@ -46,12 +46,13 @@ REL_LIMIT = 5e-3
 @dataclass(frozen=True)
 class LayerCase:
     name: str
-    method: str  # gptq-linear | awq-linear | gptq-moe | unquantized-moe | fp8-moe
+    method: str  # gptq-linear | awq-linear | ct-linear | gptq-moe | awq-moe | unquantized-moe | fp8-moe
     k: int  # input dim (hidden size for MoE)
     n: int  # output dim (intermediate size per partition for MoE)
     group_size: int
     kernels: str = ""  # "": the version the recipe pins (main's "kernels" argument)
     act_order: bool = False
+    sym: bool = True  # ct-linear: symmetric (zero point 8) or with zero points
     experts: int = 0
     topk: int = 0
     m: int = 7  # tokens
@@ -66,8 +67,16 @@ DEFAULT_CASES: tuple[LayerCase, ...] = (
     LayerCase("gptq-actorder-g128", "gptq-linear", 384, 128, 128, act_order=True),
     LayerCase("awq-asym-g128", "awq-linear", 256, 192, 128),
     LayerCase("awq-asym-g64", "awq-linear", 128, 256, 64),
+    LayerCase("ct-asym-g128", "ct-linear", 256, 192, 128, sym=False),
+    LayerCase("ct-actorder-asym-g64", "ct-linear", 256, 128, 64, act_order=True, sym=False),
+    LayerCase("ct-actorder-sym-g32", "ct-linear", 128, 96, 32, act_order=True),
     LayerCase("gptq-moe-e4-top2-g64", "gptq-moe", 128, 64, 64, experts=4, topk=2),
     LayerCase("gptq-moe-e3-top1-g32", "gptq-moe", 64, 96, 32, experts=3, topk=1),
+    # AWQ MoE: the fused MoE has a fixed zero point 8; the patch folds zero points into
+    # the weights where that is lossless and refuses otherwise
+    LayerCase("awq-moe-z8-e3-top2-g64", "awq-moe", 128, 64, 64, experts=3, topk=2),
+    LayerCase("awq-moe-asym-refused", "awq-moe", 128, 64, 64, experts=3, topk=2, sym=False,
+              refusal="cannot be re-centred to zero point 8"),
     LayerCase("bf16-moe-e4-top2", "unquantized-moe", 128, 64, 0, experts=4, topk=2),
     LayerCase("fp8-moe-e3-top2", "fp8-moe", 96, 64, 0, experts=3, topk=2),
     LayerCase(
@@ -233,6 +242,42 @@ class Harness:
             )
             ck = self.gptq_checkpoint(k, n, g, case.act_order, gen)
             tensors = {"qweight": ck["qweight"], "scales": ck["scales"], "qzeros": ck["qzeros"], "g_idx": ck["g_idx"]}
+        elif case.method == "ct-linear":
+            from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
+                CompressedTensorsConfig,
+            )
+
+            weights = {
+                "num_bits": 4,
+                "type": "int",
+                "symmetric": case.sym,
+                "strategy": "group",
+                "group_size": g,
+                "dynamic": False,
+                "actorder": "group" if case.act_order else None,
+            }
+            qc = CompressedTensorsConfig.from_config(
+                {
+                    "quant_method": "compressed-tensors",
+                    "format": "pack-quantized",
+                    "config_groups": {"group_0": {"targets": ["re:.*down_proj"], "weights": weights}},
+                    "ignore": [],
+                }
+            )
+            ck = self.gptq_checkpoint(k, n, g, case.act_order, gen)
+            if not case.sym:
+                ck["zeros"] = torch.randint(0, 16, (k // g, n), generator=gen)
+            # compressed-tensors pack-quantized: [N, K/8] packed along K, scales [N, K/G],
+            # zero points [N/8, K/G] packed along N (all unsigned, w = (q - z) * s)
+            tensors = {
+                "weight_packed": _pack_cols(torch, ck["q"].t(), range(8)),
+                "weight_scale": ck["scales"].t().contiguous(),
+                "weight_shape": torch.tensor([n, k]),
+            }
+            if not case.sym:
+                tensors["weight_zero_point"] = _pack_rows(torch, ck["zeros"].t())
+            if case.act_order:
+                tensors["weight_g_idx"] = ck["g_idx"]
         else:
             from vllm.model_executor.layers.quantization.awq_marlin import AWQMarlinConfig
 
@@ -387,6 +432,45 @@ class Harness:
         ref2 = w2.double() * s2.double()[:, None, None]
         return y, self.moe_reference(x, topk_w, topk_ids, ref13, ref2)
 
+    def dequant(self, ck: dict[str, Any]) -> Any:
+        """The checkpoint's weight [K, N] in float64 (GPTQ definition)."""
+        torch = self.torch
+        gi = ck["g_idx"].to(torch.int64)
+        return (ck["q"].double() - ck["zeros"].double()[gi]) * ck["scales"].double()[gi]
+
+    def run_awq_moe(self, case: LayerCase, gen: Any) -> tuple[Any, Any]:
+        """AWQMarlinMoEMethod: AWQ checkpoint (packed along N in AWQ order, zero points)."""
+        torch = self.torch
+        from vllm.model_executor.layers.quantization.awq_marlin import (
+            AWQMarlinConfig,
+            AWQMarlinMoEMethod,
+        )
+
+        e, h, inter, g = case.experts, case.k, case.n, case.group_size
+        qc = AWQMarlinConfig.from_config({"bits": 4, "group_size": g, "zero_point": True, "lm_head": False})
+        moe = self.moe_config(case, torch.float16)
+        method = AWQMarlinMoEMethod(qc, moe)
+        layer = self._moe_layer(case, moe)
+        method.create_weights(layer, e, h, inter, torch.float16, intermediate_size_full=inter, weight_loader=None)
+        w13 = [self.gptq_checkpoint(h, 2 * inter, g, False, gen) for _ in range(e)]
+        w2 = [self.gptq_checkpoint(inter, h, g, False, gen) for _ in range(e)]
+        if not case.sym:
+            for ck in w13 + w2:
+                ck["zeros"] = torch.randint(0, 16, ck["zeros"].shape, generator=gen)
+        awq = (0, 2, 4, 6, 1, 3, 5, 7)
+        with torch.no_grad():
+            for name, cks in (("w13", w13), ("w2", w2)):
+                getattr(layer, f"{name}_qweight").copy_(torch.stack([_pack_cols(torch, c["q"], awq) for c in cks]))
+                getattr(layer, f"{name}_qzeros").copy_(torch.stack([_pack_cols(torch, c["zeros"], awq) for c in cks]))
+                getattr(layer, f"{name}_scales").copy_(torch.stack([c["scales"] for c in cks]))
+        method.process_weights_after_loading(layer)
+        x = torch.randn(case.m, h, generator=gen).to(torch.float16)
+        topk_w, topk_ids = self.routing(case, gen)
+        y = method.apply(layer, x, topk_w, topk_ids, None)
+        ref13 = torch.stack([self.dequant(c).t() for c in w13])
+        ref2 = torch.stack([self.dequant(c).t() for c in w2])
+        return y, self.moe_reference(x, topk_w, topk_ids, ref13, ref2)
+
     def run_moe(self, case: LayerCase, gen: Any) -> tuple[Any, Any]:
         torch = self.torch
         from vllm.model_executor.layers.fused_moe.activation import MoEActivation
@@ -456,12 +540,19 @@ class Harness:
         gen = torch.Generator().manual_seed(1000 + case.seed)
         res = CaseResult(case.name, case.kernels, "fail", control=control)
         try:
-            run = {"gptq-moe": self.run_moe, "unquantized-moe": self.run_unquantized_moe,
+            run = {"gptq-moe": self.run_moe, "awq-moe": self.run_awq_moe, "unquantized-moe": self.run_unquantized_moe,
                    "fp8-moe": self.run_fp8_moe}
             y, ref = run.get(case.method, self.run_linear)(case, gen)
+        except ModuleNotFoundError as exc:
+            top = (exc.name or "").partition(".")[0]
+            if top in ("vllm", "vllm_xpu_kernels"):
+                res.detail = f"ModuleNotFoundError: {exc}"
+                res.info["trace"] = traceback.format_exc()[-2000:]
+            else:  # a third-party package vLLM needs for this method, not in the target
+                res.status, res.detail = "skipped", f"the target python lacks {exc.name!r}"
         except Exception as exc:  # the patched code failing in any way is this case's verdict
             msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:400]
-            if case.refusal and not control and isinstance(exc, (RuntimeError, NotImplementedError)) \
+            if case.refusal and not control and isinstance(exc, (RuntimeError, NotImplementedError, ValueError)) \
                     and case.refusal in str(exc):
                 res.status, res.detail = "pass", f"refused clearly: {msg}"
             else:
