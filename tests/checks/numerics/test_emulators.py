@@ -172,3 +172,47 @@ def test_fused_moe_api_by_version() -> None:
     assert set(emu.fused_moe_api("0.1.5")) == {"xpu_fused_moe"}
     assert set(emu.fused_moe_api("0.1.11")) == {"xpu_fused_moe", "XpuFusedMoe"}
     assert set(emu.fused_moe_api("0.1.12.1")) == {"XpuFusedMoe"}
+
+
+def _wheel_package(version: str, dest: Path) -> types.ModuleType:
+    """The wheel's Python files as a package (named per version), with empty _C, _xpu_C and
+    _moe_C modules in place of the native libraries (they need libc10_xpu.so): only the
+    signatures and the pure-Python helpers are used from it."""
+    name = "vxk_" + version.replace(".", "_")
+    pkg = dest / name
+    pkg.mkdir(parents=True)
+    with zipfile.ZipFile(kernel_wheel(version)) as zf:
+        for member in zf.namelist():
+            if member.startswith("vllm_xpu_kernels/") and member.endswith(".py") and member.count("/") == 1:
+                (pkg / member.split("/", 1)[1]).write_bytes(zf.read(member))
+    for stub in ("_C.py", "_xpu_C.py", "_moe_C.py"):
+        (pkg / stub).write_text("")
+    sys.path.insert(0, str(dest))
+    try:
+        return importlib.import_module(f"{name}.fused_moe_interface")
+    finally:
+        sys.path.remove(str(dest))
+
+
+def _params(fn: object) -> list[tuple[str, object]]:
+    import inspect
+
+    return [(p.name, p.default) for p in inspect.signature(fn).parameters.values()]  # type: ignore[arg-type]
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("version", ["0.1.3.1", "0.1.12.1", "0.1.16.2"])
+def test_emulator_signatures_and_int4_conversion_match_the_wheel(version: str, tmp_path: Path) -> None:
+    fmi = _wheel_package(version, tmp_path)
+    api = emu.fused_moe_api(version)
+    assert set(api) == {n for n in ("xpu_fused_moe", "XpuFusedMoe") if hasattr(fmi, n)}
+    if "xpu_fused_moe" in api:
+        assert _params(api["xpu_fused_moe"]) == _params(fmi.xpu_fused_moe)
+    if "XpuFusedMoe" in api:
+        wheel_init = _params(fmi.XpuFusedMoe.__init__)
+        ours = _params(api["XpuFusedMoe"].__init__)
+        assert ours[: len(wheel_init)] == wheel_init  # 0.1.12 lacks the 0.1.16 SITU keywords
+        assert all(default is None for _, default in ours[len(wheel_init):])
+        assert _params(api["XpuFusedMoe"].apply) == _params(fmi.XpuFusedMoe.apply)
+    w = torch.randint(0, 256, (64, 48), dtype=torch.int64).to(torch.uint8)
+    assert torch.equal(emu._signed_int4(w).view(torch.int8), fmi.implement_zp(w).view(torch.int8))
