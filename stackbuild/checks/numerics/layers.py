@@ -72,6 +72,8 @@ DEFAULT_CASES: tuple[LayerCase, ...] = (
     LayerCase("ct-actorder-sym-g32", "ct-linear", 128, 96, 32, act_order=True),
     LayerCase("gptq-moe-e4-top2-g64", "gptq-moe", 128, 64, 64, experts=4, topk=2),
     LayerCase("gptq-moe-e3-top1-g32", "gptq-moe", 64, 96, 32, experts=3, topk=1),
+    LayerCase("gptq-moe-actorder-refused", "gptq-moe", 128, 64, 64, act_order=True, experts=3, topk=2,
+              refusal="without act-order"),
     # AWQ MoE: the fused MoE has a fixed zero point 8; the patch folds zero points into
     # the weights where that is lossless and refuses otherwise
     LayerCase("awq-moe-z8-e3-top2-g64", "awq-moe", 128, 64, 64, experts=3, topk=2),
@@ -486,7 +488,7 @@ class Harness:
 
         e, h, inter, g = case.experts, case.k, case.n, case.group_size
         qc = GPTQMarlinConfig.from_config(
-            {"bits": 4, "group_size": g, "desc_act": False, "sym": True, "lm_head": False}
+            {"bits": 4, "group_size": g, "desc_act": case.act_order, "sym": True, "lm_head": False}
         )
         moe = FusedMoEConfig(
             num_experts=e,
