@@ -37,6 +37,26 @@ def pinned_kernels(ctx: CheckContext) -> str | None:
     return m.group(1) if m else None
 
 
+# the vLLM releases whose quantization-method API the harness (layers.py) is written for
+HARNESS_VLLM = ("0.19.",)
+
+
+def vllm_version(ctx: CheckContext, tree: Path) -> str | None:
+    """The vLLM release the recipe builds: its pinned requirement, else the tree's PKG-INFO."""
+    try:
+        version = ctx.recipe.source("vllm").version
+    except KeyError:
+        version = None
+    if version:
+        return version
+    pkg_info = tree / "PKG-INFO"
+    if pkg_info.is_file():
+        for line in pkg_info.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("Version:"):
+                return line.split(":", 1)[1].strip()
+    return None
+
+
 def _skip(why: str) -> list[CheckResult]:
     return [CheckResult(CHECK, CheckStatus.SKIP, why, "layers")]
 
@@ -69,6 +89,12 @@ def run_layers(ctx: CheckContext) -> list[CheckResult]:
     tree = ctx.tree("vllm")
     if not (tree / "vllm" / "__init__.py").is_file():
         return _skip(f"no applied vLLM tree at {tree}")
+    version = vllm_version(ctx, tree)
+    if version is None or not version.startswith(HARNESS_VLLM):
+        return _skip(
+            f"the layers harness is written against vLLM {'/'.join(v + 'x' for v in HARNESS_VLLM)}'s "
+            f"quantization methods; this recipe builds vLLM {version or '(version unknown)'}"
+        )
     kernels = pinned_kernels(ctx)
     if kernels is None:
         return _skip("the recipe pins no vllm-xpu-kernels version to emulate")

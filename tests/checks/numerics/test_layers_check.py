@@ -38,3 +38,10 @@ def test_rows_keep_status_and_name_the_control() -> None:
     ]
     rows = results_from_output(json.dumps({"results": results}), "", 0)
     assert [(r.subject, r.status) for r in rows] == [("a@0.1.5", CheckStatus.FAIL), ("control:zp-0/a", CheckStatus.PASS)]
+
+
+def test_a_vllm_release_the_harness_is_not_written_for_is_a_skip(tmp_path: Path) -> None:
+    (tmp_path / "vllm" / "vllm").mkdir(parents=True)
+    (tmp_path / "vllm" / "vllm" / "__init__.py").write_text("")
+    [row] = run_layers(CheckContext(load_recipe("b70-llm-scaler"), tmp_path))
+    assert row.status is CheckStatus.SKIP and "this recipe builds vLLM 0.21.0" in row.detail
