@@ -46,7 +46,7 @@ REL_LIMIT = 5e-3
 @dataclass(frozen=True)
 class LayerCase:
     name: str
-    method: str  # gptq-linear | awq-linear | ct-linear | gptq-moe | awq-moe | unquantized-moe | fp8-moe
+    method: str  # gptq-linear | awq-linear | ct-linear | gptq-moe | awq-moe | ct-moe | unquantized-moe | fp8-moe
     k: int  # input dim (hidden size for MoE)
     n: int  # output dim (intermediate size per partition for MoE)
     group_size: int
@@ -74,6 +74,7 @@ DEFAULT_CASES: tuple[LayerCase, ...] = (
     LayerCase("gptq-moe-e3-top1-g32", "gptq-moe", 64, 96, 32, experts=3, topk=1),
     LayerCase("gptq-moe-actorder-refused", "gptq-moe", 128, 64, 64, act_order=True, experts=3, topk=2,
               refusal="without act-order"),
+    LayerCase("ct-moe-e3-top2-g32", "ct-moe", 128, 64, 32, experts=3, topk=2),
     # AWQ MoE: the fused MoE has a fixed zero point 8; the patch folds zero points into
     # the weights where that is lossless and refuses otherwise
     LayerCase("awq-moe-z8-e3-top2-g64", "awq-moe", 128, 64, 64, experts=3, topk=2),
@@ -473,6 +474,41 @@ class Harness:
         ref2 = torch.stack([self.dequant(c).t() for c in w2])
         return y, self.moe_reference(x, topk_w, topk_ids, ref13, ref2)
 
+    def run_ct_moe(self, case: LayerCase, gen: Any) -> tuple[Any, Any]:
+        """CompressedTensorsWNA16MarlinMoEMethod (pack-quantized, symmetric, group). The
+        per-expert checkpoint tensors (weight_packed [N, K/8], weight_scale [N, K/G]) go
+        in as FusedMoE.weight_loader puts them for this method: transposed, because its
+        parameters are `is_transposed` (vLLM 0.19.0 fused_moe/layer.py:1059-1073)."""
+        torch = self.torch
+        from compressed_tensors.quantization import QuantizationArgs
+        from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe import (
+            CompressedTensorsWNA16MarlinMoEMethod,
+        )
+
+        e, h, inter, g = case.experts, case.k, case.n, case.group_size
+        wq = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=g)
+        moe = self.moe_config(case, torch.float16)
+        method = CompressedTensorsWNA16MarlinMoEMethod(wq, None, moe)
+        layer = self._moe_layer(case, moe)
+        method.create_weights(layer, e, h, inter, torch.float16, intermediate_size_full=inter, weight_loader=None)
+        w13 = [self.gptq_checkpoint(h, 2 * inter, g, False, gen) for _ in range(e)]
+        w2 = [self.gptq_checkpoint(inter, h, g, False, gen) for _ in range(e)]
+        with torch.no_grad():
+            for name, cks in (("w13", w13), ("w2", w2)):
+                param = getattr(layer, f"{name}_weight_packed")
+                if not getattr(param, "is_transposed", False):
+                    raise RuntimeError(f"{name}_weight_packed is not is_transposed: the loader would not flip it")
+                # checkpoint [N, K/8] packed along K; the loader stores its transpose
+                param.copy_(torch.stack([_pack_cols(torch, c["q"].t(), range(8)).t() for c in cks]))
+                getattr(layer, f"{name}_weight_scale").copy_(torch.stack([c["scales"] for c in cks]))
+        method.process_weights_after_loading(layer)
+        x = torch.randn(case.m, h, generator=gen).to(torch.float16)
+        topk_w, topk_ids = self.routing(case, gen)
+        y = method.apply(layer, x, topk_w, topk_ids, None)
+        ref13 = torch.stack([self.dequant(c).t() for c in w13])
+        ref2 = torch.stack([self.dequant(c).t() for c in w2])
+        return y, self.moe_reference(x, topk_w, topk_ids, ref13, ref2)
+
     def run_moe(self, case: LayerCase, gen: Any) -> tuple[Any, Any]:
         torch = self.torch
         from vllm.model_executor.layers.fused_moe.activation import MoEActivation
@@ -542,7 +578,8 @@ class Harness:
         gen = torch.Generator().manual_seed(1000 + case.seed)
         res = CaseResult(case.name, case.kernels, "fail", control=control)
         try:
-            run = {"gptq-moe": self.run_moe, "awq-moe": self.run_awq_moe, "unquantized-moe": self.run_unquantized_moe,
+            run = {"gptq-moe": self.run_moe, "awq-moe": self.run_awq_moe, "ct-moe": self.run_ct_moe,
+                   "unquantized-moe": self.run_unquantized_moe,
                    "fp8-moe": self.run_fp8_moe}
             y, ref = run.get(case.method, self.run_linear)(case, gen)
         except ModuleNotFoundError as exc:
