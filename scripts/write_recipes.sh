@@ -84,6 +84,7 @@ patch gemma4-bidirectional-vision "Gemma 4: image tokens attend bidirectionally 
 patch gemma4-unified-audio "gemma4_mm: eoa_token_index fallback and dummy audio without fft_length (gemma4_unified)" "tests/patches/test_gemma4_unified_fixes.py"
 patch xpu-autoround-gptq-awq "AutoRound GPTQ/AWQ checkpoints on XPU" "tests/patches/test_vllm_series.py::test_every_touched_file_compiles"
 patch xpu-int4-linear "INT4 GPTQ/AWQ linear on XPU via int4_gemm_w4a16" "tests/patches/test_xpu_int4_layout.py"
+patch xpu-moe-kernel-layout "bf16/FP8 MoE weights transposed for vllm-xpu-kernels >= 0.1.5" "tests/patches/test_layers_numerics.py"
 } > recipes/b70-gemma4.toml
 
 { cat <<EOF
@@ -118,6 +119,7 @@ patch hybrid-kv-page-size-lcm "hybrid attention+Mamba page sizes: the largest pa
 patch xpu-autoround-gptq-awq "AutoRound GPTQ/AWQ checkpoints on XPU" "tests/patches/test_vllm_series.py::test_every_touched_file_compiles"
 patch xpu-int4-linear "INT4 GPTQ/AWQ linear on XPU via int4_gemm_w4a16" "tests/patches/test_xpu_int4_layout.py"
 patch xpu-int4-moe "INT4 MoE on XPU (GPTQ, AWQ, compressed-tensors)" "tests/patches/test_xpu_int4_layout.py"
+patch xpu-moe-kernel-layout "bf16/FP8 MoE weights transposed for vllm-xpu-kernels >= 0.1.5" "tests/patches/test_layers_numerics.py"
 } > recipes/lunar-lake-moe.toml
 
 { cat <<EOF

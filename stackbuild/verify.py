@@ -27,6 +27,7 @@ CHECKS: dict[str, str] = {
     "transformers": "stackbuild.checks.transformers_support:run",
     "registry-dynamic": "stackbuild.checks.registry:run_dynamic",
     "numerics": "stackbuild.checks.numerics.runner:run_numerics",
+    "layers": "stackbuild.checks.numerics.layers_check:run_layers",
     "environment": "stackbuild.checks.environment:run_environment",
     "platform": "stackbuild.checks.platform:run_platform",
 }

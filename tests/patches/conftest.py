@@ -23,6 +23,7 @@ SERIES = (
     "xpu-autoround-gptq-awq.patch",
     "xpu-int4-linear.patch",
     "xpu-int4-moe.patch",
+    "xpu-moe-kernel-layout.patch",
 )
 
 
