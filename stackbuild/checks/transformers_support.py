@@ -15,14 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from packaging.requirements import Requirement
-from packaging.utils import InvalidWheelFilename, parse_wheel_filename
-from packaging.version import Version
 
-from stackbuild.cache import cache_dir, locked
-from stackbuild.checks import CheckContext, CheckResult, CheckStatus
+from stackbuild.checks import CheckContext, CheckResult, CheckStatus, pinned_wheel
 from stackbuild.errors import SourceError
 from stackbuild.recipe import Pin
-from stackbuild.sources.pypi import configured_index, download_verified, list_files
 
 CHECK = "transformers"
 PROJECT = "transformers"
@@ -51,31 +47,7 @@ def pinned_version(pin: Pin) -> str | None:
 def fetch_wheel(version: str, index: str | None = None) -> Path:
     """The transformers wheel of `version`, from the cache or the index (sha256 checked
     against what the index publishes)."""
-    dest_dir = cache_dir() / "wheels" / PROJECT / version
-    cached = sorted(dest_dir.glob("*.whl")) if dest_dir.is_dir() else []
-    if cached:
-        return cached[0]
-    idx = index or configured_index()
-    files = list_files(PROJECT, idx)
-    wheels = []
-    for f in files:
-        try:
-            _, v, _, tags = parse_wheel_filename(f.filename)
-        except InvalidWheelFilename:
-            continue
-        if v == Version(version):
-            pure = any(t.abi == "none" and t.platform == "any" for t in tags)
-            wheels.append((not pure, f.filename, f))
-    if not wheels:
-        raise SourceError(f"no wheel of {PROJECT}=={version} on the index", file=idx)
-    _, _, match = min(wheels, key=lambda w: (w[0], w[1]))
-    if not match.sha256:
-        raise SourceError(f"the index publishes no sha256 for {match.filename}; refusing an unverified wheel", file=idx)
-    dest = dest_dir / match.filename
-    with locked(cache_dir() / "locks" / f"{match.sha256}.lock", f"cache entry {match.filename}", timeout=600):
-        if not dest.exists():
-            download_verified(match.url, dest, match.sha256)
-    return dest
+    return pinned_wheel.fetch_wheel(PROJECT, version, index)
 
 
 def release_model_types(wheel: Path, version: str) -> ReleaseModelTypes:
