@@ -192,8 +192,12 @@ class _Scope:
 class Program:
     """Files of one tree analysed against one kernel release."""
 
-    def __init__(self, api: WheelAPI, root: Path, files: dict[str, ast.Module]):
+    def __init__(self, api: WheelAPI, root: Path, files: dict[str, ast.Module], package: str = PACKAGE,
+                 dist: str = KERNELS, check_calls: bool = True):
         self.api = api
+        self.package = package  # the import name whose uses are checked
+        self.dist = dist  # its distribution name, for metadata.version() and messages
+        self.check_calls = check_calls
         self.root = root
         self.files = files  # rel path -> parsed tree
         self.by_module = {_module_name(rel): rel for rel in files}
@@ -256,6 +260,9 @@ class Program:
         self._summaries[key] = out
         return out
 
+    def ours(self, module: str) -> bool:
+        return module == self.package or module.startswith(self.package + ".")
+
     @property
     def rel(self) -> str:
         return self._current[-1]
@@ -283,7 +290,7 @@ class Program:
                     end = getattr(rest[-1], "end_lineno", rest[-1].lineno)
                     self.unchecked(rest[0], f"lines {rest[0].lineno}-{end} not checked: `if "
                                             f"{_short(ast.unparse(stmt.test))}` (line {stmt.lineno}) is decided by "
-                                            f"{KERNELS} {self.api.version} and its branch leaves the block")
+                                            f"{self.dist} {self.api.version} and its branch leaves the block")
                 break
         return worlds
 
@@ -405,10 +412,10 @@ class Program:
         cond = ast.unparse(node.test)
         decided = node if (pruned_body and not yes) or (pruned_else and not no) else None
         if pruned_body and not yes:
-            self.unchecked(node, f"branch `if {_short(cond)}` not checked: false with {KERNELS} {self.api.version}")
+            self.unchecked(node, f"branch `if {_short(cond)}` not checked: false with {self.dist} {self.api.version}")
         if pruned_else and not no and node.orelse:
             self.unchecked(node.orelse[0], f"`else` of `if {_short(cond)}` (line {node.lineno}) not checked: "
-                                           f"the condition is true with {KERNELS} {self.api.version}")
+                                           f"the condition is true with {self.dist} {self.api.version}")
         out = self.block(node.body, yes, scope, qual) if yes else []
         out += self.block(node.orelse, no, scope, qual) if node.orelse else no
         self._decided_if = decided
@@ -433,9 +440,9 @@ class Program:
         out = self.block(node.orelse, body_out, scope, qual) if node.orelse else body_out
         for h in node.handlers:
             only_import = _catches_import_error(h) and _only_import_errors(h)
-            if only_import and not failed and _imports_kernels(node.body):
+            if only_import and not failed and _imports_package(node.body, self.package):
                 self.unchecked(h, f"`except ImportError` handler not checked: the imports of its `try` "
-                                  f"succeed with {KERNELS} {self.api.version}")
+                                  f"succeed with {self.dist} {self.api.version}")
                 continue
             hw = [dict(w) for w in worlds + body_out]
             if h.name:
@@ -451,9 +458,9 @@ class Program:
         fallback = self._fallback[-1] if self._fallback else ""
         if isinstance(node, ast.Import):
             for a in node.names:
-                if _is_kernel(a.name):
+                if self.ours(a.name):
                     self.report.imports += 1
-                    if self.api.resolve(a.name) is None:
+                    if self.api.module(a.name) is None:
                         self._missing(node, f"module {a.name} does not exist", fallback)
                         continue
                     if a.asname:
@@ -472,9 +479,9 @@ class Program:
             bound = a.asname or a.name
             if a.name == "*":
                 continue
-            if _is_kernel(module):
+            if self.ours(module):
                 self.report.imports += 1
-                if self.api.resolve(module) is None:
+                if self.api.module(module) is None:
                     self._missing(node, f"module {module} does not exist", fallback)
                     continue
                 ent = self.api.resolve(f"{module}.{a.name}")
@@ -494,7 +501,7 @@ class Program:
     def _missing(self, node: ast.AST, what: str, fallback: str) -> None:
         if fallback:
             self._import_failed[-1] = True
-        self.problem(node, f"{what} in {KERNELS} {self.api.version}", fallback)
+        self.problem(node, f"{what} in {self.dist} {self.api.version}", fallback)
 
     # ---- assignment
 
@@ -653,7 +660,7 @@ class Program:
                 if default is not None:
                     return _kdep(default[0])
                 what = "instance of " + base.cls if isinstance(base, Inst) else base.path
-                self.problem(node, f"{what} has no attribute {name!r} in {KERNELS} {self.api.version}")
+                self.problem(node, f"{what} has no attribute {name!r} in {self.dist} {self.api.version}")
                 return UNKNOWN
             if name == "__version__":
                 return KVersion()
@@ -692,6 +699,8 @@ class Program:
         ent = self.api.resolve(callee.path)
         if ent is None or ent.kind in ("module", "extension", "unknown", "external", "value"):
             return [UNKNOWN]
+        if not self.check_calls:
+            return [Inst(ent.path)] if ent.kind == "class" else [UNKNOWN]
         self.report.calls += 1
         sig = self.api.signature(ent, callee.bound)
         if sig is None:
@@ -767,7 +776,7 @@ class Program:
                     items[k] = vals[0]
             return [KwDict(tuple(items.items()), open_)]
         if what == "importlib.metadata.version":
-            if any(isinstance(v, Const) and isinstance(v.value, str) and _is_kernel_dist(v.value) for v in first):
+            if any(isinstance(v, Const) and isinstance(v.value, str) and _same_dist(v.value, self.dist) for v in first):
                 return [KVersion()]
             return [UNKNOWN]
         if what == "Version":
@@ -933,12 +942,8 @@ def _all_args(args: ast.arguments) -> list[ast.arg]:
     return out
 
 
-def _is_kernel(module: str) -> bool:
-    return module == PACKAGE or module.startswith(PACKAGE + ".")
-
-
-def _is_kernel_dist(name: str) -> bool:
-    return name.lower().replace("_", "-") == KERNELS
+def _same_dist(name: str, dist: str) -> bool:
+    return name.lower().replace("_", "-") == dist
 
 
 def _module_name(rel: str) -> str:
@@ -971,12 +976,14 @@ def _only_import_errors(h: ast.ExceptHandler) -> bool:
     return all(isinstance(n, ast.Name) and n.id in ("ImportError", "ModuleNotFoundError") for n in names)
 
 
-def _imports_kernels(body: list[ast.stmt]) -> bool:
+def _imports_package(body: list[ast.stmt], package: str) -> bool:
+    def ours(m: str) -> bool:
+        return m == package or m.startswith(package + ".")
     for node in body:
         for n in ast.walk(node):
-            if isinstance(n, ast.Import) and any(_is_kernel(a.name) for a in n.names):
+            if isinstance(n, ast.Import) and any(ours(a.name) for a in n.names):
                 return True
-            if isinstance(n, ast.ImportFrom) and not n.level and _is_kernel(n.module or ""):
+            if isinstance(n, ast.ImportFrom) and not n.level and ours(n.module or ""):
                 return True
     return False
 
@@ -1073,25 +1080,28 @@ def kernel_files(tree: Path, touched: tuple[str, ...]) -> tuple[list[str], set[s
     return out, touched_py
 
 
-def check_tree(api: WheelAPI, tree: Path, files: list[str], touched: set[str]) -> list[CheckResult]:
+def check_tree(api: WheelAPI, tree: Path, files: list[str], touched: set[str], *, package: str = PACKAGE,
+               dist: str = KERNELS, check: str = CHECK, check_calls: bool = True) -> list[CheckResult]:
+    """One result per file that uses `package` (imports it or calls into it), judged
+    against the release `api` was read from."""
     parsed: dict[str, ast.Module] = {}
     results: list[CheckResult] = []
     for rel in files:
         path = tree / rel
         if not path.exists() and not path.is_symlink():
-            results.append(CheckResult(CHECK, CheckStatus.SKIP, "file deleted by the series", subject=rel))
+            results.append(CheckResult(check, CheckStatus.SKIP, "file deleted by the series", subject=rel))
             continue
         try:
             parsed[rel] = ast.parse(path.read_bytes(), filename=rel)
         except SyntaxError as e:
-            results.append(CheckResult(CHECK, CheckStatus.SKIP,
+            results.append(CheckResult(check, CheckStatus.SKIP,
                                        f"not checked: {rel}:{e.lineno} does not parse ({e.msg}; see the compile check)",
                                        subject=rel))
         except (OSError, ValueError) as e:
-            results.append(CheckResult(CHECK, CheckStatus.SKIP,
+            results.append(CheckResult(check, CheckStatus.SKIP,
                                        f"not checked: cannot read {rel} ({getattr(e, 'strerror', None) or e})",
                                        subject=rel))
-    program = Program(api, tree, parsed)
+    program = Program(api, tree, parsed, package, dist, check_calls)
     reports = program.run()
     for rel, rep in reports.items():
         if rep.imports == 0 and rep.calls == 0 and not rep.problems:
@@ -1102,7 +1112,7 @@ def check_tree(api: WheelAPI, tree: Path, files: list[str], touched: set[str]) -
                       key=lambda p: (p.line, p.what))
         unchecked = sorted(rep.unchecked, key=lambda u: u.line)
         data = {
-            "kernels": api.version,
+            "version": api.version,
             "touched": rel in touched,
             "imports": rep.imports,
             "calls": rep.calls,
@@ -1115,12 +1125,13 @@ def check_tree(api: WheelAPI, tree: Path, files: list[str], touched: set[str]) -
         extra = [p.render() for p in soft] + [u.render() for u in unchecked]
         tail = f"; {'; '.join(extra)}" if extra else ""
         if hard:
-            results.append(CheckResult(CHECK, CheckStatus.FAIL,
-                                       f"{KERNELS} {api.version}{origin}: " + "; ".join(p.render() for p in hard) + tail,
+            results.append(CheckResult(check, CheckStatus.FAIL,
+                                       f"{dist} {api.version}{origin}: " + "; ".join(p.render() for p in hard) + tail,
                                        subject=rel, data=data))
         else:
-            results.append(CheckResult(CHECK, CheckStatus.PASS,
-                                       f"{rep.imports} imports and {rep.calls} calls resolve in {KERNELS} "
+            calls = f" and {rep.calls} calls" if check_calls else ""
+            results.append(CheckResult(check, CheckStatus.PASS,
+                                       f"{rep.imports} imports{calls} resolve in {dist} "
                                        f"{api.version}{origin}{tail}", subject=rel, data=data))
     return results
 

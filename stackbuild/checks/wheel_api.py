@@ -193,6 +193,17 @@ class WheelAPI:
         parts = parts[: max(0, len(parts) - (node.level - 1))]
         return ".".join([*parts, *([node.module] if node.module else [])])
 
+    def _may_bind(self, module: str, name: str) -> bool:
+        """Whether `module` can bind `name`: it says the name, or star-imports more. A
+        bytes search, so that a miss in transformers' 400 star-imported model packages
+        does not parse every modeling file."""
+        base = module.replace(".", "/")
+        for file in (f"{base}/__init__.py", f"{base}.py"):
+            src = self._sources.get(file)
+            if src is not None:
+                return name.encode() in src or b"import *" in src
+        return True  # an extension or namespace package: let resolve decide
+
     def _in_wheel(self, module: str) -> bool:
         top = module.split(".", 1)[0]
         return any(p.split(".", 1)[0] == top for p in self.packages | self.extensions)
@@ -255,7 +266,9 @@ class WheelAPI:
             return Entity("extension" if sub.extension else "module", path, sub.file, 0)
         for star in mod.stars:
             if self._in_wheel(star):
-                hit = self._module_attr(star, name, depth + 1) if not name.startswith("_") else None
+                if name.startswith("_") or not self._may_bind(star, name):
+                    continue
+                hit = self._module_attr(star, name, depth + 1)
                 if hit is not None:
                     return hit
             else:

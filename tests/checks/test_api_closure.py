@@ -337,7 +337,7 @@ def test_a_mirror_of_the_github_release_is_read(lunar_lake_moe_ws, tmp_path: Pat
                        f"https://github.com/vllm-project/vllm-xpu-kernels/releases/download/v0.1.5/=file://{mirror}/")
     monkeypatch.setenv("STACKBUILD_MIRRORS_FILE", str(tmp_path / "no-mirrors.toml"))
     by = _by_file(api_closure.run(_ctx(lunar_lake_moe_ws)))
-    assert by["xpu_int4_moe.py"].data["kernels"] == "0.1.5"
+    assert by["xpu_int4_moe.py"].data["version"] == "0.1.5"
     assert by["xpu_int4_moe.py"].status is CheckStatus.PASS, by["xpu_int4_moe.py"].detail
     # vLLM's own flash-attention import needs a module this small mirror lacks: named, not hidden
     assert by["_xpu_ops.py"].status is CheckStatus.FAIL and "flash_attn_interface" in by["_xpu_ops.py"].detail
@@ -375,4 +375,4 @@ def test_real_kernel_wheels(lunar_lake_moe_ws, version: str, fails: set[str]) ->
     by = _by_file(results)
     assert {"_xpu_ops.py", "xpu_fused_moe.py", "xpu_int4_moe.py", "xpu.py"} <= set(by)
     assert {f for f, r in by.items() if r.status is CheckStatus.FAIL} == fails, [r.detail for r in results]
-    assert all(r.data["kernels"] == version for r in results)
+    assert all(r.data["version"] == version for r in results)
