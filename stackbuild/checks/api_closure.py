@@ -35,6 +35,7 @@ from urllib.parse import unquote, urlparse
 from packaging.version import InvalidVersion, Version
 
 from stackbuild.checks import CheckContext, CheckResult, CheckStatus, pinned_wheel
+from stackbuild.checks.treefile import Unparsable, parse_python, present
 from stackbuild.checks.wheel_api import WheelAPI
 from stackbuild.errors import StackbuildError
 from stackbuild.lock.api import default_lockfile
@@ -1072,7 +1073,7 @@ def kernel_files(tree: Path, touched: tuple[str, ...]) -> tuple[list[str], set[s
             if path.is_file() and needle in path.read_bytes():
                 out.append(path.relative_to(tree).as_posix())
         except OSError:
-            continue  # unreadable: the compile check names it
+            continue  # unreadable: the compile check names it (when the series touches it)
     touched_py = {t for t in touched if t.endswith(".py")}
     for t in sorted(touched_py):
         if t not in out:
@@ -1088,19 +1089,15 @@ def check_tree(api: WheelAPI, tree: Path, files: list[str], touched: set[str], *
     results: list[CheckResult] = []
     for rel in files:
         path = tree / rel
-        if not path.exists() and not path.is_symlink():
+        if not present(path):
             results.append(CheckResult(check, CheckStatus.SKIP, "file deleted by the series", subject=rel))
             continue
-        try:
-            parsed[rel] = ast.parse(path.read_bytes(), filename=rel)
-        except SyntaxError as e:
+        got = parse_python(path, rel)
+        if isinstance(got, Unparsable):
             results.append(CheckResult(check, CheckStatus.SKIP,
-                                       f"not checked: {rel}:{e.lineno} does not parse ({e.msg}; see the compile check)",
-                                       subject=rel))
-        except (OSError, ValueError) as e:
-            results.append(CheckResult(check, CheckStatus.SKIP,
-                                       f"not checked: cannot read {rel} ({getattr(e, 'strerror', None) or e})",
-                                       subject=rel))
+                                       f"not checked: {got.render()} (see the compile check)", subject=rel))
+        else:
+            parsed[rel] = got
     program = Program(api, tree, parsed, package, dist, check_calls)
     reports = program.run()
     for rel, rep in reports.items():

@@ -121,7 +121,12 @@ def check_model_imports(ctx: CheckContext, api: WheelAPI) -> list[CheckResult]:
     """The transformers names the registered architectures' model files (and the files the
     series touches) import exist in the pinned release."""
     from stackbuild.checks.api_closure import check_tree
-    from stackbuild.checks.registry import MODELS_PACKAGE, REGISTRY_FILE, read_registry
+    from stackbuild.checks.registry import (
+        MODELS_PACKAGE,
+        REGISTRY_FILE,
+        RegistryUnreadable,
+        read_registry,
+    )
 
     source = ctx.recipe.checks.registry_source
     tree = ctx.tree(source)
@@ -130,7 +135,7 @@ def check_model_imports(ctx: CheckContext, api: WheelAPI) -> list[CheckResult]:
     if ctx.recipe.checks.registry and registry.is_file():
         try:
             reg = read_registry(registry)
-        except (SyntaxError, ValueError, OSError):
+        except RegistryUnreadable:
             reg = None  # the compile and registry checks say why
         for arch in ctx.recipe.checks.registry:
             entry = reg.entries.get(arch) if reg else None
