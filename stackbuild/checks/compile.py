@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from stackbuild.checks import CheckContext, CheckResult, CheckStatus
-from stackbuild.checks.treefile import present, unreadable_reason
+from stackbuild.checks.treefile import Unparsable, parse_python, present, unreadable_reason
 
 CHECK = "compile"
 
@@ -111,7 +111,7 @@ def files_other_checks_read(ctx: CheckContext) -> dict[tuple[str, str], str]:
 
 
 def run(ctx: CheckContext) -> list[CheckResult]:
-    todo: list[tuple[str, Path, str]] = []  # (file, path, why it is compiled: "" when touched)
+    todo: list[tuple[str, Path]] = []
     results: list[CheckResult] = []
     for source, files in ctx.touched.items():
         tree = ctx.tree(source)
@@ -119,41 +119,46 @@ def run(ctx: CheckContext) -> list[CheckResult]:
             if not rel.endswith(".py"):
                 continue
             path = tree / rel
-            if present(path):  # a dangling symlink or a directory fails to compile, with the reason
-                todo.append((rel, path, ""))
-            else:
+            if not present(path):
                 results.append(CheckResult(CHECK, CheckStatus.SKIP, "file deleted by the series", subject=rel))
+            elif (why := unreadable_reason(path)) is not None:
+                results.append(CheckResult(CHECK, CheckStatus.FAIL, f"{rel}: cannot read: {why}", subject=rel))
+            else:
+                todo.append((rel, path))
+    if todo:
+        try:
+            version, compiled = compile_files([p for _, p in todo], ctx.python)
+        except CompileError as e:
+            return results + [CheckResult(CHECK, CheckStatus.FAIL, str(e), subject=str(ctx.python or sys.executable))]
+        for (rel, _), r in zip(todo, compiled, strict=True):
+            if r["ok"]:
+                results.append(CheckResult(CHECK, CheckStatus.PASS, f"compiles with Python {version}",
+                                           subject=rel, data={"python": version}))
+            else:
+                where = f"{rel}:{r['line']}" if r["line"] else rel
+                results.append(CheckResult(CHECK, CheckStatus.FAIL, f"{where}: {r['error']} (Python {version})",
+                                           subject=rel, data={"python": version, "line": r["line"]}))
+    results += check_files_read(ctx)
+    return results or [CheckResult(CHECK, CheckStatus.SKIP, "the series touches no Python files")]
+
+
+def check_files_read(ctx: CheckContext) -> list[CheckResult]:
+    """The untouched files the other checks read parse (with this interpreter, through
+    the parse the other checks then reuse: upstream files, so the target's Python
+    version matters less than that nothing is skipped unnamed)."""
+    here = sys.version.split()[0]
+    results: list[CheckResult] = []
+    ok = 0
     for (source, rel), why in files_other_checks_read(ctx).items():
-        todo.append((rel, ctx.tree(source) / rel, why))
-    unreadable = [(rel, why, unreadable_reason(path)) for rel, path, why in todo]
-    for rel, why, reason in unreadable:
-        if reason:
-            because = f"; {why}, not touched by the series" if why else ""
-            results.append(CheckResult(CHECK, CheckStatus.FAIL, f"{rel}: cannot read: {reason}{because}",
-                                       subject=rel, data={"read_by": why}))
-    todo = [t for t, (_, _, reason) in zip(todo, unreadable, strict=True) if not reason]
-    if not todo:
-        return results or [CheckResult(CHECK, CheckStatus.SKIP, "the series touches no Python files")]
-    try:
-        version, compiled = compile_files([p for _, p, _ in todo], ctx.python)
-    except CompileError as e:
-        return results + [CheckResult(CHECK, CheckStatus.FAIL, str(e), subject=str(ctx.python or sys.executable))]
-    read_ok = 0
-    for (rel, _, why), r in zip(todo, compiled, strict=True):
-        if r["ok"]:
-            if why:
-                read_ok += 1  # untouched files: one summary line, not a row each
-                continue
-            results.append(CheckResult(CHECK, CheckStatus.PASS, f"compiles with Python {version}",
-                                       subject=rel, data={"python": version}))
-        else:
-            where = f"{rel}:{r['line']}" if r["line"] else rel
-            because = f"; {why}, not touched by the series" if why else ""
+        got = parse_python(ctx.tree(source) / rel, rel)
+        if isinstance(got, Unparsable):
             results.append(CheckResult(CHECK, CheckStatus.FAIL,
-                                       f"{where}: {r['error']} (Python {version}{because})",
-                                       subject=rel, data={"python": version, "line": r["line"], "read_by": why}))
-    if read_ok:
+                                       f"{got.render()} (Python {here}; {why}, not touched by the series)",
+                                       subject=rel, data={"python": here, "line": got.line, "read_by": why}))
+        else:
+            ok += 1
+    if ok:
         results.append(CheckResult(CHECK, CheckStatus.PASS,
-                                   f"{read_ok} untouched files the other checks read compile with Python {version}",
-                                   subject="files read by the checks", data={"python": version, "files": read_ok}))
+                                   f"{ok} untouched files the other checks read parse with Python {here}",
+                                   subject="files read by the checks", data={"python": here, "files": ok}))
     return results

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ast
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 
@@ -36,8 +36,26 @@ def unreadable_reason(path: Path) -> str | None:
     return None
 
 
+# Parsed files shared by the checks of one process (compile parses what registry,
+# imports and api then read): keyed by path, mtime and size, so an edited file is
+# parsed again and an unchanged one never is. The trees are read, never modified.
+_PARSED: dict[tuple[str, int, int], ast.Module | Unparsable] = {}
+
+
 def parse_python(path: Path, rel: str) -> ast.Module | Unparsable:
-    """The module AST of one file of the tree, or why there is none."""
+    """The module AST of one file of the tree, or why there is none (named `rel`)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return _parse(path, rel)
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    if key not in _PARSED:
+        _PARSED[key] = _parse(path, rel)
+    got = _PARSED[key]
+    return replace(got, rel=rel) if isinstance(got, Unparsable) else got
+
+
+def _parse(path: Path, rel: str) -> ast.Module | Unparsable:
     why = unreadable_reason(path)
     if why is not None:
         return Unparsable(rel, None, f"cannot read: {why}")

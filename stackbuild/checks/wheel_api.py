@@ -103,28 +103,40 @@ class WheelAPI:
             self.version = str(version)
         except InvalidWheelFilename:
             raise SourceError("not a wheel file name (NAME-VERSION-...-TAG.whl)", file=wheel) from None
-        self._sources: dict[str, bytes] = {}
+        self._py: set[str] = set()  # .py members; read on first use (transformers has thousands)
+        self._read_cache: dict[str, bytes] = {}
+        self._dirs: set[str] = set()
         self.extensions: set[str] = set()
         self.packages: set[str] = set()
         try:
-            with zipfile.ZipFile(self.wheel) as z:
-                for info in z.infolist():
-                    name = info.filename
-                    if ".dist-info/" in name or ".data/" in name:
-                        continue
-                    if name.endswith(".py"):
-                        mod = name[:-3].replace("/", ".")
-                        if mod.endswith(".__init__"):
-                            mod = mod[: -len(".__init__")]
-                            self.packages.add(mod)
-                        self._sources[name] = z.read(info)
-                    elif name.endswith((".so", ".pyd")):
-                        stem = posixpath.basename(name).split(".", 1)[0]
-                        folder = posixpath.dirname(name).replace("/", ".")
-                        self.extensions.add(f"{folder}.{stem}" if folder else stem)
+            self._zip = zipfile.ZipFile(self.wheel)
         except (zipfile.BadZipFile, OSError) as e:
             raise SourceError(f"cannot read the wheel: {e}", file=wheel) from None
+        for name in self._zip.namelist():
+            if ".dist-info/" in name or ".data/" in name:
+                continue
+            if name.endswith(".py"):
+                mod = name[:-3].replace("/", ".")
+                if mod.endswith(".__init__"):
+                    self.packages.add(mod[: -len(".__init__")])
+                self._py.add(name)
+                parts = name.split("/")[:-1]
+                self._dirs.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
+            elif name.endswith((".so", ".pyd")):
+                stem = posixpath.basename(name).split(".", 1)[0]
+                folder = posixpath.dirname(name).replace("/", ".")
+                self.extensions.add(f"{folder}.{stem}" if folder else stem)
         self._modules: dict[str, _Module | None] = {}
+
+    def _source(self, member: str) -> bytes | None:
+        if member not in self._py:
+            return None
+        if member not in self._read_cache:
+            try:
+                self._read_cache[member] = self._zip.read(member)
+            except (zipfile.BadZipFile, OSError, KeyError) as e:
+                raise SourceError(f"cannot read {member}: {e}", file=self.wheel) from None
+        return self._read_cache[member]
 
     # ---------------------------------------------------------------- modules
 
@@ -133,13 +145,13 @@ class WheelAPI:
             return self._modules[name]
         base = name.replace(".", "/")
         found: _Module | None = None
-        if f"{base}/__init__.py" in self._sources:
+        if f"{base}/__init__.py" in self._py:
             found = _Module(name, f"{base}/__init__.py", True)
-        elif f"{base}.py" in self._sources:
+        elif f"{base}.py" in self._py:
             found = _Module(name, f"{base}.py", False)
         elif name in self.extensions:
             found = _Module(name, None, False, extension=True)
-        elif any(f.startswith(base + "/") for f in self._sources):
+        elif base in self._dirs:
             found = _Module(name, None, True)  # namespace package
         if found is not None and found.file is not None:
             self._read(found)
@@ -149,7 +161,7 @@ class WheelAPI:
     def _read(self, mod: _Module) -> None:
         assert mod.file is not None
         try:
-            mod.tree = ast.parse(self._sources[mod.file], filename=mod.file)
+            mod.tree = ast.parse(self._source(mod.file) or b"", filename=mod.file)
         except (SyntaxError, ValueError):
             mod.getattr_line = 0  # unreadable: answer every name as unknown rather than "missing"
             return
@@ -199,7 +211,7 @@ class WheelAPI:
         does not parse every modeling file."""
         base = module.replace(".", "/")
         for file in (f"{base}/__init__.py", f"{base}.py"):
-            src = self._sources.get(file)
+            src = self._source(file)
             if src is not None:
                 return name.encode() in src or b"import *" in src
         return True  # an extension or namespace package: let resolve decide
