@@ -1,5 +1,5 @@
-"""Compile: every Python file the series touches or adds byte-compiles, and so does
-every untouched file the other static checks read (they skip a file that does not
+"""Compile: every Python file the series touches or adds byte-compiles, and every
+untouched file the other static checks read parses (they skip a file that does not
 parse; this check fails on it, naming file:line).
 
 With the target interpreter (--python) the files are compiled there, in one
