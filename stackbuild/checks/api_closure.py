@@ -19,8 +19,10 @@ classes. Conditions it can decide for the pinned release (feature tests such as
 comparisons of the kernel's version) prune the branch that cannot run, and every
 pruned branch is reported as not checked. A failing import under
 `try/except ImportError` is a fallback (reported), unless the handler raises.
-Calls into native ops (`torch.ops._xpu_C.*`) are not Python names of the wheel and
-are not checked here.
+Calls into the package's native operators (`torch.ops._xpu_C.int4_gemm_w4a16(...)`)
+are checked against the schema strings its extension module registers with torch
+(`wheel_api.WheelAPI.op_schemas`); operator namespaces the patched tree builds itself
+(vLLM's `_C`, `_moe_C`) are left alone.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from packaging.version import InvalidVersion, Version
 
 from stackbuild.checks import CheckContext, CheckResult, CheckStatus, pinned_wheel
 from stackbuild.checks.treefile import Unparsable, parse_python, present
-from stackbuild.checks.wheel_api import WheelAPI
+from stackbuild.checks.wheel_api import Signature, WheelAPI
 from stackbuild.errors import StackbuildError
 from stackbuild.lock.api import default_lockfile
 
@@ -126,6 +128,22 @@ class Std(Value):
 
 
 @dataclass(frozen=True)
+class OpNamespace(Value):
+    """`torch.ops.NS` for an operator namespace the kernel package's .so registers."""
+
+    namespace: str
+
+
+@dataclass(frozen=True)
+class OpRef(Value):
+    """`torch.ops.NS.op` (or its `.default` overload), registered in the pinned release."""
+
+    namespace: str
+    op: str
+    kdep = True
+
+
+@dataclass(frozen=True)
 class LocalFunc(Value):
     module: str
     qualname: str
@@ -140,6 +158,8 @@ STD_NAMES = {
     "inspect.signature": "inspect.signature",
     "inspect": "inspect",
     "importlib": "importlib",
+    "torch": "torch",
+    "torch.ops": "torch.ops",
 }
 
 World = dict[str, Value]
@@ -194,8 +214,9 @@ class Program:
     """Files of one tree analysed against one kernel release."""
 
     def __init__(self, api: WheelAPI, root: Path, files: dict[str, ast.Module], package: str = PACKAGE,
-                 dist: str = KERNELS, check_calls: bool = True):
+                 dist: str = KERNELS, check_calls: bool = True, op_namespaces: frozenset[str] = frozenset()):
         self.api = api
+        self.op_namespaces = op_namespaces  # torch.ops namespaces only the pinned package registers
         self.package = package  # the import name whose uses are checked
         self.dist = dist  # its distribution name, for metadata.version() and messages
         self.check_calls = check_calls
@@ -670,8 +691,21 @@ class Program:
             return Ref(ent.path, bound=isinstance(base, Inst))
         if isinstance(base, Std):
             full = f"{base.path}.{name}"
+            if full.startswith("torch.ops.") and name in self.op_namespaces:
+                return OpNamespace(name)
             std = STD_NAMES.get(full)
             return Std(std) if std else UNKNOWN
+        if isinstance(base, OpNamespace):
+            ops = self.api.op_schemas(base.namespace) or {}
+            if name in ops:
+                return OpRef(base.namespace, name)
+            if default is not None:
+                return _kdep(default[0])
+            self.problem(node, f"torch.ops.{base.namespace} has no operator {name!r} in {self.dist} "
+                               f"{self.api.version} (its {base.namespace} registers {len(ops)} operators)")
+            return UNKNOWN
+        if isinstance(base, OpRef):
+            return base if name == "default" else UNKNOWN
         if isinstance(base, SigOf) and name == "parameters":
             ent = self.api.resolve(base.ref.path)
             sig = self.api.signature(ent, base.ref.bound) if ent is not None else None
@@ -695,6 +729,11 @@ class Program:
             return self.call_std(node, callee.path, args, kwargs)
         if isinstance(callee, LocalFunc):
             return self.summary(callee.module, callee.qualname)
+        if isinstance(callee, OpRef):
+            schema = (self.api.op_schemas(callee.namespace) or {})[callee.op]
+            self.report.calls += 1
+            self.check_signature(node, schema, f"torch.ops.{callee.namespace}.{callee.op}", kwargs)
+            return [UNKNOWN]
         if not isinstance(callee, Ref):
             return [UNKNOWN]
         ent = self.api.resolve(callee.path)
@@ -707,6 +746,11 @@ class Program:
         if sig is None:
             self.report.notes.add(f"{callee.path}: signature not readable from the wheel")
             return [Inst(ent.path)] if ent.kind == "class" else [UNKNOWN]
+        self.check_signature(node, sig, ent.path, kwargs)
+        return [Inst(ent.path)] if ent.kind == "class" else [UNKNOWN]
+
+    def check_signature(self, node: ast.Call, sig: Signature, target: str,
+                        kwargs: list[tuple[str | None, list[Value]]]) -> None:
         npos = len([a for a in node.args if not isinstance(a, ast.Starred)])
         complete = not any(isinstance(a, ast.Starred) for a in node.args)
         # one check per alternative of each **bundle
@@ -726,8 +770,7 @@ class Program:
             keys = named + tuple(k for keys_, _ in combo for k in keys_)
             full = complete and all(c for _, c in combo)
             for why in sig.problems(npos, keys, full):
-                self.problem(node, f"{shown}(...) -> {ent.path}{sig.render()} at {sig.where}: {why}")
-        return [Inst(ent.path)] if ent.kind == "class" else [UNKNOWN]
+                self.problem(node, f"{shown}(...) -> {target}{sig.render()} at {sig.where}: {why}")
 
     def call_std(self, node: ast.Call, what: str, args: list[list[Value]],
                  kwargs: list[tuple[str | None, list[Value]]]) -> list[Value]:
@@ -736,7 +779,8 @@ class Program:
         if what in ("builtins.getattr", "builtins.hasattr") and len(args) >= 2:
             for obj in first:
                 for name in args[1]:
-                    if not (isinstance(obj, Ref | Inst) and isinstance(name, Const) and isinstance(name.value, str)):
+                    if not (isinstance(obj, Ref | Inst | OpNamespace) and isinstance(name, Const)
+                            and isinstance(name.value, str)):
                         out.append(UNKNOWN)
                         continue
                     if what == "builtins.hasattr":
@@ -1073,17 +1117,33 @@ def _sha_ok(path: Path, sha256: str) -> bool:
 # ---------------------------------------------------------------- files and the check
 
 
+def op_namespaces(api: WheelAPI, tree: Path) -> frozenset[str]:
+    """The torch.ops namespaces only the kernel package registers: its top-level
+    extension modules minus those the patched source builds itself (vLLM's own `_C`
+    and `_moe_C` share names with the kernel's, and their ops are not the kernel's)."""
+    from stackbuild.checks.imports import ModuleIndex
+
+    own = {e.rsplit(".", 1)[-1] for e in ModuleIndex(tree).extensions()}
+    return frozenset(e.split(".", 1)[1] for e in api.extensions
+                     if e.count(".") == 1 and e.split(".", 1)[0] == PACKAGE and e.split(".", 1)[1] not in own)
+
+
+# What marks a file as using the kernel package: its import name, and the operator
+# namespace its native ops are called through (vLLM calls them as torch.ops._xpu_C.*).
+KERNEL_MARKERS = (PACKAGE.encode(), b"torch.ops._xpu_C")
+
+
 def kernel_files(tree: Path, touched: tuple[str, ...]) -> tuple[list[str], set[str]]:
     """(files to analyse, those among them the series touched): the touched Python
     files and every file of the tree that mentions the kernel package."""
     out: list[str] = []
-    needle = PACKAGE.encode()
     for path in sorted(tree.rglob("*.py")):
         rel_parts = path.relative_to(tree).parts
         if any(p in SKIP_DIRS or p.startswith(".") for p in rel_parts[:-1]):
             continue
         try:
-            if path.is_file() and needle in path.read_bytes():
+            data = path.read_bytes() if path.is_file() else b""
+            if any(m in data for m in KERNEL_MARKERS):
                 out.append(path.relative_to(tree).as_posix())
         except OSError:
             continue  # unreadable: the compile check names it (when the series touches it)
@@ -1111,11 +1171,11 @@ def check_tree(api: WheelAPI, tree: Path, files: list[str], touched: set[str], *
                                        f"not checked: {got.render()} (see the compile check)", subject=rel))
         else:
             parsed[rel] = got
-    program = Program(api, tree, parsed, package, dist, check_calls)
+    program = Program(api, tree, parsed, package, dist, check_calls, op_namespaces(api, tree) if check_calls else frozenset())
     reports = program.run()
     for rel, rep in reports.items():
-        if rep.imports == 0 and rep.calls == 0 and not rep.problems:
-            continue  # a touched file that does not use the kernel package
+        if rep.imports == 0 and rep.calls == 0 and not rep.problems and not rep.unchecked:
+            continue  # a touched file that does not use the package
         hard = sorted((p for p in rep.problems if not p.fallback or "raises" in p.fallback),
                       key=lambda p: (p.line, p.what))
         soft = sorted((p for p in rep.problems if p.fallback and "raises" not in p.fallback),

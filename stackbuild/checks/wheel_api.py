@@ -9,13 +9,16 @@ cannot be read: a name looked up in one resolves as `extension` (not verifiable 
 from __future__ import annotations
 
 import ast
+import json
 import posixpath
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 
+from stackbuild.cache import atomic_write_text, cache_dir
 from stackbuild.errors import SourceError
 
 # Where a name comes from when the wheel's code cannot tell more.
@@ -127,6 +130,40 @@ class WheelAPI:
                 folder = posixpath.dirname(name).replace("/", ".")
                 self.extensions.add(f"{folder}.{stem}" if folder else stem)
         self._modules: dict[str, _Module | None] = {}
+        self._ops: dict[str, dict[str, Signature] | None] = {}
+
+    # ---------------------------------------------------------------- native operators
+
+    def op_schemas(self, namespace: str) -> dict[str, Signature] | None:
+        """The operators the extension module `namespace` (e.g. `_xpu_C`) registers
+        with torch, read from the schema strings in its .so (`name(Tensor A, int g,
+        Tensor? b=None) -> Tensor`); None when the wheel has no such top-level module."""
+        if namespace in self._ops:
+            return self._ops[namespace]
+        member = next((m for m in self._zip.namelist() if m.count("/") == 1
+                       and posixpath.basename(m).split(".", 1)[0] == namespace
+                       and m.endswith((".so", ".pyd"))), None)
+        if member is None:
+            self._ops[namespace] = None
+            return None
+        st = self.wheel.stat()
+        memo = cache_dir() / "api" / f"{self.wheel.name}-{st.st_size}-{st.st_mtime_ns}-{namespace}.json"
+        try:
+            raw = json.loads(memo.read_text(encoding="utf-8"))
+            self._ops[namespace] = {k: Signature(tuple(v[0]), tuple(v[1]), tuple(v[2]), frozenset(v[3]),
+                                                 v[4], v[5], v[6]) for k, v in raw.items()}
+            return self._ops[namespace]
+        except (OSError, ValueError, KeyError, IndexError, TypeError):
+            pass  # not read yet (or damaged): read the .so
+        try:
+            data = self._zip.read(member)
+        except (zipfile.BadZipFile, OSError) as e:
+            raise SourceError(f"cannot read {member}: {e}", file=self.wheel) from None
+        ops = _schemas_in(data, member)
+        atomic_write_text(memo, json.dumps({k: [list(v.posonly), list(v.params), list(v.kwonly), sorted(v.required),
+                                                v.varargs, v.varkw, v.where] for k, v in ops.items()}))
+        self._ops[namespace] = ops
+        return ops
 
     def _source(self, member: str) -> bytes | None:
         if member not in self._py:
@@ -422,3 +459,60 @@ def _dataclass_signature(node: ast.ClassDef, where: str) -> Signature:
             if stmt.value is None:
                 required.add(stmt.target.id)
     return Signature((), tuple(params), (), frozenset(required), False, False, where)
+
+
+_SCHEMA = re.compile(rb"^([A-Za-z_][A-Za-z0-9_]*)(?:\.[A-Za-z0-9_]+)?\((.*)\) -> .+$", re.S)
+
+
+def _schemas_in(data: bytes, member: str) -> dict[str, Signature]:
+    """Operator schemas among the NUL-terminated strings of a shared object. Only the
+    strings around ") -> " are looked at (a 50 MB .so holds a few hundred)."""
+    out: dict[str, Signature] = {}
+    pos = data.find(b") -> ")
+    while pos != -1:
+        start = data.rfind(b"\0", 0, pos) + 1
+        end = data.find(b"\0", pos)
+        text = data[start:end if end != -1 else len(data)]
+        m = _SCHEMA.match(text)
+        if m:
+            sig = _schema_signature(m.group(2).decode("utf-8", "replace"), f"{member} ({m.group(1).decode()})")
+            if sig is not None:
+                out.setdefault(m.group(1).decode(), sig)
+        pos = data.find(b") -> ", pos + 5)
+    return out
+
+
+def _schema_signature(args: str, where: str) -> Signature | None:
+    """`Tensor A, Tensor? bias=None, *, int g=1` -> a Signature (every argument of a
+    torch operator can be passed by name)."""
+    parts: list[str] = []
+    depth, cur = 0, ""
+    for ch in args:
+        if ch in "([":
+            depth += 1
+        elif ch in ")]":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if cur.strip():
+        parts.append(cur)
+    params: list[str] = []
+    kwonly: list[str] = []
+    required: set[str] = set()
+    star = False
+    for part in (p.strip() for p in parts):
+        if part == "*":
+            star = True
+            continue
+        decl, eq, _ = part.partition("=")
+        words = decl.split()
+        if len(words) < 2 or not words[-1].isidentifier():
+            return None  # not a schema after all
+        name = words[-1]
+        (kwonly if star else params).append(name)
+        if not eq:
+            required.add(name)
+    return Signature((), tuple(params), tuple(kwonly), frozenset(required), False, False, where)

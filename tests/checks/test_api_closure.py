@@ -83,24 +83,36 @@ def seed_kernel_wheel(cache: Path, version: str) -> Path:
     return dest
 
 
-def make_wheel(dest: Path, version: str, files: dict[str, str], extensions: tuple[str, ...] = ("_C",)) -> Path:
-    """A wheel of vllm-xpu-kernels holding these Python files and empty extension modules."""
+def make_wheel(dest: Path, version: str, files: dict[str, str], extensions: tuple[str, ...] = ("_C",),
+               ops: dict[str, list[str]] | None = None) -> Path:
+    """A wheel of vllm-xpu-kernels holding these Python files and extension modules
+    (`ops`: extension -> operator schema strings its .so holds, as torch registers them)."""
     dest.mkdir(parents=True, exist_ok=True)
     wheel = dest / f"vllm_xpu_kernels-{version}-cp38-abi3-manylinux_2_28_x86_64.whl"
     with zipfile.ZipFile(wheel, "w") as z:
         for name, text in files.items():
             z.writestr(name, text)
         for ext in extensions:
-            z.writestr(f"vllm_xpu_kernels/{ext}.abi3.so", b"\x7fELF")
+            schemas = b"".join(b"\0" + schema.encode() for schema in (ops or {}).get(ext, []))
+            z.writestr(f"vllm_xpu_kernels/{ext}.abi3.so", b"\x7fELF\0\0garbage) -> x" + schemas + b"\0tail")
         z.writestr(f"vllm_xpu_kernels-{version}.dist-info/METADATA",
                    f"Metadata-Version: 2.1\nName: vllm-xpu-kernels\nVersion: {version}\n")
     return wheel
 
 
+XPU_OPS = {"_xpu_C": [
+    "int4_gemm_w4a16(Tensor A, Tensor B, Tensor? bias, Tensor B_scale, Tensor B_zp, int group_size, "
+    "Tensor? g_idx) -> Tensor",
+    "fp8_gemm_out(Tensor(a!) out, Tensor A, Tensor B, ScalarType? out_dtype, Tensor? A_scale_, Tensor? B_scale_, "
+    "Tensor? bias_) -> Tensor",
+    "scaled(Tensor x, *, float scale=1.0) -> Tensor",
+]}
+
+
 def check(tmp_path: Path, code: str, files: dict[str, str] = KERNEL_016, version: str = "0.1.16.2",
           extra: dict[str, str] | None = None) -> CheckResult:
     """Run the check on one file `pkg/mod.py` holding `code` (touched by the series)."""
-    api = WheelAPI(make_wheel(tmp_path / "wheels", version, files))
+    api = WheelAPI(make_wheel(tmp_path / "wheels", version, files, ("_C", "_xpu_C"), XPU_OPS))
     tree = tmp_path / "tree"
     for rel, text in {"pkg/__init__.py": "", "pkg/mod.py": textwrap.dedent(code), **(extra or {})}.items():
         (tree / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -282,6 +294,62 @@ def test_a_name_bound_in_another_file_of_the_tree_is_followed(tmp_path: Path) ->
     assert r.status is CheckStatus.FAIL and "'wrong'" in r.detail
 
 
+def test_native_operators_are_checked_against_the_schemas_in_the_so(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STACKBUILD_CACHE", str(tmp_path / "cache"))
+    ok = check(tmp_path / "ok", """
+        import torch
+        def f(x, w, s, z, g):
+            torch.ops._xpu_C.int4_gemm_w4a16(x, w, None, s, z, 128, g)
+            torch.ops._xpu_C.fp8_gemm_out.default(x, x, w, None, None, None, None)
+            torch.ops._xpu_C.scaled(x, scale=2.0)
+            torch.ops._C.anything_vllm_builds(x)  # the tree builds its own _C: not judged here
+        """, extra={"setup.py": 'ext_modules = [CMakeExtension(name="pkg._C")]\n'})
+    assert ok.status is CheckStatus.PASS, ok.detail
+    assert ok.data["calls"] == 3
+    bad = check(tmp_path / "bad", """
+        import torch
+        def f(x, w, s, z, g):
+            torch.ops._xpu_C.int4_gemm_w4a16(x, w, None, s, z, 128, g, None)
+            torch.ops._xpu_C.int4_gemm_w4a16(x, w, None, s, z, group_sz=128, g_idx=g)
+            torch.ops._xpu_C.int4_gemm_w4a16(x, w, s, z, 128)
+            torch.ops._xpu_C.int4_gemm_w4a8(x, w)
+            torch.ops._xpu_C.scaled(x, 2.0)
+        """)
+    assert bad.status is CheckStatus.FAIL
+    problems = "\n".join(bad.data["problems"])
+    assert "pkg/mod.py:4: torch.ops._xpu_C.int4_gemm_w4a16(...) -> torch.ops._xpu_C.int4_gemm_w4a16(A, B, bias, " \
+           "B_scale, B_zp, group_size, g_idx) at vllm_xpu_kernels/_xpu_C.abi3.so (int4_gemm_w4a16): takes 7 " \
+           "positional argument(s), 8 given" in problems
+    assert "pkg/mod.py:5:" in problems and "unexpected keyword argument 'group_sz'" in problems
+    assert "pkg/mod.py:6:" in problems and "missing required argument(s) 'g_idx', 'group_size'" in problems
+    assert "pkg/mod.py:7: torch.ops._xpu_C has no operator 'int4_gemm_w4a8' in vllm-xpu-kernels 0.1.16.2" in problems
+    assert "pkg/mod.py:8:" in problems and "takes 1 positional argument(s), 2 given" in problems
+
+
+def test_an_operator_feature_test_is_decided_for_the_pinned_release(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STACKBUILD_CACHE", str(tmp_path / "cache"))
+    r = check(tmp_path, """
+        import torch
+        if hasattr(torch.ops._xpu_C, "int4_gemm_w4a8"):
+            def w4a8(x):
+                return torch.ops._xpu_C.int4_gemm_w4a8(x)
+        """)
+    assert r.status is CheckStatus.PASS
+    assert "pkg/mod.py:3: branch `if hasattr(torch.ops._xpu_C, 'int4_gemm_w4a8')` not checked: false" in r.detail
+
+
+def test_operators_in_an_extension_the_tree_builds_itself_are_not_judged(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STACKBUILD_CACHE", str(tmp_path / "cache"))
+    # vLLM builds its own _C (CUDA): torch.ops._C there is not the kernel package's
+    setup = 'ext_modules = [CMakeExtension(name="pkg._xpu_C")]\n'
+    r = check(tmp_path, "import vllm_xpu_kernels\nimport torch\ntorch.ops._xpu_C.not_an_op(1)\n",
+              extra={"setup.py": setup})
+    assert r.status is CheckStatus.PASS and r.data["calls"] == 0 and r.data["imports"] == 1
+
+
 def test_a_file_that_does_not_parse_is_skipped_with_the_reason(tmp_path: Path) -> None:
     r = check(tmp_path, "from vllm_xpu_kernels import fused_moe_interface\ndef f(:\n")
     assert r.status is CheckStatus.SKIP
@@ -380,3 +448,26 @@ def test_real_kernel_wheels(lunar_lake_moe_ws, version: str, fails: set[str]) ->
     assert {"_xpu_ops.py", "xpu_fused_moe.py", "xpu_int4_moe.py", "xpu.py"} <= set(by)
     assert {f for f, r in by.items() if r.status is CheckStatus.FAIL} == fails, [r.detail for r in results]
     assert all(r.data["version"] == version for r in results)
+    [int4] = [r for r in results if r.subject == "vllm/model_executor/kernels/linear/mixed_precision/xpu.py"]
+    assert int4.status is CheckStatus.PASS and int4.data["calls"] == 2  # int4_gemm_w4a16, int4_gemm_w4a8
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_a_planted_extra_argument_in_the_series_int4_gemm_call_fails_on_the_real_wheel(
+        lunar_lake_moe_ws, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    from test_wheelarch import kernel_wheel
+
+    monkeypatch.setenv("STACKBUILD_CACHE", str(tmp_path / "cache"))
+    rel = "vllm/model_executor/kernels/linear/mixed_precision/xpu.py"
+    tree = tmp_path / "tree"
+    (tree / rel).parent.mkdir(parents=True)
+    text = (lunar_lake_moe_ws.workdir / "vllm" / rel).read_text()
+    assert text.count("            self._g_idx,\n        )") == 1
+    (tree / rel).write_text(text.replace("            self._g_idx,\n        )",
+                                         "            self._g_idx,\n            True,\n        )"))
+    api = WheelAPI(kernel_wheel("0.1.16.2"))
+    [r] = check_tree(api, tree, [rel], {rel})
+    assert r.status is CheckStatus.FAIL
+    assert "torch.ops._xpu_C.int4_gemm_w4a16(A, B, bias, B_scale, B_zp, group_size, g_idx)" in r.detail
+    assert "takes 7 positional argument(s), 8 given" in r.detail

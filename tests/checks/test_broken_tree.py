@@ -35,11 +35,13 @@ def broken_ws(lunar_lake_moe_ws, tmp_path: Path) -> Path:  # type: ignore[no-unt
     return ws
 
 
-def _verify(ws: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    wheel = make_wheel(tmp_path / "wheels", "0.1.5", KERNELS, ("_C", "_moe_C", "_xpu_C"))
+def _verify(ws: Path, tmp_path: Path, *extra: str, only: str = "compile,registry,imports,api",
+            wheel: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """`stackbuild verify` as a user runs it (the venv's entry point, a clean environment)."""
+    wheel = wheel or make_wheel(tmp_path / "wheels", "0.1.5", KERNELS, ("_C", "_moe_C", "_xpu_C"))
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "STACKBUILD_CACHE": str(tmp_path / "cache")}
     return subprocess.run([str(STACKBUILD), "verify", str(RECIPE), "--workdir", str(ws),
-                           "--only", "compile,registry,imports,api", "--kernel-wheel", str(wheel), *extra],
+                           "--only", only, "--kernel-wheel", str(wheel), *extra],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
 
 
@@ -53,7 +55,7 @@ def test_a_syntax_error_in_the_registry_is_a_compile_fail_not_a_crash(broken_ws:
     tree = broken_ws / "vllm"
     last = len((tree / REGISTRY).read_text().splitlines())
     _insert_line(tree / REGISTRY, last + 1, "def broken(:\n")
-    proc = _verify(broken_ws, tmp_path)
+    proc = _verify(broken_ws, tmp_path, only="compile,registry,imports")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out
     assert "Traceback" not in out and "internal error" not in out
@@ -128,3 +130,22 @@ def test_checks_called_directly_on_a_broken_registry_do_not_raise(broken_ws: Pat
     assert reg.status is CheckStatus.SKIP and f"{REGISTRY}:1: SyntaxError" in reg.detail
     fails = [r for r in compile_check.run(ctx) if r.status is CheckStatus.FAIL]
     assert [r.subject for r in fails] == [REGISTRY]
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_a_syntax_error_in_a_kernel_using_file_with_the_real_kernel_wheel(broken_ws: Path, tmp_path: Path) -> None:
+    from test_wheelarch import kernel_wheel
+
+    moe = "vllm/model_executor/layers/fused_moe/xpu_int4_moe.py"
+    last = len((broken_ws / "vllm" / moe).read_text().splitlines())
+    _insert_line(broken_ws / "vllm" / moe, last + 1, "def broken(:\n")
+    proc = _verify(broken_ws, tmp_path, "--json", wheel=kernel_wheel("0.1.3.1"))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    report = json.loads(proc.stdout)
+    fails = [(r["check"], r["subject"]) for r in report["results"] if r["status"] == "fail"]
+    assert fails == [("compile", moe)]
+    [api] = [r for r in report["results"] if r["check"] == "api" and r["subject"] == moe]
+    assert api["status"] == "skipped" and f"{moe}:{last + 1}: SyntaxError" in api["detail"]
+    others = [r for r in report["results"] if r["check"] == "api" and r["subject"] not in (moe, "vllm-xpu-kernels")]
+    assert len(others) >= 5 and all(r["status"] == "pass" for r in others)
