@@ -9,6 +9,7 @@ cannot be read: a name looked up in one resolves as `extension` (not verifiable 
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import posixpath
 import re
@@ -160,12 +161,10 @@ class WheelAPI:
         except (zipfile.BadZipFile, OSError) as e:
             raise SourceError(f"cannot read {member}: {e}", file=self.wheel) from None
         ops = _schemas_in(data, member)
-        try:
+        with contextlib.suppress(OSError):  # a read-only cache: read the .so again next time
             atomic_write_text(memo, json.dumps({k: [list(v.posonly), list(v.params), list(v.kwonly),
                                                     sorted(v.required), v.varargs, v.varkw, v.where]
                                                 for k, v in ops.items()}))
-        except OSError:
-            pass  # a read-only cache: read the .so again next time
         self._ops[namespace] = ops
         return ops
 

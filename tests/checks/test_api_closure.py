@@ -471,3 +471,42 @@ def test_a_planted_extra_argument_in_the_series_int4_gemm_call_fails_on_the_real
     assert r.status is CheckStatus.FAIL
     assert "torch.ops._xpu_C.int4_gemm_w4a16(A, B, bias, B_scale, B_zp, group_size, g_idx)" in r.detail
     assert "takes 7 positional argument(s), 8 given" in r.detail
+
+
+# ---------------------------------------------------------------- fetching the pinned release
+
+
+def _index_ctx(tmp_path: Path, pin: Pin) -> CheckContext:
+    tree = tmp_path / "ws" / "src"
+    (tree / "pkg").mkdir(parents=True)
+    (tree / "pkg" / "mod.py").write_text("import vllm_xpu_kernels\n")
+    recipe = load_recipe(REPO / "recipes" / "lunar-lake-moe.toml")
+    recipe = dataclasses.replace(recipe, pins=tuple(p for p in recipe.pins if p.name != pin.name) + (pin,))
+    return CheckContext(recipe=recipe, workspace=tmp_path / "ws", touched={"src": ("pkg/mod.py",)},
+                        options={"lockfile": str(tmp_path / "no-lockfile.txt")})
+
+
+def test_an_index_release_is_fetched_once_and_checked_against_the_pinned_sha256(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lock.tinyindex import build_index, sha256
+
+    from stackbuild.errors import SourceError
+
+    monkeypatch.setenv("STACKBUILD_CACHE", str(tmp_path / "cache"))
+    index = build_index(tmp_path / "index", {("vllm-xpu-kernels", "0.1.16.2"): ()})
+    good = sha256(next((tmp_path / "index" / "files").glob("*.whl")))
+    with pytest.raises(SourceError) as e:  # the recipe pins another artifact: refused, nothing cached
+        api_closure.run(_index_ctx(tmp_path / "a", Pin("vllm-xpu-kernels", "==0.1.16.2", index=index, sha256="0" * 64)))
+    assert "no wheel of vllm-xpu-kernels==0.1.16.2 with sha256 " + "0" * 64 in e.value.render()
+    assert not list((tmp_path / "cache").glob("wheels/vllm-xpu-kernels/*/*.whl"))
+    pin = Pin("vllm-xpu-kernels", "==0.1.16.2", index=index, sha256=good)
+    [r] = api_closure.run(_index_ctx(tmp_path / "b", pin))
+    assert r.status is CheckStatus.PASS and r.data["version"] == "0.1.16.2"
+    cached = next((tmp_path / "cache").glob("wheels/vllm-xpu-kernels/0.1.16.2/*.whl"))
+    shutil.rmtree(tmp_path / "index")  # the second run reads the cache only
+    [r] = api_closure.run(_index_ctx(tmp_path / "c", pin))
+    assert r.status is CheckStatus.PASS
+    cached.write_bytes(b"damaged")  # a cached file that is not the pinned artifact is not used
+    with pytest.raises(SourceError):
+        api_closure.run(_index_ctx(tmp_path / "d", pin))
+    assert not cached.exists()
