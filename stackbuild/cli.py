@@ -219,19 +219,22 @@ def install_script(
     recipe: str = typer.Argument(..., help="Recipe name or path."),
     output: Path | None = typer.Option(None, "-o", "--output", help="Where to write the script."),
     lockfile: Path | None = typer.Option(None, "--lockfile", help="Default: lockfiles/RECIPE.txt."),
-    wheel: list[Path] | None = typer.Option(None, "--wheel", help="A built wheel to install (repeatable)."),
+    wheel: list[Path] | None = typer.Option(None, "--wheel", help="A built wheel to install (repeatable). Default: the build cache's wheel for the recipe's build key (run `stackbuild build` first)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; write nothing."),
+    workdir: Path | None = WorkdirOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Render a bash script that installs the recipe's stack on a fresh host."""
     from stackbuild.errors import StackbuildError as _E
-    from stackbuild.installer import render_install_script
+    from stackbuild.installer import find_wheels, render_install_script
     from stackbuild.lock import default_lockfile
     from stackbuild.recipe import load_recipe
 
     r = load_recipe(recipe)
     lock = lockfile or default_lockfile(r)
-    script = render_install_script(r, lock if (lock.exists() or lockfile) else None, list(wheel or []), dry_run=dry_run)
+    wheels, origin = find_wheels(r, list(wheel or []), workdir)
+    script = render_install_script(r, lock if (lock.exists() or lockfile) else None, wheels, dry_run=dry_run,
+                                   wheels_origin=origin)
     if dry_run:
         _emit(script, as_json)
         return

@@ -20,12 +20,14 @@ import hashlib
 import os
 import re
 import shlex
+import shutil
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 
 from stackbuild.cache import sha256_file
 from stackbuild.errors import RecipeError, StackbuildError
@@ -119,10 +121,13 @@ class InstallScript:
     wheels: tuple[tuple[str, str], ...] = ()  # (file name, sha256)
     dry_run: bool = False
     notes: tuple[str, ...] = field(default_factory=tuple)
+    wheel_files: tuple[Path, ...] = ()  # where the wheels are now
 
     def write(self, dest: Path) -> None:
-        """Write the script (mode 0755) atomically."""
+        """Write the script (mode 0755) atomically, and put the wheels it installs into
+        wheels/ beside it (where the script looks first), unless already there."""
         dest = Path(dest)
+        self._stage_wheels(dest.parent / "wheels")
         tmp = dest.with_name(f".{dest.name}.tmp")
         try:
             tmp.write_text(self.text, encoding="utf-8")
@@ -131,6 +136,20 @@ class InstallScript:
         except OSError as e:
             tmp.unlink(missing_ok=True)
             raise StackbuildError(f"cannot write the install script: {e.strerror}", file=dest) from None
+
+    def _stage_wheels(self, wheel_dir: Path) -> None:
+        for src, (name, sha) in zip(self.wheel_files, self.wheels, strict=True):
+            target = wheel_dir / name
+            if target.is_file() and sha256_file(target) == sha:
+                continue
+            tmp = wheel_dir / f".{name}.tmp"
+            try:
+                wheel_dir.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, tmp)
+                os.replace(tmp, target)
+            except OSError as e:
+                tmp.unlink(missing_ok=True)
+                raise StackbuildError(f"cannot copy the wheel beside the script: {e.strerror}", file=target) from None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -274,8 +293,29 @@ def _render(template: str, values: dict[str, str]) -> str:
 # ---------------------------------------------------------------- rendering
 
 
+def _wheel_project(filename: str) -> str | None:
+    try:
+        return str(parse_wheel_filename(filename)[0])
+    except InvalidWheelFilename:
+        return None
+
+
+def find_wheels(recipe: Recipe, given: list[Path], workdir: Path | None = None) -> tuple[list[Path], str]:
+    """The wheels to install: those given (--wheel), else the build cache's entry for
+    the recipe's build key (what `stackbuild build` would return now). Also says where
+    they came from, or why none was found."""
+    if given:
+        return list(given), "given with --wheel"
+    from stackbuild.build import cached_build
+
+    found = cached_build(recipe, workdir)
+    if found.entry is None:
+        return [], found.why
+    return list(found.entry.wheel_paths), f"from the build cache: {found.why}"
+
+
 def render_install_script(recipe: Recipe, lockfile: Path | None, wheels: list[Path],
-                          dry_run: bool = False) -> InstallScript:
+                          dry_run: bool = False, wheels_origin: str = "given") -> InstallScript:
     platform = recipe.platform
     distro = DISTROS.get(platform.distro)
     if distro is None:
@@ -303,6 +343,15 @@ def render_install_script(recipe: Recipe, lockfile: Path | None, wheels: list[Pa
         if not Path(w).is_file():
             raise StackbuildError("no such wheel", file=w)
         wheel_info.append((Path(w).name, sha256_file(Path(w))))
+    if not any(_wheel_project(n) == "vllm" for n, _ in wheel_info):
+        # Without it the script would install no vLLM and fail at its own import check.
+        msg = (f"no built vLLM wheel to install ({wheels_origin}): run `stackbuild build {recipe.name}` "
+               "first, or give the wheel with --wheel")
+        if not dry_run:
+            raise StackbuildError(msg, file=recipe.path, key="--wheel")
+        notes.append(msg)
+    elif wheels_origin != "given":
+        notes.append(f"wheels {wheels_origin}")
 
     window = recipe.environment.python
     expr = python_expression(window, file=recipe.path)
@@ -378,4 +427,5 @@ def render_install_script(recipe: Recipe, lockfile: Path | None, wheels: list[Pa
         wheels=tuple(wheel_info),
         dry_run=dry_run,
         notes=tuple(notes),
+        wheel_files=tuple(Path(w) for w in wheels),
     )

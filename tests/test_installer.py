@@ -21,6 +21,7 @@ from test_environment import build_wheel, write_recipe  # noqa: E402
 
 from stackbuild.errors import StackbuildError  # noqa: E402
 from stackbuild.installer import (  # noqa: E402
+    find_wheels,
     python_expression,
     python_minors,
     render_install_script,
@@ -171,7 +172,9 @@ def test_rendered_scripts_are_shellcheck_clean(tmp_path: Path, recipe_name: str)
     lock.write_text("a==1 \\\n    --hash=sha256:" + "0" * 64 + "\n")
     whl = tmp_path / "vllm-0.19.0-py3-none-any.whl"
     whl.write_bytes(b"x")
-    for wheels in ([], [whl]):
+    kern = tmp_path / "vllm_xpu_kernels-0.1.5-cp38-abi3-manylinux_2_28_x86_64.whl"
+    kern.write_bytes(b"y")
+    for wheels in ([whl], [whl, kern]):
         path = tmp_path / f"{recipe_name}-{len(wheels)}.sh"
         render_install_script(load_recipe(recipe_name), lock, wheels).write(path)
         proc = subprocess.run([str(SHELLCHECK), "--severity=style", str(path)], capture_output=True, text=True)
@@ -185,7 +188,7 @@ def test_kernels_from_source_script_is_shellcheck_clean(tmp_path: Path) -> None:
     lock = tmp_path / "lock.txt"
     lock.write_text("")
     path = tmp_path / "s.sh"
-    script = render_install_script(recipe, lock, [])
+    script = render_install_script(recipe, lock, [build_wheel(tmp_path, "vllm", "0.19.0", {})])
     script.write(path)
     # the activate line, itself one quoted word of the printf that writes it
     assert shlex.quote("export A_VAR='it'\"'\"'s quoted'") in script.text
@@ -258,7 +261,7 @@ def _fails(host: FakeHost, script: Path, message: str, **extra: str) -> subproce
 
 @pytest.fixture()
 def lnl_script(tmp_path: Path, host: FakeHost) -> Path:
-    return _script(host, tmp_path, write_recipe(tmp_path, "lnl-f", LNL_RECIPE), with_vllm=False)
+    return _script(host, tmp_path, write_recipe(tmp_path, "lnl-f", LNL_RECIPE), with_vllm=True)
 
 
 def test_root_is_refused(host: FakeHost, lnl_script: Path) -> None:
@@ -315,7 +318,7 @@ def test_setvars_that_sets_nothing_fails(host: FakeHost, lnl_script: Path) -> No
 
 
 def test_ubuntu_host_uses_apt_get_for_missing_packages_only(tmp_path: Path, host: FakeHost) -> None:
-    script = _script(host, tmp_path, write_recipe(tmp_path, "b70-t", B70_RECIPE), with_vllm=False)
+    script = _script(host, tmp_path, write_recipe(tmp_path, "b70-t", B70_RECIPE), with_vllm=True)
     host.setvars.unlink()
     (host.bin / "python3.12").unlink()  # stop at the Python step
     host.run(script, FAKE_GROUPS="alice video", FAKE_INSTALLED="ca-certificates git")
@@ -358,6 +361,23 @@ def test_lockfile_lines_without_hashes_are_refused(tmp_path: Path) -> None:
                                 "installs with --require-hashes (regenerate the lockfile with hashes)")
 
 
+def test_without_a_vllm_wheel_the_script_is_refused_naming_stackbuild_build(tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path, "nowhl", B70_RECIPE)
+    lock = tmp_path / "l.txt"
+    lock.write_text("")
+    wheels, origin = find_wheels(recipe, [])
+    assert wheels == [] and origin == f"no applied workspace at {tmp_path / 'work' / 'nowhl'}"
+    other = build_wheel(tmp_path, "tinypkg", "1.0", {})
+    for given in ([], [other]):
+        with pytest.raises(StackbuildError) as e:
+            render_install_script(recipe, lock, given, wheels_origin=origin)
+        assert e.value.exit_code == 2
+        assert "no built vLLM wheel to install" in e.value.render()
+        assert "run `stackbuild build nowhl` first, or give the wheel with --wheel" in e.value.render()
+    plan = render_install_script(recipe, lock, [], dry_run=True, wheels_origin=origin)
+    assert any("stackbuild build nowhl" in n for n in plan.notes)
+
+
 def test_missing_wheel_is_refused(tmp_path: Path) -> None:
     recipe = write_recipe(tmp_path, "nowhl", B70_RECIPE)
     lock = tmp_path / "l.txt"
@@ -386,3 +406,39 @@ def test_python_window_expression(window: str, inside: list[tuple[int, ...]], ou
 def test_python_minors() -> None:
     assert python_minors(">=3.10,<3.13") == ["3.12", "3.11", "3.10"]
     assert python_minors("==3.12.*") == ["3.12"]
+
+
+@pytest.mark.slow
+@pytest.mark.network
+def test_the_built_wheel_is_found_by_the_build_key_and_staged_beside_the_script(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real `stackbuild build` (pure-Python vLLM 0.19.0); install-script then finds its
+    wheel by the recipe's build key and copies it beside the script. A recipe change
+    (a new key) finds nothing rather than the stale wheel."""
+    from fixtures import vllm_sdist
+    from test_build import SDIST_SHA, VERSION, make_project, tiny_patch
+
+    from stackbuild.build import build
+
+    cache = tmp_path / "cache"
+    (cache / "sdists" / SDIST_SHA).mkdir(parents=True)
+    shutil.copyfile(vllm_sdist(VERSION), cache / "sdists" / SDIST_SHA / f"vllm-{VERSION}.tar.gz")
+    monkeypatch.setenv("STACKBUILD_CACHE", str(cache))
+    proj = make_project(tmp_path / "proj", tiny_patch())
+    built = build(proj.recipe, proj.workdir)
+    assert built.wheel is not None
+    wheels, origin = find_wheels(proj.recipe, [], proj.workdir)
+    assert wheels == [built.wheel]
+    assert origin.startswith(f"from the build cache: build key {built.key[:12]}")
+    lock = tmp_path / "l.txt"
+    lock.write_text("")
+    out = tmp_path / "dist" / "install.sh"
+    out.parent.mkdir()
+    render_install_script(proj.recipe, lock, wheels, wheels_origin=origin).write(out)
+    staged = out.parent / "wheels" / built.wheel.name
+    assert _hash(staged) == _hash(built.wheel)
+    assert f"WHEEL_SHA256=({_hash(built.wheel)})" in out.read_text()
+    # the recipe changes (a new pin): the workspace no longer matches it, so no key and no stale wheel
+    changed = make_project(tmp_path / "proj2", tiny_patch(), pins='[pins]\ntinypkg = "==1.0"\n')
+    shutil.copytree(proj.workdir, changed.workdir)
+    assert find_wheels(changed.recipe, [], changed.workdir)[0] == []
