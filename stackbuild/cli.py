@@ -320,12 +320,15 @@ def lock_cmd(
     output: Path | None = typer.Option(None, "--output", "-o", help="Default: lockfiles/RECIPE.txt."),
     lockfile: Path | None = typer.Option(None, "--lockfile", help="--check: the lockfile to check."),
     record_first_use: bool = typer.Option(False, "--record-first-use", help="Write the sha256 of trust-on-first-use artifacts this lock downloaded into the recipe."),
+    force: bool = typer.Option(False, "--force", help="Replace the lockfile even with a less complete one."),
+    index_map: list[str] | None = typer.Option(None, "--index-map", help="REAL=LOCAL: read the index (or URL prefix) REAL from the local mirror LOCAL; the lockfile keeps REAL (repeatable; adds to STACKBUILD_INDEX_MAP)."),
     workdir: Path | None = WorkdirOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Write lockfiles/RECIPE.txt with pip-tools (or uv): every package pinned with sha256 hashes."""
     from stackbuild.errors import StackbuildError as _E
     from stackbuild.lock import check_lock, default_lockfile, lock
+    from stackbuild.lock.indexmap import IndexMap
     from stackbuild.manifest import read_manifest
     from stackbuild.recipe import load_recipe
     from stackbuild.workspace import default_workdir
@@ -348,7 +351,8 @@ def lock_cmd(
         raise _E(f"must be pip-tools or uv, got {chosen!r}", key="--resolver")
     if not as_json:
         _progress(f"locking {r.name} with {chosen}{' (offline)' if offline else ''}")
-    result = lock(r, requirements_from=req_tree, resolver=chosen, offline=offline, output=output, index_url=index_url)
+    result = lock(r, requirements_from=req_tree, resolver=chosen, offline=offline, output=output, index_url=index_url,
+                  force=force, index_map=IndexMap.parse(index_map or []))
     _emit(result, as_json)
     if record_first_use:
         from stackbuild.lock import record_first_use as _record

@@ -20,11 +20,35 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from stackbuild.lock.errors import ResolutionFailed, ResolverMissing
+from stackbuild.lock.errors import IndexUnreachable, ResolverMissing
 
 RESOLVERS = ("pip-tools", "uv")
 DEFAULT_INDEX = "https://pypi.org/simple"
 PROBE_TIMEOUT_S = 5.0
+
+
+def _seconds(var: str, default: float) -> float:
+    raw = os.environ.get(var, "")
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        raise ResolverMissing(f"not a number of seconds: {raw!r}", key=var) from None
+    if value <= 0:
+        raise ResolverMissing(f"must be > 0 seconds, got {raw!r}", key=var)
+    return value
+
+
+def net_timeout() -> float:
+    """Seconds one index request may take (pip's --timeout, uv's UV_HTTP_TIMEOUT)."""
+    return _seconds("STACKBUILD_NET_TIMEOUT", 30.0)
+
+
+def lock_timeout() -> float:
+    """Seconds the whole resolver run may take."""
+    return _seconds("STACKBUILD_LOCK_TIMEOUT", 900.0)
+
+
+_TIMEOUT_RE = re.compile(r"timed out|timeout|ReadTimeoutError|operation timed out", re.IGNORECASE)
 
 # Kept for the resolver: where to find certificates, proxies, caches. Everything else
 # named PIP_* or UV_* (index URLs, find-links, constraints, config files) is dropped.
@@ -126,17 +150,19 @@ def pip_tools_version() -> str:
 
 
 def find_uv() -> str:
-    exe = shutil.which("uv")
-    if exe:
-        return exe
+    """The uv installed beside stackbuild (the `uv` package) first, then one on PATH."""
     try:
         import uv
 
         return str(uv.find_uv_bin())
-    except Exception:  # noqa: BLE001
-        raise ResolverMissing(
+    except Exception:  # noqa: BLE001 - not installed as a package: try PATH
+        pass
+    exe = shutil.which("uv")
+    if exe:
+        return exe
+    raise ResolverMissing(
             "the uv resolver is not installed: `pip install uv` (or see https://docs.astral.sh/uv/), "
-            "or use --resolver pip-tools", key="--resolver") from None
+            "or use --resolver pip-tools", key="--resolver")
 
 
 def uv_version(exe: str) -> str:
@@ -147,13 +173,19 @@ def uv_version(exe: str) -> str:
         return "?"
 
 
-def run_resolver(resolver: str, req: ResolveRequest, timeout_s: float = 1800) -> ResolveRun:
+def run_resolver(resolver: str, req: ResolveRequest, timeout_s: float | None = None) -> ResolveRun:
+    """Run the resolver with a deadline for the whole run (STACKBUILD_LOCK_TIMEOUT) and
+    one per index request (STACKBUILD_NET_TIMEOUT). Either running out is one
+    IndexUnreachable naming the limit; nothing is written."""
+    timeout_s = lock_timeout() if timeout_s is None else timeout_s
+    per_request = net_timeout()
+    env = clean_env()
     if resolver == "pip-tools":
         argv = [sys.executable, "-m", "piptools", "compile", "--no-header", "--generate-hashes",
                 "--allow-unsafe", "--strip-extras", "--no-emit-index-url", "--no-emit-find-links",
                 "--no-emit-trusted-host", "--output-file", str(req.output)]
         # Retries belong to the probes; a dead mirror must not cost pip's 16 s of retries.
-        argv += ["--pip-args", "--retries 1 --timeout 30"]
+        argv += ["--pip-args", f"--retries 1 --timeout {per_request:g}"]
         version = pip_tools_version()
     elif resolver == "uv":
         exe = find_uv()
@@ -163,6 +195,7 @@ def run_resolver(resolver: str, req: ResolveRequest, timeout_s: float = 1800) ->
             argv.append("--offline")
         if req.overrides is not None:
             argv += ["--overrides", str(req.overrides)]
+        env["UV_HTTP_TIMEOUT"] = f"{max(1, round(per_request))}"
         version = uv_version(exe)
     else:
         raise ResolverMissing(f"unknown resolver {resolver!r} (one of: {', '.join(RESOLVERS)})",
@@ -177,17 +210,23 @@ def run_resolver(resolver: str, req: ResolveRequest, timeout_s: float = 1800) ->
         argv += ["--find-links", f]
     argv += [str(p) for p in req.inputs]
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, env=clean_env(),
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env,
                               cwd=req.output.parent, timeout=timeout_s)
     except FileNotFoundError as e:
         raise ResolverMissing(f"cannot run {resolver}: {e.strerror}", key="--resolver") from None
     except subprocess.TimeoutExpired:
-        raise ResolutionFailed(f"{resolver} did not finish within {timeout_s:g} s") from None
+        raise IndexUnreachable(f"{resolver} did not finish within {timeout_s:g} s (STACKBUILD_LOCK_TIMEOUT); "
+                               "nothing was written", key="STACKBUILD_LOCK_TIMEOUT") from None
     if proc.returncode == 0 and req.output.exists():
         return ResolveRun(True, req.output.read_text(encoding="utf-8"), proc.stderr, tuple(argv), version)
     if resolver == "pip-tools" and "No module named piptools" in proc.stderr:
         raise ResolverMissing("pip-tools is not installed: `pip install pip-tools`", key="--resolver")
-    return ResolveRun(False, "", proc.stderr + proc.stdout, tuple(argv), version)
+    out = proc.stderr + proc.stdout
+    if _TIMEOUT_RE.search(out):
+        raise IndexUnreachable(f"{resolver}: an index did not answer within {per_request:g} s "
+                               f"(STACKBUILD_NET_TIMEOUT): {failure_summary(out, {})}; nothing was written",
+                               key="STACKBUILD_NET_TIMEOUT")
+    return ResolveRun(False, "", out, tuple(argv), version)
 
 
 _NOT_FOUND_PATTERNS = (
