@@ -228,6 +228,26 @@ def check_lockfile_text(text: str, path: Path) -> int:
     return count
 
 
+def lockfile_problem(path: Path, recipe: Recipe) -> str | None:
+    """Why this lockfile must not be installed, in the words `lock --check` uses: not
+    a stackbuild lockfile, edited since it was written (its content sha256), or
+    incomplete (what is missing and which host can complete it). None: install it."""
+    from stackbuild.lock.errors import LockError
+    from stackbuild.lock.lockfile import incomplete_message, read_header
+
+    try:
+        header = read_header(path)
+    except LockError as e:
+        return f"{e.message}; regenerate it with `stackbuild lock {recipe.name}`"
+    if header.content_sha256 is None:
+        return (f"the lockfile has no content sha256 (written by an older stackbuild), so edits cannot be "
+                f"detected; regenerate it with `stackbuild lock {recipe.name}`")
+    if header.edited:
+        return ("the lockfile does not match its content sha256 (edited by hand?); regenerate it with "
+                f"`{header.command or 'stackbuild lock ' + recipe.name}`")
+    return incomplete_message(header)
+
+
 def _package_step(distro: Distro) -> str:
     pkgs = " ".join(distro.packages)
     if distro.manager == "apt-get":
@@ -343,6 +363,12 @@ def render_install_script(recipe: Recipe, lockfile: Path | None, wheels: list[Pa
         if not Path(w).is_file():
             raise StackbuildError("no such wheel", file=w)
         wheel_info.append((Path(w).name, sha256_file(Path(w))))
+    if lockfile is not None and Path(lockfile).exists():
+        problem = lockfile_problem(Path(lockfile), recipe)
+        if problem is not None:
+            if not dry_run:
+                raise StackbuildError(problem, file=lockfile)
+            notes.append(problem)
     if not any(_wheel_project(n) == "vllm" for n, _ in wheel_info):
         # Without it the script would install no vLLM and fail at its own import check.
         msg = (f"no built vLLM wheel to install ({wheels_origin}): run `stackbuild build {recipe.name}` "

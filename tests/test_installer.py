@@ -15,6 +15,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from lock.sealed import sealed_lockfile
+from lock.tinyindex import build_index
 
 sys.path.insert(0, str(Path(__file__).parent / "checks"))
 from test_environment import build_wheel, write_recipe  # noqa: E402
@@ -26,6 +28,8 @@ from stackbuild.installer import (  # noqa: E402
     python_minors,
     render_install_script,
 )
+from stackbuild.lock import lock  # noqa: E402
+from stackbuild.lock.indexmap import IndexMap  # noqa: E402
 from stackbuild.recipe import Recipe, load_recipe  # noqa: E402
 
 PYENV = Path("/root/.pyenv/versions")
@@ -136,14 +140,16 @@ def _hash(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
-def _lockfile(host: FakeHost, tmp_path: Path) -> Path:
-    tiny = build_wheel(host.wheelhouse, "tinypkg", "1.0", {"tinypkg/__init__.py": "X = 1\n"})
-    lock = tmp_path / "recipe.lock.txt"
-    lock.write_text(
-        "# stackbuild lockfile for recipe t\n"
-        f"tinypkg==1.0 \\\n    --hash=sha256:{_hash(tiny)}\n    # via recipe pins\n"
-    )
-    return lock
+def _lockfile(host: FakeHost, tmp_path: Path, recipe: Recipe) -> Path:
+    """A real lock of the recipe's pins (uv), against a local index standing in for the
+    real ones through an index map; its wheel is what the fake host installs from."""
+    index = build_index(tmp_path / "index", {("tinypkg", "1.0"): ()})
+    for whl in (tmp_path / "index" / "files").glob("*.whl"):
+        shutil.copyfile(whl, host.wheelhouse / whl.name)
+    imap = IndexMap.parse([f"{p.index}={index}" for p in recipe.pins if p.index], env="")
+    out = tmp_path / "recipe.lock.txt"
+    lock(recipe, requirements_from=None, resolver="uv", output=out, index_url=index, index_map=imap)
+    return out
 
 
 def _script(host: FakeHost, tmp_path: Path, recipe: Recipe, *, with_vllm: bool = True) -> Path:
@@ -152,7 +158,7 @@ def _script(host: FakeHost, tmp_path: Path, recipe: Recipe, *, with_vllm: bool =
     wheels = []
     if with_vllm:
         wheels.append(build_wheel(out / "wheels", "vllm", "0.19.0", {"vllm/__init__.py": "V = 1\n"}))
-    script = render_install_script(recipe, _lockfile(host, tmp_path), wheels)
+    script = render_install_script(recipe, _lockfile(host, tmp_path, recipe), wheels)
     path = out / "install.sh"
     script.write(path)
     return path
@@ -168,8 +174,7 @@ def _steps(stdout: str) -> list[str]:
 @needs_shellcheck
 @pytest.mark.parametrize("recipe_name", ["lunar-lake-moe", "b70-gemma4"])
 def test_rendered_scripts_are_shellcheck_clean(tmp_path: Path, recipe_name: str) -> None:
-    lock = tmp_path / "lock.txt"
-    lock.write_text("a==1 \\\n    --hash=sha256:" + "0" * 64 + "\n")
+    lock = sealed_lockfile(tmp_path / "lock.txt", recipe_name, "a==1 \\\n    --hash=sha256:" + "0" * 64 + "\n")
     whl = tmp_path / "vllm-0.19.0-py3-none-any.whl"
     whl.write_bytes(b"x")
     kern = tmp_path / "vllm_xpu_kernels-0.1.5-cp38-abi3-manylinux_2_28_x86_64.whl"
@@ -185,8 +190,7 @@ def test_rendered_scripts_are_shellcheck_clean(tmp_path: Path, recipe_name: str)
 def test_kernels_from_source_script_is_shellcheck_clean(tmp_path: Path) -> None:
     recipe = write_recipe(tmp_path, "src", 'platform = "b70"\n[build]\nkernels_from_source = true\n'
                           '[environment.vars]\nA_VAR = "it\'s quoted"\n')
-    lock = tmp_path / "lock.txt"
-    lock.write_text("")
+    lock = sealed_lockfile(tmp_path / "lock.txt", "src", "")
     path = tmp_path / "s.sh"
     script = render_install_script(recipe, lock, [build_wheel(tmp_path, "vllm", "0.19.0", {})])
     script.write(path)
@@ -363,8 +367,7 @@ def test_lockfile_lines_without_hashes_are_refused(tmp_path: Path) -> None:
 
 def test_without_a_vllm_wheel_the_script_is_refused_naming_stackbuild_build(tmp_path: Path) -> None:
     recipe = write_recipe(tmp_path, "nowhl", B70_RECIPE)
-    lock = tmp_path / "l.txt"
-    lock.write_text("")
+    lock = sealed_lockfile(tmp_path / "l.txt", "nowhl", "")
     wheels, origin = find_wheels(recipe, [])
     assert wheels == [] and origin == f"no applied workspace at {tmp_path / 'work' / 'nowhl'}"
     other = build_wheel(tmp_path, "tinypkg", "1.0", {})
@@ -376,6 +379,17 @@ def test_without_a_vllm_wheel_the_script_is_refused_naming_stackbuild_build(tmp_
         assert "run `stackbuild build nowhl` first, or give the wheel with --wheel" in e.value.render()
     plan = render_install_script(recipe, lock, [], dry_run=True, wheels_origin=origin)
     assert any("stackbuild build nowhl" in n for n in plan.notes)
+
+
+@pytest.mark.parametrize("text", ["", "a==1 \\\n    --hash=sha256:" + "0" * 64 + "\n"])
+def test_a_file_that_is_not_a_stackbuild_lockfile_is_refused(tmp_path: Path, text: str) -> None:
+    recipe = write_recipe(tmp_path, "plain", B70_RECIPE)
+    lock = tmp_path / "l.txt"
+    lock.write_text(text)
+    with pytest.raises(StackbuildError) as e:
+        render_install_script(recipe, lock, [build_wheel(tmp_path, "vllm", "0.19.0", {})])
+    assert e.value.render() == (f"{lock}: not a stackbuild lockfile (its first line is not the stackbuild "
+                                "header); regenerate it with `stackbuild lock plain`")
 
 
 def test_missing_wheel_is_refused(tmp_path: Path) -> None:
@@ -430,8 +444,7 @@ def test_the_built_wheel_is_found_by_the_build_key_and_staged_beside_the_script(
     wheels, origin = find_wheels(proj.recipe, [], proj.workdir)
     assert wheels == [built.wheel]
     assert origin.startswith(f"from the build cache: build key {built.key[:12]}")
-    lock = tmp_path / "l.txt"
-    lock.write_text("")
+    lock = sealed_lockfile(tmp_path / "l.txt", proj.recipe.name, "")
     out = tmp_path / "dist" / "install.sh"
     out.parent.mkdir()
     render_install_script(proj.recipe, lock, wheels, wheels_origin=origin).write(out)

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from lock.sealed import sealed_lockfile
 
 from stackbuild.errors import StackbuildError
 from stackbuild.installer import render_install_script, sh_quote
@@ -86,9 +87,7 @@ def _hostile_recipe(base: Recipe, template: str, marker: Path, *, in_name: bool)
 
 def _lockfile(dest: Path, wheel: Path, payload: str) -> Path:
     comment = "# " + payload.replace("\r", "\n").replace("\n", "\n# ")
-    dest.write_text(f"# stackbuild lockfile for recipe fuzz\n{comment}\n"
-                    f"tinypkg==1.0 \\\n    --hash=sha256:{_hash(wheel)}\n")
-    return dest
+    return sealed_lockfile(dest, "fuzz", f"{comment}\ntinypkg==1.0 \\\n    --hash=sha256:{_hash(wheel)}\n")
 
 
 def _render(tmp: Path, recipe: Recipe, payload: str, wheelhouse: Path) -> tuple[Path, Path]:
