@@ -408,7 +408,8 @@ def render_install_script(recipe: Recipe, lockfile: Path | None, wheels: list[Pa
         PlanStep("environment", ("export in the venv's activate script: "
                                  + " ".join(f"{k}={sh_quote(v)}" for k, v in env)) if env else "no variables"),
         PlanStep("import check", "import vllm from a neutral directory; it must come from the venv"),
-        PlanStep("verify", f"stackbuild verify {recipe.name} --python $VENV/bin/python --only environment,platform"),
+        PlanStep("verify", f"stackbuild verify {recipe.name} --python $VENV/bin/python --lockfile (the installed copy) "
+                 "--only environment,platform"),
     ]
     for k, _ in env:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):

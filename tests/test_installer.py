@@ -143,7 +143,7 @@ def _hash(p: Path) -> str:
 def _lockfile(host: FakeHost, tmp_path: Path, recipe: Recipe) -> Path:
     """A real lock of the recipe's pins (uv), against a local index standing in for the
     real ones through an index map; its wheel is what the fake host installs from."""
-    index = build_index(tmp_path / "index", {("tinypkg", "1.0"): ()})
+    index = build_index(tmp_path / "index", {("tinypkg", "1.0"): (), ("torch", "2.10.0+xpu"): ()})
     for whl in (tmp_path / "index" / "files").glob("*.whl"):
         shutil.copyfile(whl, host.wheelhouse / whl.name)
     imap = IndexMap.parse([f"{p.index}={index}" for p in recipe.pins if p.index], env="")
@@ -231,7 +231,8 @@ def test_full_install_on_a_fake_fedora_host_then_rerun(tmp_path: Path, host: Fak
     assert not any(c.startswith("apt-get") for c in calls)
     setvars_at = calls.index("setvars --force")
     venv_at = calls.index(f"python3.12 -m venv {venv}")
-    verify = f"stackbuild verify lnl-t --python {venv}/bin/python --only environment,platform"
+    verify = (f"stackbuild verify lnl-t --python {venv}/bin/python --lockfile {venv}/stackbuild-lnl-t.lock.txt "
+              "--only environment,platform")
     assert sudo_at < setvars_at < venv_at < calls.index(verify) == len(calls) - 1
     # all output shown: pip's own lines reach the user
     assert "Successfully installed tinypkg-1.0" in proc.stdout
@@ -455,3 +456,35 @@ def test_the_built_wheel_is_found_by_the_build_key_and_staged_beside_the_script(
     changed = make_project(tmp_path / "proj2", tiny_patch(), pins='[pins]\ntinypkg = "==1.0"\n')
     shutil.copytree(proj.workdir, changed.workdir)
     assert find_wheels(changed.recipe, [], changed.workdir)[0] == []
+
+
+@pytest.mark.slow
+def test_render_to_final_verify_with_the_real_stackbuild(tmp_path: Path, host: FakeHost) -> None:
+    """From a real lock to the script's last step with nothing stubbed but the host
+    (id, sudo, package manager, the render node): a venv from this interpreter, torch
+    2.10.0+xpu and the other pins from the lock (tiny real wheels from a local index
+    standing in for the XPU index), the vLLM wheel, and the real `stackbuild verify`
+    comparing the venv with the installed lockfile. The script exits 0 after verify;
+    with no GPU here, verify's device and kernel parts are skipped and say why."""
+    recipe = write_recipe(tmp_path, "lnl-v", LNL_RECIPE + 'torch = { version = "==2.10.0+xpu", '
+                                                          'index = "https://download.pytorch.org/whl/xpu" }\n')
+    script = _script(host, tmp_path, recipe)
+    sb = Path(sys.executable).parent / "stackbuild"
+    proc = subprocess.run(["/bin/bash", str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**host.env, "STACKBUILD_BIN": str(sb), "STACKBUILD_PYTHON": sys.executable,
+                               "FAKE_GROUPS": "alice video", "STACKBUILD_SKIP_PACKAGES": "1"})
+    out = proc.stdout + proc.stderr
+    venv = host.home / ".local/share/stackbuild/venvs/lnl-v"
+    assert _steps(proc.stdout)[-1] == "stackbuild verify", out
+    assert "Successfully installed tinypkg-1.0 torch-2.10.0+xpu" in proc.stdout
+    assert f"vllm imports from {venv}/lib/python3.11/site-packages/vllm/__init__.py" in proc.stdout
+    verdicts = {tuple(ln.split()[:3]) for ln in proc.stdout.splitlines() if ln.startswith(("environment", "platform"))}
+    assert {("environment", "interpreter", "pass"), ("environment", "versions", "pass"),
+            ("environment", "vllm", "import")} <= verdicts, out
+    assert f"2 packages match {venv}/stackbuild-lnl-v.lock.txt" in proc.stdout
+    assert ("platform", "torch", "pass") in verdicts, out
+    # no GPU here: the device and kernel parts say so (skipped), nothing fails
+    assert "skipped: no Intel GPU" in proc.stdout
+    assert "4 passed, 0 failed, 2 skipped" in proc.stdout
+    assert proc.returncode == 0, out
+    assert proc.stdout.rstrip().endswith(f"done: source {venv}/bin/activate")
