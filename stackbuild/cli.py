@@ -321,6 +321,7 @@ def lock_cmd(
     lockfile: Path | None = typer.Option(None, "--lockfile", help="--check: the lockfile to check."),
     record_first_use: bool = typer.Option(False, "--record-first-use", help="Write the sha256 of trust-on-first-use artifacts this lock downloaded into the recipe."),
     force: bool = typer.Option(False, "--force", help="Replace the lockfile even with a less complete one."),
+    partial: bool = typer.Option(False, "--partial", help="Lock what the reachable indexes give; name what needs an unreachable index or URL in the header as not resolved (instead of failing)."),
     index_map: list[str] | None = typer.Option(None, "--index-map", help="REAL=LOCAL: read the index (or URL prefix) REAL from the local mirror LOCAL; the lockfile keeps REAL (repeatable; adds to STACKBUILD_INDEX_MAP)."),
     workdir: Path | None = WorkdirOpt,
     as_json: bool = JsonOpt,
@@ -352,7 +353,7 @@ def lock_cmd(
     if not as_json:
         _progress(f"locking {r.name} with {chosen}{' (offline)' if offline else ''}")
     result = lock(r, requirements_from=req_tree, resolver=chosen, offline=offline, output=output, index_url=index_url,
-                  force=force, index_map=IndexMap.parse(index_map or []))
+                  force=force, index_map=IndexMap.parse(index_map or []), partial=partial)
     _emit(result, as_json)
     if record_first_use:
         from stackbuild.lock import record_first_use as _record

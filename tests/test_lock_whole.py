@@ -286,3 +286,32 @@ def test_temp_dirs_are_removed_on_success_failure_and_after_a_kill(
         lock(make_recipe(tmp_path, 'sbt-alpha = "==9.0"\n'), requirements_from=None,
              output=tmp_path / "l.txt", index_url=universe.main)
     assert sorted(p.name for p in tmp.iterdir()) == [live.name]
+
+
+# ---------------------------------------------------------------- --partial
+
+
+def test_partial_locks_what_the_reachable_indexes_give_and_names_the_rest(
+        tmp_path: Path, universe: Universe, mirrors: Mirrors) -> None:
+    """This machine's case: the package index answers, the XPU index and GitHub do not."""
+    from test_lock import DEAD_INDEX
+
+    tree = make_tree(tmp_path, COMMON + "sbt-vision\n")
+    pins = _pins(mirrors).replace(XPU, DEAD_INDEX).replace(RELEASE, "http://127.0.0.1:9/rel")
+    recipe = make_recipe(tmp_path, pins, target="xpu")
+    out = tmp_path / "l.txt"
+    with pytest.raises(IndexUnreachable, match="use --partial"):
+        lock(recipe, requirements_from=tree, output=out, index_url=universe.main, index_map=IndexMap())
+    assert not out.exists()
+    result = lock(recipe, requirements_from=tree, output=out, index_url=universe.main, index_map=IndexMap(),
+                  partial=True)
+    reasons = {u.name: u.reason for u in result.unresolved}
+    assert set(reasons) == {"torch", "triton-xpu", "vllm-xpu-kernels"}
+    assert reasons["torch"].startswith(f"partial: {DEAD_INDEX} unreachable")
+    assert {"sbt-alpha", "sbt-beta", "sbt-delta", "sbt-gamma", "sbt-vision", "sbt-torch"} <= {
+        p.name for p in result.packages}
+    text = out.read_text()
+    assert "#   stackbuild lock tiny --partial" in text
+    assert "# complete: NO: incomplete lockfile: 3 requirement(s) not resolved in it" in text
+    assert f"host that reaches {DEAD_INDEX}, http://127.0.0.1:9/rel/{KERNEL_WHEEL} with: stackbuild lock tiny" in text
+    assert check_lock(recipe, out).exit_code == 1

@@ -387,12 +387,14 @@ def default_lockfile(recipe: Recipe) -> Path:
 
 
 def regenerate_command(recipe: Recipe, *, resolver: str, offline: bool, pins_only: bool,
-                       index_url: str | None) -> str:
+                       index_url: str | None, partial: bool = False) -> str:
     parts = ["stackbuild", "lock", recipe.name]
     if resolver != "pip-tools":
         parts += ["--resolver", resolver]
     if offline:
         parts.append("--offline")
+    if partial:
+        parts.append("--partial")
     if pins_only:
         parts.append("--pins-only")
     if index_url and not backends.is_local(index_url):
@@ -432,6 +434,7 @@ def lock(
     probe_timeout: float = backends.PROBE_TIMEOUT_S,
     force: bool = False,
     index_map: IndexMap | None = None,
+    partial: bool = False,
 ) -> LockResult:
     """Resolve the recipe's pins plus the source's own requirements into a lockfile.
 
@@ -439,6 +442,8 @@ def lock(
     indexes come only from the recipe's pins and the source's requirement files.
     `index_map`: local mirrors that stand in for real index URLs (default: from
     STACKBUILD_INDEX_MAP); the lockfile records only the real URLs.
+    `partial`: online, but what needs an unreachable extra index or URL (and what
+    depends on it) is left unresolved and named in the header, instead of failing.
     On any failure the previous lockfile is left byte-for-byte as it was, and so it is
     when the new lock would be less complete than it (unless `force`)."""
     started = time.monotonic()
@@ -471,12 +476,29 @@ def lock(
         for url, why in results.items():
             if why is not None:
                 failed.append((url, origins.get(url, "?"), why))
+        dead = {url: why for url, _, why in failed}
+        if failed and partial and index_urls[0][0] not in dead:
+            kept_inputs: list[_Input] = []
+            for i in inputs:
+                bad = [u for u in i.remote_urls if u in dead]
+                if bad:
+                    unresolved.append(Unresolved(i.name, i.recorded, i.origin,
+                                                 f"partial: {imap.real(bad[0])} unreachable ({dead[bad[0]]})",
+                                                 i.pin.sha256 if i.pin else None))
+                else:
+                    kept_inputs.append(i)
+            inputs = kept_inputs
+            index_urls = [(u, o) for u, o in index_urls if u not in dead]
+            find_links = [(u, o) for u, o in find_links if u not in dead]
+            failed = []
         if failed:
             index_set = {u for u, _ in (*index_urls, *find_links)}
             what = "; ".join(f"{'index' if url in index_set else 'URL'} {url} ({origin}) unreachable: {why}"
                              for url, origin, why in failed)
-            raise IndexUnreachable(f"{what}; nothing was resolved (use --offline to lock the rest and mark "
-                                   "these as pinned by the recipe)", file=recipe.path, key=failed[0][1])
+            raise IndexUnreachable(f"{what}; nothing was resolved (use --partial to lock the rest from the "
+                                   "reachable indexes, or --offline to lock without the network; both mark "
+                                   "these as not resolved)", file=recipe.path,
+                                   key=failed[0][1])
         active_indexes = [u for u, _ in index_urls[1:]]
         links = [u for u, _ in find_links]
         resolver_primary: str | None = index_urls[0][0]
@@ -517,6 +539,7 @@ def lock(
             first_use.append(FirstUse(i.pin.name, i.pin.url or "", None))
 
     # ---- resolve
+    mode = "offline" if offline else "partial"
     packages: list[LockedPackage] = []
     runs = 0
     version = backends.pip_tools_version() if resolver == "pip-tools" else backends.uv_version(backends.find_uv())
@@ -544,7 +567,7 @@ def lock(
                 # build of that pin in. Leave those inputs to the recipe too, and retry.
                 for i, needs in clash:
                     unresolved.append(Unresolved(i.name, i.recorded, i.origin,
-                                                 f"offline: depends on {needs}, which is not resolved here",
+                                                 f"{mode}: depends on {needs}, which is not resolved here",
                                                  i.pin.sha256 if i.pin else None))
                 dropped = {i for i, _ in clash}
                 inputs = [i for i in inputs if i not in dropped]
@@ -552,10 +575,11 @@ def lock(
                 continue
             missing = {_req_name(n) for n in backends.unavailable_requirements(run.stderr)}
             top = [i for i in inputs if i.name in missing]
-            if offline and top:  # each retry drops at least one input, so this ends
+            if (offline or partial) and top:  # each retry drops at least one input, so this ends
                 for i in top:
                     unresolved.append(Unresolved(i.name, i.recorded, i.origin,
-                                                 "offline: not resolvable from local indexes"
+                                                 "partial: not resolvable from the reachable indexes" if not offline
+                                                 else "offline: not resolvable from local indexes"
                                                  + (" or the uv cache" if resolver == "uv" else ""),
                                                  i.pin.sha256 if i.pin else None))
                 inputs = [i for i in inputs if i not in top]
@@ -570,7 +594,7 @@ def lock(
     pins_rec = [pin_record(p) for p in recipe.pins]
     patches_rec = [patch_record(n, p) for n, p in enumerate(recipe.patches, start=1)]
     digest = inputs_digest(pins_rec, patches_rec)
-    command = regenerate_command(recipe, resolver=resolver, offline=offline,
+    command = regenerate_command(recipe, resolver=resolver, offline=offline, partial=partial,
                                  pins_only=requirements_from is None, index_url=index_url)
     result = LockResult(
         recipe=recipe.name,
@@ -666,8 +690,8 @@ def _pulled_in_unresolved(packages: list[LockedPackage], inputs: list[_Input],
                     todo.append(parent)
         culprits = [by_name[n] for n in sorted(seen) if n in by_name]
         if not culprits:
-            raise LockError(f"offline: {p.name} is pinned by the recipe but not resolved here, and the "
-                            f"resolver pulled in {p.requirement} for it; lock online instead")
+            raise LockError(f"{p.name} is pinned by the recipe but not resolved here, and the resolver pulled "
+                            f"in {p.requirement} for it; lock where the pin's index is reachable")
         out += [(c, p.name) for c in culprits if all(c is not o for o, _ in out)]
     return out
 

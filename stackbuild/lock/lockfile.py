@@ -296,7 +296,7 @@ def incompleteness(recipe: str, command: str, pins: tuple[dict[str, Any], ...] |
         for url in ((pin.get("index"), pin.get("url")) if pin else (primary,)):
             if url and not str(url).startswith("a local index") and url not in reach:
                 reach.append(str(url))
-    complete_with = command.replace(" --offline", "") or f"stackbuild lock {recipe}"
+    complete_with = command.replace(" --offline", "").replace(" --partial", "") or f"stackbuild lock {recipe}"
     shown = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
     return (f"incomplete lockfile: {len(names)} requirement(s) not resolved in it ({shown}); complete it on a "
             f"host that reaches {', '.join(reach) or 'the package index'} with: {complete_with}")
