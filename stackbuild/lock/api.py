@@ -834,6 +834,8 @@ def render_lockfile(result: LockResult, plan: _Plan, pins_rec: list[dict[str, An
     h: list[str] = [
         f"{FIRST_LINE}{result.recipe}. Do not edit; regenerate with:",
         f"#   {result.command}",
+        *([f"# (after `stackbuild apply {result.recipe}`: the source's requirements are read from its workspace)"]
+          if plan.source is not None else []),
         f"# recipe sha256: {result.recipe_sha256}",
         f"# inputs sha256: {result.inputs_sha256}  (pins, overrides, patch series: `--check` compares them)",
         f"{CONTENT_PREFIX}(filled in by seal)",
