@@ -247,6 +247,18 @@ def install_script(
         print(f"wrote {output} ({len(script.text.splitlines())} lines); run it on the target host as the user who will serve models")
 
 
+@app.command("doctor")
+def doctor_cmd(
+    recipe: str | None = typer.Argument(None, help="Recipe name or path (its Python window, oneAPI need and indexes); default: the generic checks."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Check this host: the install script's own preflight (user, render node and group, Python window, oneAPI), git, disk, cache, indexes."""
+    from stackbuild.doctor import doctor
+    from stackbuild.recipe import load_recipe
+
+    _finish(doctor(load_recipe(recipe) if recipe else None), as_json)
+
+
 @app.command("build")
 def build_cmd(
     recipe: str = typer.Argument(..., help="Recipe name or path."),

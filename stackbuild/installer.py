@@ -36,6 +36,8 @@ from stackbuild.recipe import Recipe
 from stackbuild.report import Table
 
 TEMPLATE = "install.sh.in"
+PREFLIGHT = "preflight.sh"
+GENERIC_PYTHON_HINT = "your distribution's python3.12 package"
 PLACEHOLDER = re.compile(r"@@([A-Z_]+)@@")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 ENV_BEGIN = "# >>> stackbuild environment >>>"
@@ -299,8 +301,34 @@ def _wheel_step(wheels: list[tuple[str, str]]) -> str:
     )
 
 
-def _template() -> str:
-    return resources.files("stackbuild").joinpath("templates", TEMPLATE).read_text(encoding="utf-8")
+def _template(name: str = TEMPLATE) -> str:
+    return resources.files("stackbuild").joinpath("templates", name).read_text(encoding="utf-8")
+
+
+def preflight_functions() -> str:
+    """The preflight checks (templates/preflight.sh): inlined into the install script and
+    run by `stackbuild doctor`."""
+    return _template(PREFLIGHT).rstrip("\n")
+
+
+def preflight_vars(window: str, *, oneapi_required: bool, python_hint: str,
+                   file: str | Path | None = None) -> str:
+    """The shell variables the preflight checks read, every value quoted."""
+    expr = python_expression(window, file=file)
+    minors = python_minors(window)
+    if not minors:
+        raise RecipeError(f"no Python 3 release fits the window {window!r}", file=file, key="environment.python")
+    candidates = [f"python{m}" for m in minors] + ["python3"]
+    return "\n".join([
+        f"PYTHON_WINDOW={sh_quote(window)}",
+        f"PYTHON_FITS_CODE={sh_quote(f'import sys; sys.exit(0 if {expr} else 1)')}",
+        f"PYTHON_CANDIDATES=({' '.join(sh_quote(c) for c in candidates)})",
+        f"PYTHON_PREFERRED={sh_quote(minors[0])}",
+        f"PYTHON_HINT={sh_quote(python_hint)}",
+        f"ONEAPI_REQUIRED={'1' if oneapi_required else '0'}",
+        'SETVARS="${STACKBUILD_ONEAPI_SETVARS:-/opt/intel/oneapi/setvars.sh}"',
+        'RENDER_NODE_GLOB="${STACKBUILD_RENDER_NODE_GLOB:-/dev/dri/renderD*}"',
+    ])
 
 
 def _render(template: str, values: dict[str, str]) -> str:
@@ -380,7 +408,6 @@ def render_install_script(recipe: Recipe, lockfile: Path | None, wheels: list[Pa
         notes.append(f"wheels {wheels_origin}")
 
     window = recipe.environment.python
-    expr = python_expression(window, file=recipe.path)
     minors = python_minors(window)
     if not minors:
         raise RecipeError(f"no Python 3 release fits the window {window!r}", file=recipe.path, key="environment.python")
@@ -424,15 +451,13 @@ def render_install_script(recipe: Recipe, lockfile: Path | None, wheels: list[Pa
         "DISTRO_C": sh_comment(distro.name),
         "DISTRO_Q": sh_quote(distro.name),
         "PYTHON_WINDOW_C": sh_comment(window),
-        "PYTHON_WINDOW_Q": sh_quote(window),
-        "PYTHON_EXPR": expr,
         "PYTHON_CANDIDATES": " ".join(candidates),
-        "PYTHON_PREFERRED": minors[0],
-        "PYTHON_HINT_Q": sh_quote(distro.python_hint),
+        "PREFLIGHT_VARS": preflight_vars(window, oneapi_required=oneapi_required, python_hint=distro.python_hint,
+                                         file=recipe.path),
+        "PREFLIGHT": preflight_functions(),
         "STEP_COUNT": str(len(steps)),
         "PLAN_PRINTF": "    " + printf_lines(plan_lines),
         "PACKAGE_STEP": _package_step(distro),
-        "ONEAPI_REQUIRED": "1" if oneapi_required else "0",
         "LOCK_COUNT": str(lock_count),
         "LOCKFILE_PRINTF": printf_lines(lock_text.splitlines(), '>"$LOCKFILE"'),
         "INDEX_ARGS": " ".join(f"--extra-index-url {sh_quote(u)}" for u in indexes),
