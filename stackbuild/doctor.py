@@ -98,7 +98,8 @@ def run_preflight(recipe: Recipe | None, env: dict[str, str] | None = None,
     bash = shutil.which("bash", path=(env or os.environ).get("PATH")) or "/bin/bash"
     source = "install-script preflight"
     try:
-        proc = subprocess.run([bash, "-c", preflight_script(recipe)], capture_output=True, text=True,
+        # $0 is what the script's messages call it ("bash install.sh")
+        proc = subprocess.run([bash, "-c", preflight_script(recipe), "install.sh"], capture_output=True, text=True,
                               timeout=PREFLIGHT_TIMEOUT_S, stdin=subprocess.DEVNULL, cwd=cwd,
                               env={**(os.environ if env is None else env), "STACKBUILD_PREFLIGHT_REPORT": "1"})
     except (OSError, subprocess.TimeoutExpired) as e:
