@@ -315,3 +315,19 @@ def test_partial_locks_what_the_reachable_indexes_give_and_names_the_rest(
     assert "# complete: NO: incomplete lockfile: 3 requirement(s) not resolved in it" in text
     assert f"host that reaches {DEAD_INDEX}, http://127.0.0.1:9/rel/{KERNEL_WHEEL} with: stackbuild lock tiny" in text
     assert check_lock(recipe, out).exit_code == 1
+
+
+def test_recipe_text_with_newlines_cannot_add_lines_to_the_lockfile(tmp_path: Path, universe: Universe) -> None:
+    """The recipe loader refuses control characters; the lockfile writer does not rely
+    on it: an override reason is escaped, so it cannot start a requirement line."""
+    import dataclasses
+
+    recipe = make_recipe(tmp_path, GAMMA_OVERRIDE)
+    evil = "why\nevil==6.6.6 \\\n    --hash=sha256:" + "1" * 64 + "\r# stackbuild-unresolved {}"
+    pins = tuple(dataclasses.replace(p, override=evil) if p.override else p for p in recipe.pins)
+    out = tmp_path / "l.txt"
+    lock(dataclasses.replace(recipe, pins=pins), requirements_from=make_tree(tmp_path, COMMON), output=out,
+         index_url=universe.main, index_map=IndexMap())
+    text = out.read_text()
+    assert "\nevil==" not in text and "why\\x0aevil==6.6.6" in text
+    assert read_header(out).unresolved == () and "evil" not in read_header(out).packages

@@ -887,11 +887,22 @@ def render_lockfile(result: LockResult, plan: _Plan, pins_rec: list[dict[str, An
                         + (f"; sha256 {u.sha256})" if u.sha256 else ")"))
         for u in result.unresolved:
             tail.append(UNRESOLVED_PREFIX + json.dumps(u.to_dict(), sort_keys=True, separators=(",", ":")))
+    # Each header and tail entry is one comment line; recipe text (URLs, reasons) with a
+    # control character must not start another line (a requirement, a fake record).
+    h = [_one_line(x) for x in h]
+    tail = [_one_line(x) for x in tail]
     text = "\n".join(h) + "\n" + body + ("\n".join(tail) + "\n" if tail else "")
     for line in text.splitlines():
         if line.startswith("-"):
             raise LockError(f"refusing to write a machine-local option line: {line!r}", file=result.lockfile)
     return seal(text)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
+
+
+def _one_line(line: str) -> str:
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", line)
 
 
 # ---------------------------------------------------------------- --check
