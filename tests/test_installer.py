@@ -488,3 +488,18 @@ def test_render_to_final_verify_with_the_real_stackbuild(tmp_path: Path, host: F
     assert "4 passed, 0 failed, 2 skipped" in proc.stdout
     assert proc.returncode == 0, out
     assert proc.stdout.rstrip().endswith(f"done: source {venv}/bin/activate")
+
+
+def test_cli_install_script_without_a_build_exits_2_saying_to_build(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from stackbuild.cli import main
+
+    recipe = write_recipe(tmp_path, "clitest", B70_RECIPE)
+    (tmp_path / "lockfiles").mkdir()
+    lock = sealed_lockfile(tmp_path / "lockfiles" / "clitest.txt", "clitest", "")
+    rc = main(["install-script", str(recipe.path), "-o", str(tmp_path / "i.sh"), "--lockfile", str(lock)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "no built vLLM wheel to install (no applied workspace at" in err
+    assert "run `stackbuild build clitest` first" in err
+    assert not (tmp_path / "i.sh").exists()
