@@ -331,3 +331,24 @@ def test_recipe_text_with_newlines_cannot_add_lines_to_the_lockfile(tmp_path: Pa
     text = out.read_text()
     assert "\nevil==" not in text and "why\\x0aevil==6.6.6" in text
     assert read_header(out).unresolved == () and "evil" not in read_header(out).packages
+
+
+def test_sigterm_while_resolving_removes_the_temp_dir_and_writes_nothing(
+        tmp_path: Path, hanging_index: str) -> None:
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    recipe = make_recipe(tmp_path, 'sbt-alpha = "==1.0"\n')
+    out = tmp_path / "l.txt"
+    exe = Path(sys.executable).parent / "stackbuild"
+    proc = subprocess.Popen([str(exe), "lock", str(recipe.path), "--pins-only", "--index-url", hanging_index,
+                             "-o", str(out)], env={**os.environ, "TMPDIR": str(tmp), "STACKBUILD_NET_TIMEOUT": "60"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not list(tmp.glob(f"stackbuild-lock-{proc.pid}-*")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert list(tmp.glob(f"stackbuild-lock-{proc.pid}-*")), "the lock never started resolving"
+    time.sleep(1)  # the resolver is waiting on the index now
+    proc.terminate()
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert list(tmp.iterdir()) == [] and not out.exists()

@@ -9,14 +9,18 @@ cannot be resolved here) is separate from running the resolver and writing the f
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform as _platform
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -544,7 +548,7 @@ def lock(
     runs = 0
     version = backends.pip_tools_version() if resolver == "pip-tools" else backends.uv_version(backends.find_uv())
     _remove_stale_tempdirs()
-    with tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}{os.getpid()}-") as tmp_s:
+    with _term_as_interrupt(), tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}{os.getpid()}-") as tmp_s:
         tmp = Path(tmp_s)
         labels = {"recipe-pins.in": RECIPE_LABEL, f"{plan.label}.in": plan.label,
                   f"{plan.label}-constraints.in": f"{plan.label} constraints", "overrides.txt": RECIPE_LABEL}
@@ -627,6 +631,24 @@ def lock(
 
 
 TMP_PREFIX = "stackbuild-lock-"
+
+
+@contextlib.contextmanager
+def _term_as_interrupt() -> Iterator[None]:
+    """SIGTERM while the resolver runs unwinds like Ctrl-C (the resolver is killed, the
+    temp dir removed, nothing written) instead of ending the process on the spot."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _remove_stale_tempdirs() -> None:

@@ -180,6 +180,11 @@ def run_resolver(resolver: str, req: ResolveRequest, timeout_s: float | None = N
     timeout_s = lock_timeout() if timeout_s is None else timeout_s
     per_request = net_timeout()
     env = clean_env()
+    # The resolver's own temp files live in the lock's temp dir, so they go with it
+    # even when the resolver is killed.
+    own_tmp = req.output.parent / "tmp"
+    own_tmp.mkdir(exist_ok=True)
+    env.update(TMPDIR=str(own_tmp), TEMP=str(own_tmp), TMP=str(own_tmp))
     if resolver == "pip-tools":
         argv = [sys.executable, "-m", "piptools", "compile", "--no-header", "--generate-hashes",
                 "--allow-unsafe", "--strip-extras", "--no-emit-index-url", "--no-emit-find-links",
