@@ -143,7 +143,8 @@ def test_planted_command_never_runs_in_a_dry_run(tmp_path: Path, host: FakeHost,
     assert syntax.returncode == 0, syntax.stderr
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, database=None,  # no .hypothesis/ folder in the tree
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(parts=st.lists(st.sampled_from(FRAGMENTS), min_size=1, max_size=12), in_name=st.booleans())
 def test_generated_payloads_never_run(host: FakeHost, base: Recipe, parts: list[str], in_name: bool) -> None:
     with tempfile.TemporaryDirectory(prefix="sbfuzz-") as t:
