@@ -136,6 +136,7 @@ def test_cli_doctor_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
     assert list((tmp_path / "cache").iterdir()) == []
 
 
+@pytest.mark.network
 def test_doctor_for_a_shipped_recipe_checks_its_pin_indexes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STACKBUILD_CACHE", str(tmp_path / "cache"))
     result = doctor(load_recipe("b70-gemma4"), probe_timeout=0.5)

@@ -466,8 +466,11 @@ def test_render_to_final_verify_with_the_real_stackbuild(tmp_path: Path, host: F
     standing in for the XPU index), the vLLM wheel, and the real `stackbuild verify`
     comparing the venv with the installed lockfile. The script exits 0 after verify;
     with no GPU here, verify's device and kernel parts are skipped and say why."""
-    recipe = write_recipe(tmp_path, "lnl-v", LNL_RECIPE + 'torch = { version = "==2.10.0+xpu", '
-                                                          'index = "https://download.pytorch.org/whl/xpu" }\n')
+    from fixtures import VLLM_SDISTS
+
+    source = f'[sources.vllm]\npypi = "vllm==0.19.0"\nsha256 = "{VLLM_SDISTS["0.19.0"]}"\n'
+    recipe = write_recipe(tmp_path, "lnl-v", LNL_RECIPE.replace("[pins]", source + "[pins]")
+                          + 'torch = { version = "==2.10.0+xpu", index = "https://download.pytorch.org/whl/xpu" }\n')
     script = _script(host, tmp_path, recipe)
     sb = Path(sys.executable).parent / "stackbuild"
     proc = subprocess.run(["/bin/bash", str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
@@ -494,7 +497,10 @@ def test_cli_install_script_without_a_build_exits_2_saying_to_build(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from stackbuild.cli import main
 
-    recipe = write_recipe(tmp_path, "clitest", B70_RECIPE)
+    from fixtures import VLLM_SDISTS
+
+    source = f'[sources.vllm]\npypi = "vllm==0.19.0"\nsha256 = "{VLLM_SDISTS["0.19.0"]}"\n'
+    recipe = write_recipe(tmp_path, "clitest", B70_RECIPE.replace("[pins]", source + "[pins]"))
     (tmp_path / "lockfiles").mkdir()
     lock = sealed_lockfile(tmp_path / "lockfiles" / "clitest.txt", "clitest", "")
     rc = main(["install-script", str(recipe.path), "-o", str(tmp_path / "i.sh"), "--lockfile", str(lock)])

@@ -255,15 +255,18 @@ def hanging_index() -> Iterator[str]:
 def test_an_index_that_never_answers_is_one_clear_error(
         tmp_path: Path, hanging_index: str, monkeypatch: pytest.MonkeyPatch, resolver: str) -> None:
     monkeypatch.setenv("STACKBUILD_NET_TIMEOUT", "1")
-    monkeypatch.setenv("STACKBUILD_LOCK_TIMEOUT", "15")
+    monkeypatch.setenv("STACKBUILD_RESOLVE_TIMEOUT", "15")
     recipe = make_recipe(tmp_path, 'sbt-alpha = "==1.0"\n')
     out = tmp_path / "l.txt"
     started = time.monotonic()
-    with pytest.raises(IndexUnreachable) as e:
+    with pytest.raises(LockError) as e:
         lock(recipe, requirements_from=None, output=out, index_url=hanging_index, resolver=resolver)
-    assert time.monotonic() - started < 16
+    assert time.monotonic() - started < 20
     msg = e.value.render()
-    assert ("STACKBUILD_NET_TIMEOUT" in msg or "STACKBUILD_LOCK_TIMEOUT" in msg) and "\n" not in msg
+    # the per-request limit trips first: one IndexUnreachable naming it (the whole-run
+    # deadline, STACKBUILD_RESOLVE_TIMEOUT, is the backstop)
+    assert isinstance(e.value, IndexUnreachable), msg
+    assert "STACKBUILD_NET_TIMEOUT" in msg and "\n" not in msg
     assert "nothing was written" in msg and not out.exists()
 
 

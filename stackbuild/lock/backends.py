@@ -8,47 +8,24 @@ variables that change what is resolved. Only the indexes the caller names are us
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
-import urllib.error
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from stackbuild.lock.errors import IndexUnreachable, ResolverMissing
+from stackbuild.lock.errors import IndexUnreachable, LockError, ResolutionFailed, ResolverMissing
 
 RESOLVERS = ("pip-tools", "uv")
 DEFAULT_INDEX = "https://pypi.org/simple"
 PROBE_TIMEOUT_S = 5.0
-
-
-def _seconds(var: str, default: float) -> float:
-    raw = os.environ.get(var, "")
-    try:
-        value = float(raw) if raw else default
-    except ValueError:
-        raise ResolverMissing(f"not a number of seconds: {raw!r}", key=var) from None
-    if value <= 0:
-        raise ResolverMissing(f"must be > 0 seconds, got {raw!r}", key=var)
-    return value
-
-
-def net_timeout() -> float:
-    """Seconds one index request may take (pip's --timeout, uv's UV_HTTP_TIMEOUT)."""
-    return _seconds("STACKBUILD_NET_TIMEOUT", 30.0)
-
-
-def lock_timeout() -> float:
-    """Seconds the whole resolver run may take."""
-    return _seconds("STACKBUILD_LOCK_TIMEOUT", 900.0)
-
-
-_TIMEOUT_RE = re.compile(r"timed out|timeout|ReadTimeoutError|operation timed out", re.IGNORECASE)
 
 # Kept for the resolver: where to find certificates, proxies, caches. Everything else
 # named PIP_* or UV_* (index URLs, find-links, constraints, config files) is dropped.
@@ -92,23 +69,15 @@ def probe(url: str, timeout: float = PROBE_TIMEOUT_S, *, artifact: bool = False)
     scheme = urllib.parse.urlparse(url).scheme
     if scheme not in ("http", "https"):
         return f"unsupported URL scheme {scheme!r}"
-    req = urllib.request.Request(url, method="HEAD", headers={"User-Agent": "stackbuild-lock"})
+    from stackbuild.net import NetError, head
+
     try:
-        with urllib.request.urlopen(req, timeout=timeout):
-            return None
-    except urllib.error.HTTPError as e:
-        if artifact and e.code in (404, 410):
-            return f"HTTP {e.code} (no such file)"
+        head(url, timeout=timeout)
         return None
-    except urllib.error.URLError as e:
-        reason = e.reason
-        if isinstance(reason, TimeoutError) or "timed out" in str(reason):
-            return f"no answer within {timeout:g} s"
-        return f"{getattr(reason, 'strerror', None) or reason}"
-    except TimeoutError:
-        return f"no answer within {timeout:g} s"
-    except OSError as e:
-        return e.strerror or str(e)
+    except NetError as e:
+        if e.status is not None:  # the host answered
+            return f"HTTP {e.status} (no such file)" if artifact and e.status in (404, 410) else None
+        return e.message.removeprefix("unreachable: ")
 
 
 def probe_all(urls: list[tuple[str, bool]], timeout: float = PROBE_TIMEOUT_S) -> dict[str, str | None]:
@@ -161,8 +130,8 @@ def find_uv() -> str:
     if exe:
         return exe
     raise ResolverMissing(
-            "the uv resolver is not installed: `pip install uv` (or see https://docs.astral.sh/uv/), "
-            "or use --resolver pip-tools", key="--resolver")
+        "the uv resolver is not installed: `pip install uv` (or see https://docs.astral.sh/uv/), "
+        "or use --resolver pip-tools", key="--resolver")
 
 
 def uv_version(exe: str) -> str:
@@ -173,12 +142,42 @@ def uv_version(exe: str) -> str:
         return "?"
 
 
+def resolve_timeout() -> float:
+    """Seconds one resolver run may take in all (`STACKBUILD_RESOLVE_TIMEOUT`, default
+    1800: pip-compile with hashes takes 50-70 s for transformers here)."""
+    raw = os.environ.get("STACKBUILD_RESOLVE_TIMEOUT", "")
+    try:
+        value = float(raw) if raw else 1800.0
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise LockError(f"STACKBUILD_RESOLVE_TIMEOUT={raw!r} must be a positive number of seconds",
+                        key="STACKBUILD_RESOLVE_TIMEOUT")
+    return value
+
+
+def _run_bounded(argv: list[str], env: dict[str, str], cwd: Path, timeout_s: float) -> subprocess.CompletedProcess[str]:
+    """Run the resolver in its own process group, so that a timeout or Ctrl-C ends it
+    and everything it started (pip's build subprocesses), not only the first process."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
 def run_resolver(resolver: str, req: ResolveRequest, timeout_s: float | None = None) -> ResolveRun:
-    """Run the resolver with a deadline for the whole run (STACKBUILD_LOCK_TIMEOUT) and
-    one per index request (STACKBUILD_NET_TIMEOUT). Either running out is one
-    IndexUnreachable naming the limit; nothing is written."""
-    timeout_s = lock_timeout() if timeout_s is None else timeout_s
-    per_request = net_timeout()
+    """Run `resolver` on `req` within `timeout_s` seconds in all (default
+    `resolve_timeout()`); each of its network reads is limited by STACKBUILD_NET_TIMEOUT."""
+    from stackbuild.net import request_timeout
+
+    timeout_s = timeout_s if timeout_s is not None else resolve_timeout()
+    read_s = request_timeout()
     env = clean_env()
     # The resolver's own temp files live in the lock's temp dir, so they go with it
     # even when the resolver is killed.
@@ -190,7 +189,7 @@ def run_resolver(resolver: str, req: ResolveRequest, timeout_s: float | None = N
                 "--allow-unsafe", "--strip-extras", "--no-emit-index-url", "--no-emit-find-links",
                 "--no-emit-trusted-host", "--output-file", str(req.output)]
         # Retries belong to the probes; a dead mirror must not cost pip's 16 s of retries.
-        argv += ["--pip-args", f"--retries 1 --timeout {per_request:g}"]
+        argv += ["--pip-args", f"--retries 1 --timeout {read_s:g}"]
         version = pip_tools_version()
     elif resolver == "uv":
         exe = find_uv()
@@ -200,8 +199,8 @@ def run_resolver(resolver: str, req: ResolveRequest, timeout_s: float | None = N
             argv.append("--offline")
         if req.overrides is not None:
             argv += ["--overrides", str(req.overrides)]
-        env["UV_HTTP_TIMEOUT"] = f"{max(1, round(per_request))}"
         version = uv_version(exe)
+        env.setdefault("UV_HTTP_TIMEOUT", f"{max(1, round(read_s))}")
     else:
         raise ResolverMissing(f"unknown resolver {resolver!r} (one of: {', '.join(RESOLVERS)})",
                               key="--resolver")
@@ -215,23 +214,27 @@ def run_resolver(resolver: str, req: ResolveRequest, timeout_s: float | None = N
         argv += ["--find-links", f]
     argv += [str(p) for p in req.inputs]
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, env=env,
-                              cwd=req.output.parent, timeout=timeout_s)
+        proc = _run_bounded(argv, env, req.output.parent, timeout_s)
     except FileNotFoundError as e:
         raise ResolverMissing(f"cannot run {resolver}: {e.strerror}", key="--resolver") from None
     except subprocess.TimeoutExpired:
-        raise IndexUnreachable(f"{resolver} did not finish within {timeout_s:g} s (STACKBUILD_LOCK_TIMEOUT); "
-                               "nothing was written", key="STACKBUILD_LOCK_TIMEOUT") from None
+        indexes = ([req.index_url] if req.index_url else ["no index"]) + list(req.extra_index_urls)
+        raise ResolutionFailed(
+            f"{resolver} did not finish within {timeout_s:g} s resolving against {', '.join(indexes)} "
+            "(stopped; STACKBUILD_RESOLVE_TIMEOUT sets the limit)") from None
     if proc.returncode == 0 and req.output.exists():
         return ResolveRun(True, req.output.read_text(encoding="utf-8"), proc.stderr, tuple(argv), version)
     if resolver == "pip-tools" and "No module named piptools" in proc.stderr:
         raise ResolverMissing("pip-tools is not installed: `pip install pip-tools`", key="--resolver")
     out = proc.stderr + proc.stdout
     if _TIMEOUT_RE.search(out):
-        raise IndexUnreachable(f"{resolver}: an index did not answer within {per_request:g} s "
+        raise IndexUnreachable(f"{resolver}: an index did not answer within {read_s:g} s "
                                f"(STACKBUILD_NET_TIMEOUT): {failure_summary(out, {})}; nothing was written",
                                key="STACKBUILD_NET_TIMEOUT")
     return ResolveRun(False, "", out, tuple(argv), version)
+
+
+_TIMEOUT_RE = re.compile(r"timed out|timeout|ReadTimeoutError", re.IGNORECASE)
 
 
 _NOT_FOUND_PATTERNS = (
