@@ -495,9 +495,9 @@ def test_render_to_final_verify_with_the_real_stackbuild(tmp_path: Path, host: F
 
 def test_cli_install_script_without_a_build_exits_2_saying_to_build(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from stackbuild.cli import main
-
     from fixtures import VLLM_SDISTS
+
+    from stackbuild.cli import main
 
     source = f'[sources.vllm]\npypi = "vllm==0.19.0"\nsha256 = "{VLLM_SDISTS["0.19.0"]}"\n'
     recipe = write_recipe(tmp_path, "clitest", B70_RECIPE.replace("[pins]", source + "[pins]"))
