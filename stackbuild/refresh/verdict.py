@@ -1,0 +1,387 @@
+"""Deciding a verdict: the evidence a refresh weighs beyond "does it apply".
+
+Pure functions over file texts and a tree index; no git, no writes.
+
+- `normalised_upstream`: proof that upstream already has a change in substance. The
+  Python units a patch touches (whole functions; module- or class-level statements)
+  are compared, as ASTs with docstrings dropped (so comments, docstrings and formatting
+  do not count), between our patched file and the new release; a function upstream
+  moved to another file is looked up there.
+- `rank_moved`: where the code of a file that is gone at the new base went, ranked by
+  content similarity (not by file name), with the figures.
+- `added_names` / `possibly_upstream`: the names a patch introduces (identifiers and
+  UPPER_CASE string constants absent from the whole old release) searched in the new
+  release: evidence for a person to check, never a proof.
+- `lines_evidence`: every added line present at the new base (or all but one, in place).
+"""
+
+from __future__ import annotations
+
+import ast
+import keyword
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from stackbuild.series import FilePatch, ParsedPatch
+
+_UNIT_DEFS = (ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+# ------------------------------------------------------------------ normalised comparison
+
+
+def _strip_docstrings(node: ast.AST) -> ast.AST:
+    for n in ast.walk(node):
+        body = getattr(n, "body", None)
+        if isinstance(n, (ast.Module, ast.ClassDef, *_UNIT_DEFS)) and isinstance(body, list) and body:
+            first = body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                n.body = body[1:] or [ast.Pass()]
+    return node
+
+
+def _norm(node: ast.AST) -> str:
+    """A node's code without comments, docstrings, formatting or positions."""
+    return ast.dump(_strip_docstrings(node), annotate_fields=False, include_attributes=False)
+
+
+@dataclass(frozen=True)
+class _Unit:
+    key: str  # "func:Class.method" or "stmt:Class"
+    norm: str
+
+
+def _start(node: ast.AST) -> int:
+    decos = getattr(node, "decorator_list", None) or []
+    return min([getattr(node, "lineno", 0)] + [d.lineno for d in decos])
+
+
+def _units_at(tree: ast.Module, lines: set[int]) -> list[_Unit] | None:
+    """The unit holding each line: the innermost function, else the statement of the
+    module or class body. None when a line is in no statement (blank/comment lines
+    between statements only count when nothing else does)."""
+    out: dict[str, _Unit] = {}
+
+    def visit(body: list[ast.stmt], prefix: str, line: int) -> None:
+        for st in body:
+            end = getattr(st, "end_lineno", None) or st.lineno
+            if not (_start(st) <= line <= end):
+                continue
+            if isinstance(st, _UNIT_DEFS):
+                q = prefix + st.name
+                out[f"func:{q}"] = _Unit(f"func:{q}", _norm(st))
+                return
+            if isinstance(st, ast.ClassDef):
+                inner = [s for s in st.body if _start(s) <= line <= (getattr(s, "end_lineno", None) or s.lineno)]
+                if inner:
+                    visit(st.body, prefix + st.name + ".", line)
+                    return
+            norm = _norm(st)
+            out[f"stmt:{prefix}{norm}"] = _Unit(f"stmt:{prefix.rstrip('.')}", norm)
+            return
+
+    for ln in sorted(lines):
+        visit(tree.body, "", ln)
+    return list(out.values())
+
+
+def _functions(tree: ast.Module) -> dict[str, str]:
+    out: dict[str, str] = {}
+
+    def visit(body: list[ast.stmt], prefix: str) -> None:
+        for st in body:
+            if isinstance(st, _UNIT_DEFS):
+                out[prefix + st.name] = _norm(st)
+            elif isinstance(st, ast.ClassDef):
+                visit(st.body, prefix + st.name + ".")
+
+    visit(tree.body, "")
+    return out
+
+
+def _statements(tree: ast.Module) -> dict[str, set[str]]:
+    """Module- and class-level statements (not defs), normalised, per container."""
+    out: dict[str, set[str]] = {}
+
+    def visit(body: list[ast.stmt], container: str) -> None:
+        for st in body:
+            if isinstance(st, _UNIT_DEFS):
+                continue
+            if isinstance(st, ast.ClassDef):
+                visit(st.body, f"{container}.{st.name}".lstrip("."))
+                continue
+            out.setdefault(container, set()).add(_norm(st))
+
+    visit(tree.body, "")
+    return out
+
+
+def _parse(text: str | None) -> ast.Module | None:
+    if text is None:
+        return None
+    try:
+        return ast.parse(text)
+    except (SyntaxError, ValueError):
+        return None
+
+
+def changed_lines(fp: FilePatch) -> tuple[set[int], set[int]]:
+    """(old-side line numbers removed, new-side line numbers added) by a file's hunks,
+    at the positions the hunk headers state."""
+    old: set[int] = set()
+    new: set[int] = set()
+    for h in fp.hunks:
+        o, n = h.old_start, h.new_start
+        for ln in h.lines:
+            tag = ln[:1]
+            if tag == "-":
+                old.add(o)
+                o += 1
+            elif tag == "+":
+                new.add(n)
+                n += 1
+            else:
+                o += 1
+                n += 1
+    return old, new
+
+
+FindFunction = Callable[[str], Iterable[tuple[str, str]]]  # qualname -> (path, normalised) elsewhere
+
+
+def normalised_upstream(pre: str | None, post: str | None, new: str | None, fp: FilePatch,
+                        elsewhere: FindFunction) -> tuple[bool, list[str]] | None:
+    """Whether the new release already has this file's change in substance.
+
+    `pre`/`post` are the file before/after our patch at the old base, `new` the file at
+    the new base (None when gone). Returns None when not decidable (not Python, does not
+    parse, or the change is only comments/formatting), else (proven, notes)."""
+    t_pre, t_post = _parse(pre if pre is not None else ""), _parse(post if post is not None else "")
+    if t_pre is None or t_post is None:
+        return None
+    t_new = _parse(new) if new is not None else None
+    if new is not None and t_new is None:
+        return None
+    removed, added = changed_lines(fp)
+    post_units = _units_at(t_post, added) or []
+    pre_units = _units_at(t_pre, removed) or []
+    # a function touched only by removed lines is compared as it stands after the patch
+    post_funcs, pre_funcs = _functions(t_post), _functions(t_pre)
+    keys = {u.key for u in post_units}
+    for u in pre_units:
+        if u.key.startswith("func:") and u.key not in keys and u.key[5:] in post_funcs:
+            post_units.append(_Unit(u.key, post_funcs[u.key[5:]]))
+    if not post_units and not pre_units:
+        return None
+    pre_stmts, post_stmts = _statements(t_pre), _statements(t_post)
+    substantive = False
+    new_funcs = _functions(t_new) if t_new is not None else {}
+    new_stmts = _statements(t_new) if t_new is not None else {}
+    notes: list[str] = []
+    for u in post_units:
+        kind, _, name = u.key.partition(":")
+        if kind == "func":
+            if pre_funcs.get(name) != u.norm:
+                substantive = True
+            if new_funcs.get(name) == u.norm:
+                continue
+            where = next((path for path, norm in elsewhere(name) if norm == u.norm), None)
+            if where is None:
+                return False, []
+            notes.append(f"{name} is in {where}")
+        else:
+            if u.norm not in pre_stmts.get(name, set()):
+                substantive = True
+            if u.norm not in new_stmts.get(name, set()):
+                return False, []
+    for u in pre_units:
+        kind, _, name = u.key.partition(":")
+        if kind == "func":
+            if name not in post_funcs:  # our patch deletes the function: upstream must too
+                substantive = True
+                if name in new_funcs:
+                    return False, []
+        elif u.norm not in post_stmts.get(name, set()):
+            substantive = True
+            if u.norm in new_stmts.get(name, set()):  # a statement we remove is still upstream
+                return False, []
+    if not substantive:
+        return None
+    return True, notes
+
+
+def function_index(text: str) -> dict[str, str]:
+    """qualname -> normalised code of every function in a Python file ({} when it does
+    not parse)."""
+    t = _parse(text)
+    return _functions(t) if t is not None else {}
+
+
+# ------------------------------------------------------------------ moved or split files
+
+
+def significant_lines(text: str) -> frozenset[str]:
+    """The lines that say something about the code: stripped, at least 6 characters,
+    not comments."""
+    return frozenset(s for s in (ln.strip() for ln in text.split("\n")) if len(s) >= 6 and not s.startswith("#"))
+
+
+@dataclass(frozen=True)
+class MoveCandidate:
+    path: str
+    code_share: float  # share of the changed code's old lines found in this file
+    similarity: float  # Dice coefficient of the two files' significant lines
+
+    def describe(self) -> str:
+        return f"{self.path} (similarity {self.similarity:.2f}; {self.code_share:.0%} of the changed code's lines)"
+
+
+def hunk_old_lines(fp: FilePatch) -> frozenset[str]:
+    """The significant lines a file's hunks expect (context and removed lines)."""
+    return significant_lines("\n".join(ln[1:] for h in fp.hunks for ln in h.lines if ln[:1] in " -"))
+
+
+def rank_moved(old_text: str, fp: FilePatch, candidates: Iterable[tuple[str, frozenset[str]]],
+               limit: int = 3) -> list[MoveCandidate]:
+    """Files of the new base ranked by how much of the gone file's changed code and
+    content they hold."""
+    old_sig = significant_lines(old_text)
+    code = hunk_old_lines(fp) or old_sig
+    out = []
+    for path, sig in candidates:
+        if not sig:
+            continue
+        inter_code = len(code & sig)
+        if not inter_code and not (old_sig & sig):
+            continue
+        share = inter_code / len(code) if code else 0.0
+        dice = 2 * len(old_sig & sig) / (len(old_sig) + len(sig)) if old_sig else 0.0
+        out.append(MoveCandidate(path, share, dice))
+    out.sort(key=lambda c: (c.code_share + c.similarity, c.similarity), reverse=True)
+    return out[:limit]
+
+
+MOVED_THRESHOLD = 0.3  # a candidate holding less than this of the code or content is not where the code went
+
+
+def is_moved(c: MoveCandidate | None) -> bool:
+    return c is not None and (c.code_share >= MOVED_THRESHOLD or c.similarity >= MOVED_THRESHOLD)
+
+
+# ------------------------------------------------------------------ possibly upstream
+
+_IDENT = re.compile(r"\b[A-Za-z_][A-Za-z0-9_]*\b")
+_COMMON = frozenset(keyword.kwlist) | frozenset(dir(__builtins__)) | {
+    "self", "torch", "tensor", "device", "return", "dtype", "kwargs", "args", "layer", "module",
+}
+
+
+def _distinctive(name: str) -> bool:
+    if name in _COMMON or len(name) < 6:
+        return False
+    return "_" in name.strip("_") or any(c.isupper() for c in name[1:])
+
+
+def added_names(parsed: ParsedPatch) -> list[str]:
+    """Distinctive identifiers on the patch's added lines (comments left out), in
+    order of first appearance."""
+    seen: dict[str, None] = {}
+    for fp in parsed.files:
+        for h in fp.hunks:
+            for ln in h.lines:
+                if ln[:1] != "+":
+                    continue
+                code = ln[1:].split("#", 1)[0] if not ln[1:].lstrip().startswith(("'", '"')) else ln[1:]
+                for m in _IDENT.finditer(code):
+                    if _distinctive(m.group(0)):
+                        seen.setdefault(m.group(0), None)
+    return list(seen)
+
+
+@dataclass(frozen=True)
+class UpstreamHint:
+    path: str
+    line: int
+    found: tuple[str, ...]
+    total: int
+
+    def describe(self) -> str:
+        names = ", ".join(self.found[:5]) + (", ..." if len(self.found) > 5 else "")
+        return (f"possibly upstream in {self.path}:{self.line} (check): {len(self.found)}/{self.total} of the names "
+                f"it adds, absent from the old release, are there ({names})")
+
+
+def possibly_upstream(new_names: list[str], hits: dict[str, list[tuple[str, int]]]) -> UpstreamHint | None:
+    """`new_names`: the names the patch adds that the old release has nowhere;
+    `hits`: name -> (path, line) where the new release has it. The file holding most of
+    them, when that is at least two names and a third of them (or the one name, when
+    the patch adds one long name)."""
+    if not new_names:
+        return None
+    per_file: dict[str, dict[str, int]] = {}
+    for name, locs in hits.items():
+        for path, line in locs:
+            per_file.setdefault(path, {}).setdefault(name, line)
+    if not per_file:
+        return None
+    path, found = max(per_file.items(), key=lambda kv: (len(kv[1]), -min(kv[1].values())))
+    n = len(found)
+    if (n >= 2 and n * 3 >= len(new_names)) or (n == len(new_names) == 1 and len(new_names[0]) >= 12):
+        ordered = tuple(x for x in new_names if x in found)
+        return UpstreamHint(path, min(found.values()), ordered, len(new_names))
+    return None
+
+
+# ------------------------------------------------------------------ added lines present
+
+
+def best_window(lines: list[str], want: list[str]) -> list[str] | None:
+    """The lines of `want` that differ at the best-matching same-length window of
+    `lines`, when at most one differs; else None."""
+    n = len(want)
+    if n < 3 or n > len(lines):
+        return None
+    for i in range(len(lines) - n + 1):
+        diff = []
+        for a, b in zip(lines[i:i + n], want, strict=True):
+            if a.strip() != b.strip():
+                diff.append(b)
+                if len(diff) > 1:
+                    break
+        if len(diff) <= 1:
+            return diff
+    return None
+
+
+def lines_evidence(parsed: ParsedPatch, read_new: Callable[[str], str | None]) -> str | None:
+    """The change is at the new base: every added line is there, or each hunk's result
+    is there as one block with a single line different in all (upstream took it with a
+    line changed; context lines anchor where)."""
+    present = total = 0
+    mismatches: list[str] = []
+    windows_ok = True
+    for fp in parsed.files:
+        text = read_new(fp.path)
+        if text is None:
+            return None
+        lines = text.split("\n")
+        have = {ln.strip() for ln in lines}
+        for h in fp.hunks:
+            for ln in h.lines:
+                s = ln[1:].strip()
+                if ln[0] == "+" and len(s) >= 4 and re.search(r"[A-Za-z0-9]", s):
+                    total += 1
+                    present += s in have
+            best = best_window(lines, h.new_lines)
+            if best is None:
+                windows_ok = False
+            else:
+                mismatches.extend(best)
+    if total == 0:
+        return None
+    if present == total:
+        return f"{present}/{total} added lines present at the new base"
+    if windows_ok and len(mismatches) == 1 and total >= 2:
+        return f"{present}/{total} added lines present, in place; upstream differs in: {mismatches[0].strip()[:80]!r}"
+    return None
