@@ -461,3 +461,101 @@ def test_comment_only_patch_is_not_proven_upstream_by_normalising(tmp_path: Path
     assert normalised_upstream(GAMMA, real, GAMMA, fp, lambda _q: ()) == (False, [])
     reformatted = _mod(GAMMA, "    return x - 4\n", '    """doc"""\n    return (x -\n            44)  # same\n')
     assert normalised_upstream(GAMMA, real, reformatted, fp, lambda _q: ()) == (True, [])
+
+
+def test_continue_commits_only_tracked_changes_and_the_patch_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Untracked build products in the refresh worktree (__pycache__, build/) never go
+    into the regenerated patch; the verdict says what was left out."""
+    from stackbuild.series import parse_patch
+    from stackbuild.workspace import apply_recipe
+
+    monkeypatch.setenv("STACKBUILD_CACHE", str(tmp_path / "cache"))
+    up = make_upstream_repo(tmp_path / "upstream", {"pkg/__init__.py": "", "pkg/beta.py": BETA}, tag="v1.0")
+    root = tmp_path / "proj"
+    pdir = root / "patches" / "pkg" / "v1.0"
+    pdir.mkdir(parents=True)
+    (root / "recipes").mkdir()
+    ours = _mod(BETA, "    return x * 5\n", "    return x * 50\n") + "\n\ndef helper(x):\n    return x\n"
+    patch = udiff("pkg/beta.py", BETA, ours, "Description: fifty\nLast-Update: 2026-01-01\n\n")
+    patch += udiff("pkg/new_mod.py", "", "N = 1\n").split("\n", 1)[1].replace(
+        "--- a/pkg/new_mod.py", "new file mode 100644\n--- /dev/null")
+    (pdir / "fifty.patch").write_text(patch)
+    (root / "recipes" / "cont.toml").write_text(
+        f'platform = "b70"\n\n[sources.pkg]\ngit = "{up.working_tree_dir}"\ntag = "v1.0"\n\n[[patches]]\n'
+        f'file = "patches/pkg/v1.0/fifty.patch"\nsource = "pkg"\nsha256 = "{sha(pdir / "fifty.patch")}"\n')
+    commit_files(up, {"pkg/beta.py": _mod(BETA, "    return x * 5\n", "    return x * 5 + 1\n")}, "upstream")
+    up.create_tag("v2.0")
+    recipe = load_recipe(root / "recipes" / "cont.toml")
+    res = refresh(recipe, "pkg@v2.0")
+    assert res.state == "conflict"
+    tree = res.worktree
+    beta = tree / "pkg" / "beta.py"
+    text = beta.read_text()
+    start, end = text.index("<<<<<<< "), text.index(">>>>>>> ")
+    beta.write_text(text[:start] + "    return x * 50 + 1\n" + text[text.index("\n", end) + 1:])
+    (tree / "pkg" / "__pycache__").mkdir()
+    (tree / "pkg" / "__pycache__" / "beta.cpython-311.pyc").write_bytes(b"\xa7\r\r\n\x00junk")
+    (tree / "build" / "lib").mkdir(parents=True)
+    (tree / "build" / "lib" / "beta.py").write_text("stale = True\n")
+    done = refresh_continue(recipe)
+    assert done.state == "done" and done.exit_code == 0
+    v = done.verdict("fifty")
+    assert v.verdict is RefreshVerdict.RESOLVED
+    assert "left out (untracked, not files of the patch): build/lib/beta.py, pkg/__pycache__/beta.cpython-311.pyc" in v.detail
+    new_patch = (root / v.file).read_text()  # type: ignore[operator]
+    assert sorted(fp.path for fp in parse_patch(new_patch).files) == ["pkg/beta.py", "pkg/new_mod.py"]
+    assert "__pycache__" not in new_patch and "build/lib" not in new_patch
+    applied = apply_recipe(load_recipe(done.new_recipe), tmp_path / "applied")  # type: ignore[arg-type]
+    assert applied.ok, applied.message
+
+
+def _p0(rel: str, old: str, new: str) -> str:
+    """A `diff -u` made inside the tree (no a/ b/ prefixes): applied with strip = 0."""
+    return "".join(difflib.unified_diff(old.splitlines(True), new.splitlines(True), rel, rel))
+
+
+@pytest.mark.parametrize("form", ["path", "git-ref"])
+def test_local_source_refreshes_onto_another_tree_or_a_git_ref(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, form: str) -> None:
+    """A -p0 patch on a local source: carried with hunks moved, it is regenerated with
+    a/ b/ paths, and the new recipe says strip = 1 so that it applies."""
+    from stackbuild.workspace import apply_recipe
+
+    monkeypatch.setenv("STACKBUILD_CACHE", str(tmp_path / "cache"))
+    old_tree = tmp_path / "v1"
+    up = make_upstream_repo(old_tree, {"pkg/beta.py": BETA}, tag=None)
+    root = tmp_path / "proj"
+    pdir = root / "patches" / "pkg" / "v1"
+    pdir.mkdir(parents=True)
+    (root / "recipes").mkdir()
+    (pdir / "p0.patch").write_text(_p0("pkg/beta.py", BETA, _mod(BETA, "    return x * 5\n", "    return x * 55\n")))
+    (root / "recipes" / "loc.toml").write_text(
+        f'platform = "b70"\n\n[sources.pkg]\npath = "{old_tree}"  # my checkout\n\n[[patches]]\n'
+        f'file = "patches/pkg/v1/p0.patch"\nsource = "pkg"\nstrip = 0\nsha256 = "{sha(pdir / "p0.patch")}"\n')
+    recipe = load_recipe(root / "recipes" / "loc.toml")
+    shifted = "# a new header line\n# and another\n" + BETA
+    if form == "path":
+        new_tree = tmp_path / "v2"
+        (new_tree / "pkg").mkdir(parents=True)
+        (new_tree / "pkg" / "beta.py").write_text(shifted)
+        to = f"pkg={new_tree}"
+    else:
+        commit_files(up, {"pkg/beta.py": shifted}, "v2")
+        up.create_tag("v2")
+        up.git.checkout("HEAD~1")  # the checkout itself stays where it was: the ref is read from git
+        to = "pkg@v2"
+    assert (old_tree / "pkg" / "beta.py").read_text() == BETA
+    res = refresh(recipe, to)
+    assert _verdicts(res) == {"p0": (RefreshVerdict.OFFSET, None)}
+    assert res.exit_code == 0
+    new = load_recipe(res.new_recipe)  # type: ignore[arg-type]
+    (entry,) = new.patches
+    assert entry.strip == 1 and entry.file == "patches/pkg/v2/p0.patch"
+    text = res.new_recipe.read_text()  # type: ignore[union-attr]
+    if form == "path":
+        assert new.source("pkg").path == str(new_tree)
+    else:
+        assert new.source("pkg").commit == up.commit("v2").hexsha and new.source("pkg").url == str(old_tree)
+        assert "the local checkout at pkg@v2, pinned by commit" in text
+    applied = apply_recipe(new, tmp_path / "applied")
+    assert applied.ok, applied.message
+    assert "    return x * 55\n" in (tmp_path / "applied" / "pkg" / "pkg" / "beta.py").read_text()
