@@ -559,3 +559,22 @@ def test_local_source_refreshes_onto_another_tree_or_a_git_ref(tmp_path: Path, m
     applied = apply_recipe(new, tmp_path / "applied")
     assert applied.ok, applied.message
     assert "    return x * 55\n" in (tmp_path / "applied" / "pkg" / "pkg" / "beta.py").read_text()
+
+
+def test_normalised_statements_of_a_function_upstream_rewrote_around() -> None:
+    """Upstream took the change inside a function it also changed elsewhere, binding a
+    name where the patch discards the value: the changed statements are compared."""
+    from stackbuild.refresh.verdict import normalised_upstream
+    from stackbuild.series import parse_patch
+
+    pre = ("def call(kw):\n    SUPPORTED = (1, 2)\n    val = kw.get('n')\n    if val is None:\n"
+           "        val = kw.get('inner', {}).get('n')\n    return val in SUPPORTED\n")
+    post = "def call(kw):\n    val, _ = _get_n(kw)\n    return val in SUPPORTED\n"
+    fp = parse_patch(udiff("m.py", pre, post)).files[0]
+    new = ("def call(kw):\n    # upstream's own comment\n    val, top_level = _get_n(kw)\n    log(top_level)\n"
+           "    return val in SUPPORTED\n")
+    res = normalised_upstream(pre, post, new, fp, lambda _q: ())
+    assert res is not None and res[0] is True and "the statements it changes in call are upstream" in res[1][0]
+    # upstream still has a statement the patch removes: not proven
+    kept = new.replace("    log(top_level)\n", "    val = kw.get('n')\n")
+    assert normalised_upstream(pre, post, kept, fp, lambda _q: ()) == (False, [])

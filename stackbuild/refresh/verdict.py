@@ -57,6 +57,72 @@ def _start(node: ast.AST) -> int:
     return min([getattr(node, "lineno", 0)] + [d.lineno for d in decos])
 
 
+def _is_docstring(st: ast.stmt) -> bool:
+    return isinstance(st, ast.Expr) and isinstance(st.value, ast.Constant) and isinstance(st.value.value, str)
+
+
+def _same(ours: object, theirs: object) -> bool:
+    """Structural AST equality (positions ignored), where our `_` as an assignment
+    target matches any name upstream binds there (we discard what upstream keeps)."""
+    if isinstance(ours, ast.Name) and ours.id == "_" and isinstance(ours.ctx, ast.Store):
+        return isinstance(theirs, ast.Name) and isinstance(theirs.ctx, ast.Store)
+    if type(ours) is not type(theirs):
+        return False
+    if isinstance(ours, ast.AST):
+        return all(_same(getattr(ours, f, None), getattr(theirs, f, None)) for f in ours._fields)
+    if isinstance(ours, list):
+        return isinstance(theirs, list) and len(ours) == len(theirs) and all(
+            _same(a, b) for a, b in zip(ours, theirs, strict=True))
+    return ours == theirs
+
+
+def _innermost(fn: ast.AST, line: int) -> ast.AST | None:
+    """The smallest statement of `fn` spanning `line` (the function's own header when
+    the line is in its signature or decorators); None on a blank or comment line."""
+    best: ast.stmt | None = None
+    for n in ast.walk(fn):
+        if not (isinstance(n, ast.stmt) and n is not fn and n.lineno <= line <= (n.end_lineno or n.lineno)):
+            continue
+        if best is None or (n.end_lineno or n.lineno) - n.lineno < (best.end_lineno or best.lineno) - best.lineno:
+            best = n
+    if best is None and isinstance(fn, _UNIT_DEFS) and fn.body and _start(fn) <= line < fn.body[0].lineno:
+        return fn.args
+    return None if best is not None and _is_docstring(best) else best
+
+
+def _statements_upstream(pre_fn: ast.AST | None, post_fn: ast.AST, new_fn: ast.AST,
+                         removed: set[int], added: set[int]) -> bool:
+    """Finer than whole functions: each statement the patch adds to the function (that
+    the function did not already have) is in upstream's function, and each it removes
+    (that the patched function no longer has) is not."""
+    def stmts(fn: ast.AST) -> list[ast.AST]:
+        out: list[ast.AST] = [n for n in ast.walk(fn) if isinstance(n, ast.stmt) and n is not fn]
+        if isinstance(fn, _UNIT_DEFS):
+            out.append(fn.args)
+        return out
+
+    theirs = stmts(new_fn)
+    post_all = stmts(post_fn)
+    pre_all = stmts(pre_fn) if pre_fn is not None else []
+    seen = False
+    for ln in sorted(added):
+        st = _innermost(post_fn, ln)
+        if st is None or any(_same(st, p) for p in pre_all):  # moved within the function, not changed
+            continue
+        seen = True
+        if not any(_same(st, t) for t in theirs):
+            return False
+    if pre_fn is not None:
+        for ln in sorted(removed):
+            st = _innermost(pre_fn, ln)
+            if st is None or any(_same(st, p) for p in post_all):
+                continue
+            seen = True
+            if any(_same(st, t) for t in theirs):
+                return False
+    return seen
+
+
 def _units_at(tree: ast.Module, lines: set[int]) -> list[_Unit] | None:
     """The unit holding each line: the innermost function, else the statement of the
     module or class body. None when a line is in no statement (blank/comment lines
@@ -77,6 +143,8 @@ def _units_at(tree: ast.Module, lines: set[int]) -> list[_Unit] | None:
                 if inner:
                     visit(st.body, prefix + st.name + ".", line)
                     return
+            if _is_docstring(st):
+                return
             norm = _norm(st)
             out[f"stmt:{prefix}{norm}"] = _Unit(f"stmt:{prefix.rstrip('.')}", norm)
             return
@@ -100,6 +168,20 @@ def _functions(tree: ast.Module) -> dict[str, str]:
     return out
 
 
+def _function_nodes(tree: ast.Module) -> dict[str, ast.AST]:
+    out: dict[str, ast.AST] = {}
+
+    def visit(body: list[ast.stmt], prefix: str) -> None:
+        for st in body:
+            if isinstance(st, _UNIT_DEFS):
+                out[prefix + st.name] = st
+            elif isinstance(st, ast.ClassDef):
+                visit(st.body, prefix + st.name + ".")
+
+    visit(tree.body, "")
+    return out
+
+
 def _statements(tree: ast.Module) -> dict[str, set[str]]:
     """Module- and class-level statements (not defs), normalised, per container."""
     out: dict[str, set[str]] = {}
@@ -111,7 +193,8 @@ def _statements(tree: ast.Module) -> dict[str, set[str]]:
             if isinstance(st, ast.ClassDef):
                 visit(st.body, f"{container}.{st.name}".lstrip("."))
                 continue
-            out.setdefault(container, set()).add(_norm(st))
+            if not _is_docstring(st):
+                out.setdefault(container, set()).add(_norm(st))
 
     visit(tree.body, "")
     return out
@@ -187,9 +270,15 @@ def normalised_upstream(pre: str | None, post: str | None, new: str | None, fp: 
             if new_funcs.get(name) == u.norm:
                 continue
             where = next((path for path, norm in elsewhere(name) if norm == u.norm), None)
-            if where is None:
-                return False, []
-            notes.append(f"{name} is in {where}")
+            if where is not None:
+                notes.append(f"{name} is in {where}")
+                continue
+            nodes_new = _function_nodes(t_new) if t_new is not None else {}
+            if name in nodes_new and _statements_upstream(_function_nodes(t_pre).get(name), _function_nodes(t_post)[name],
+                                                          nodes_new[name], removed, added):
+                notes.append(f"the statements it changes in {name} are upstream (the rest of {name} differs)")
+                continue
+            return False, []
         else:
             if u.norm not in pre_stmts.get(name, set()):
                 substantive = True
