@@ -174,3 +174,15 @@ def test_version(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyP
 
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"stackbuild {__version__}"
+
+
+def test_rehash_command_updates_the_sha_line_and_reports_json(proj: Project, capsys: pytest.CaptureFixture[str]) -> None:
+    patch = next((proj.root / "patches").rglob("five.patch"))
+    patch.write_text(patch.read_text().replace("Spell out five", "Spell out the number five"))
+    assert main(["rehash", "base", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [e["action"] for e in out["entries"]] == ["updated"]
+    assert f'sha256 = "{sha256(patch.read_text())}"' in (proj.root / "recipes/base.toml").read_text()
+    assert main(["rehash", "base"]) == 0 and "already right" in capsys.readouterr().out
+    patch.unlink()
+    assert main(["rehash", "base"]) == 2

@@ -359,6 +359,10 @@ class Carrier:
         return find
 
     def _possibly_upstream(self, parsed: ParsedPatch) -> V.UpstreamHint | None:
+        return self._names_upstream(parsed) or V.file_novelty(
+            parsed, lambda p: self.show(OLD_BASE_TAG, p), lambda p: self.show(BASE_TAG, p))
+
+    def _names_upstream(self, parsed: ParsedPatch) -> V.UpstreamHint | None:
         names = V.added_names(parsed)[:200]
         if not names:
             return None

@@ -394,11 +394,46 @@ class UpstreamHint:
     line: int
     found: tuple[str, ...]
     total: int
+    scope: str = "absent from the old release"
 
     def describe(self) -> str:
         names = ", ".join(self.found[:5]) + (", ..." if len(self.found) > 5 else "")
         return (f"possibly upstream in {self.path}:{self.line} (check): {len(self.found)}/{self.total} of the names "
-                f"it adds, absent from the old release, are there ({names})")
+                f"it adds, {self.scope}, are there ({names})")
+
+
+def _line_of(text: str, name: str) -> int:
+    m = re.search(rf"\b{re.escape(name)}\b", text)
+    return text.count("\n", 0, m.start()) + 1 if m else 0
+
+
+def file_novelty(parsed: ParsedPatch, read_old: Callable[[str], str | None],
+                 read_new: Callable[[str], str | None]) -> UpstreamHint | None:
+    """Weaker than `possibly_upstream`, for names the old release used elsewhere: the
+    names the patch adds to each of its files that the file did not have, found in
+    the same file at the new base (upstream changed it the same way). At least three
+    names and three in ten."""
+    total = 0
+    per_file: dict[str, list[str]] = {}
+    texts: dict[str, str] = {}
+    for fp in parsed.files:
+        old, new = read_old(fp.path), read_new(fp.path)
+        if old is None or new is None:
+            continue
+        names = [n for n in added_names(ParsedPatch(parsed.header, "", (fp,)))
+                 if not re.search(rf"\b{re.escape(n)}\b", old)]
+        total += len(names)
+        found = [n for n in names if re.search(rf"\b{re.escape(n)}\b", new)]
+        if found:
+            per_file[fp.path] = found
+            texts[fp.path] = new
+    n = sum(len(v) for v in per_file.values())
+    if n < 3 or n * 10 < total * 3:
+        return None
+    path, found = max(per_file.items(), key=lambda kv: len(kv[1]))
+    line = min(_line_of(texts[path], x) for x in found)
+    return UpstreamHint(path, line, tuple(x for v in per_file.values() for x in v), total,
+                        "new to the files it changes")
 
 
 def possibly_upstream(new_names: list[str], hits: dict[str, list[tuple[str, int]]]) -> UpstreamHint | None:
