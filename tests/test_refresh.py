@@ -578,3 +578,22 @@ def test_normalised_statements_of_a_function_upstream_rewrote_around() -> None:
     # upstream still has a statement the patch removes: not proven
     kept = new.replace("    log(top_level)\n", "    val = kw.get('n')\n")
     assert normalised_upstream(pre, post, kept, fp, lambda _q: ()) == (False, [])
+
+
+def test_similar_code_upstream_added_is_named_but_edits_of_old_statements_are_not() -> None:
+    from stackbuild.refresh.verdict import similar_upstream_code
+    from stackbuild.series import parse_patch
+
+    old = ("def measure(self, device):\n    self.free, self.total = mem_get_info(device)\n"
+           "    FACTORS = {'A', 'B'}\n    return self.total - self.free\n")
+    ours = old.replace("    return", "    if on_igpu():\n        self.free = min(psutil.virtual_memory().available, self.total)\n"
+                       "    return").replace("{'A', 'B'}", "{'A', 'B', 'OURS'}")
+    theirs = old.replace("    return", "    if is_integrated_gpu(device):\n        self.free = psutil.virtual_memory().available\n"
+                         "    return").replace("{'A', 'B'}", "{'A', 'B', 'THEIRS'}")
+    fp = parse_patch(udiff("m.py", old, ours)).files[0]
+    found = similar_upstream_code("m.py", old, ours, old, theirs, fp)
+    assert found is not None and found.function == "measure" and found.line == 5
+    assert "self.free = psutil.virtual_memory().available" in found.describe()
+    # both sides only added an item to the same set: no code of upstream's own
+    only_set = theirs.replace("    if is_integrated_gpu(device):\n        self.free = psutil.virtual_memory().available\n", "")
+    assert similar_upstream_code("m.py", old, ours, old, only_set, fp) is None

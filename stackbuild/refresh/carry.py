@@ -308,6 +308,11 @@ class Carrier:
                     self._drop_to(pre)
                     return self._record(e, RefreshVerdict.POSSIBLY_UPSTREAM, f"{hint.describe()}; it does not apply: {detail}",
                                         Evidence.NAMES_FOUND, hints=(f"{hint.path}:{hint.line}",))
+                similar = self._similar_upstream(parsed, first, last)
+                if similar is not None:
+                    self._drop_to(pre)
+                    return self._record(e, RefreshVerdict.NEEDS_PORTING, f"{similar.describe()}; it does not apply: {detail}",
+                                        Evidence.SIMILAR_CODE, hints=(f"{similar.path}:{similar.line}",))
             if not self.st["stop_on_conflict"]:
                 self._drop_to(pre)
                 return self._record(e, RefreshVerdict.CONFLICT, detail + " (skipped; later patches tried without it)")
@@ -361,6 +366,12 @@ class Carrier:
     def _possibly_upstream(self, parsed: ParsedPatch) -> V.UpstreamHint | None:
         return self._names_upstream(parsed) or V.file_novelty(
             parsed, lambda p: self.show(OLD_BASE_TAG, p), lambda p: self.show(BASE_TAG, p))
+
+    def _similar_upstream(self, parsed: ParsedPatch, first: str, last: str) -> V.SimilarCode | None:
+        found = [V.similar_upstream_code(fp.path, self.show(f"{first}^", fp.path), self.show(last, fp.path),
+                                         self.show(OLD_BASE_TAG, fp.path), self.show(BASE_TAG, fp.path), fp)
+                 for fp in parsed.files if fp.path.endswith(".py") and fp.old_path and fp.new_path]
+        return max((f for f in found if f is not None), key=lambda f: f.similarity, default=None)
 
     def _names_upstream(self, parsed: ParsedPatch) -> V.UpstreamHint | None:
         names = V.added_names(parsed)[:200]

@@ -69,6 +69,7 @@ class Evidence(str, Enum):
     DIFFERENT_FILES = "new base ships its own version"
     AT_OLD_BASE = "already applied at the old base"
     FILE_MOVED = "file moved or split upstream"
+    SIMILAR_CODE = "upstream added similar code"
     FILE_GONE = "file gone upstream"
 
 

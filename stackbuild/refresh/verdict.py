@@ -439,8 +439,8 @@ def file_novelty(parsed: ParsedPatch, read_old: Callable[[str], str | None],
 def possibly_upstream(new_names: list[str], hits: dict[str, list[tuple[str, int]]]) -> UpstreamHint | None:
     """`new_names`: the names the patch adds that the old release has nowhere;
     `hits`: name -> (path, line) where the new release has it. The file holding most of
-    them, when that is at least two names and a third of them (or the one name, when
-    the patch adds one long name)."""
+    them, when that is at least two names that the old release had nowhere (or the one
+    name, when the patch adds one long name)."""
     if not new_names:
         return None
     per_file: dict[str, dict[str, int]] = {}
@@ -451,10 +451,90 @@ def possibly_upstream(new_names: list[str], hits: dict[str, list[tuple[str, int]
         return None
     path, found = max(per_file.items(), key=lambda kv: (len(kv[1]), -min(kv[1].values())))
     n = len(found)
-    if (n >= 2 and n * 3 >= len(new_names)) or (n == len(new_names) == 1 and len(new_names[0]) >= 12):
+    if n >= 2 or (n == len(new_names) == 1 and len(new_names[0]) >= 12):
         ordered = tuple(x for x in new_names if x in found)
         return UpstreamHint(path, min(found.values()), ordered, len(new_names))
     return None
+
+
+# ------------------------------------------------------------------ upstream did it its own way
+
+
+def _tokens(node: ast.AST) -> frozenset[str]:
+    out = set()
+    for n in ast.walk(node):
+        if isinstance(n, ast.Name):
+            out.add(n.id)
+        elif isinstance(n, ast.Attribute):
+            out.add(n.attr)
+        elif isinstance(n, ast.Constant) and isinstance(n.value, str) and len(n.value) < 40:
+            out.add(repr(n.value))
+    return frozenset(out)
+
+
+def _simple_statements(fn: ast.AST) -> list[ast.stmt]:
+    return [n for n in ast.walk(fn) if isinstance(n, ast.stmt) and n is not fn
+            and not isinstance(n, (ast.If, ast.For, ast.While, ast.With, ast.Try, ast.FunctionDef, ast.AsyncFunctionDef,
+                                   ast.ClassDef, ast.AsyncFor, ast.AsyncWith)) and not _is_docstring(n)]
+
+
+def _jaccard(a: frozenset[str], b: frozenset[str]) -> float:
+    return len(a & b) / len(a | b) if a | b else 1.0
+
+
+def _like_any(t: frozenset[str], others: list[frozenset[str]]) -> bool:
+    return any(_jaccard(t, o) >= SIMILAR_THRESHOLD for o in others)
+
+
+@dataclass(frozen=True)
+class SimilarCode:
+    path: str
+    line: int
+    function: str
+    similarity: float
+    code: str
+
+    def describe(self) -> str:
+        return (f"upstream added code of its own like the patch's at {self.path}:{self.line} in {self.function} "
+                f"(similarity {self.similarity:.2f}: `{self.code[:100]}`); port the patch onto it")
+
+
+SIMILAR_THRESHOLD = 0.6
+
+
+def similar_upstream_code(path: str, pre: str | None, post: str | None, up_old: str | None, up_new: str | None,
+                          fp: FilePatch) -> SimilarCode | None:
+    """In a function the patch changes, a statement upstream added between the two
+    releases that looks like one the patch adds (identifier sets, Jaccard >= 0.6)."""
+    trees = [_parse(t) if t is not None else None for t in (pre, post, up_old, up_new)]
+    if any(t is None for t in trees):
+        return None
+    t_pre, t_post, t_old, t_new = trees
+    assert t_pre and t_post and t_old and t_new
+    _removed, added = changed_lines(fp)
+    units = _units_at(t_post, added) or []
+    f_pre, f_post, f_old, f_new = (_function_nodes(t) for t in (t_pre, t_post, t_old, t_new))
+    best: SimilarCode | None = None
+    for u in units:
+        kind, _, name = u.key.partition(":")
+        if kind != "func" or name not in f_old or name not in f_new:
+            continue
+        # new statements only: an edit of a statement the function had (both sides adding
+        # an item to the same list, say) is not code of its own
+        before = [_tokens(x) for x in _simple_statements(f_pre[name])] if name in f_pre else []
+        ours = [x for x in _simple_statements(f_post[name]) if not _like_any(_tokens(x), before)]
+        old_up = [_tokens(x) for x in _simple_statements(f_old[name])]
+        theirs = [x for x in _simple_statements(f_new[name]) if not _like_any(_tokens(x), old_up)]
+        for a in ours:
+            ta = _tokens(a)
+            for b in theirs:
+                tb = _tokens(b)
+                if len(ta) < 3 or len(tb) < 3:
+                    continue
+                sim = _jaccard(ta, tb)
+                if sim >= SIMILAR_THRESHOLD and (best is None or sim > best.similarity):
+                    best = SimilarCode(path, b.lineno, name, sim, ast.unparse(b).replace("\n", " "))
+    return best
 
 
 # ------------------------------------------------------------------ added lines present
