@@ -316,7 +316,8 @@ def test_git_upstream_that_merged_our_patches(tmp_path: Path, monkeypatch: pytes
 REAL_EXPECTED = {
     "xpu-unified-memory-free-check": "conflict",
     "hybrid-kv-page-size-lcm": "merged (3-way)",
-    "xpu-autoround-gptq-awq": "conflict",
+    # upstream added its own XPU path for INC/AutoRound (INCXPULinearMethod) in 0.20.0
+    "xpu-autoround-gptq-awq": "needs porting",
     "xpu-int4-linear": "clean",
     "xpu-int4-moe": "needs porting",  # compressed_tensors_moe.py was split into a package in 0.20.0
 }
@@ -597,3 +598,31 @@ def test_similar_code_upstream_added_is_named_but_edits_of_old_statements_are_no
     # both sides only added an item to the same set: no code of upstream's own
     only_set = theirs.replace("    if is_integrated_gpu(device):\n        self.free = psutil.virtual_memory().available\n", "")
     assert similar_upstream_code("m.py", old, ours, old, only_set, fp) is None
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_real_b70_gemma4_series_on_0_21_0_and_0_23_0(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Already upstream in substance (upstream's comments and docstrings differ, and it
+    changed the functions around ours), and possibly upstream where 0.23.0 has XPU INT4
+    linear of its own."""
+    repo = Path(__file__).resolve().parent.parent
+    seed_cache(tmp_path / "cache", ["0.19.0", "0.21.0", "0.23.0"])
+    monkeypatch.setenv("STACKBUILD_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "proj"
+    shutil.copytree(repo / "recipes", root / "recipes")
+    shutil.copytree(repo / "patches", root / "patches")
+    recipe = load_recipe(root / "recipes" / "b70-gemma4.toml")
+    m = refresh_matrix(recipe, ["0.21.0", "0.23.0"], jobs=2, sha256s={v: VLLM_SDISTS[v] for v in ("0.21.0", "0.23.0")})
+    assert m.errors == (None, None)
+    grid = m.grid()
+    assert grid["gemma4-unified-prereqs"] == {"0.21.0": "already upstream", "0.23.0": "already upstream"}
+    assert grid["gemma4-mm-embedder-prenorm"] == {"0.21.0": "already upstream", "0.23.0": "already upstream"}
+    assert grid["gemma4-unified-backport"] == {"0.21.0": "clean", "0.23.0": "already upstream"}
+    assert grid["gemma4-unified-register"]["0.23.0"] == "already upstream"
+    assert grid["xpu-int4-linear"] == {"0.21.0": "clean", "0.23.0": "possibly upstream"}
+    r21, r23 = m.results
+    assert r21 is not None and r23 is not None
+    assert r21.verdict("gemma4-unified-prereqs").evidence is Evidence.NORMALISED
+    assert "possibly upstream in vllm/model_executor/kernels/linear/mixed_precision/xpu.py:" in r23.verdict("xpu-int4-linear").detail
+    assert m.exit_code == 1

@@ -429,8 +429,7 @@ class Carrier:
                 parts.append(f"{fp.old_path} is gone; its code moved to {best.describe()}")
             else:
                 where = f" (best match {best.describe()})" if best else ""
-                parts.append(f"{fp.old_path} is gone and no file at the new base holds its code{where}: "
-                             "the changed code is gone and nothing replaced it")
+                parts.append(f"{fp.old_path} is gone and no file at the new base holds most of its code{where}")
         present = [fp.path for fp in parsed.files if fp.old_path not in gone]
         commits: tuple[str, ...] = ()
         if present:
@@ -454,7 +453,8 @@ class Carrier:
             return self._record(e, RefreshVerdict.NEEDS_PORTING, detail, Evidence.FILE_MOVED, commits, tuple(hints))
         if present:
             return self._record(e, RefreshVerdict.CONFLICT, detail, Evidence.FILE_GONE, commits, tuple(hints))
-        return self._record(e, RefreshVerdict.OBSOLETE, detail, Evidence.FILE_GONE, commits, tuple(hints))
+        return self._record(e, RefreshVerdict.OBSOLETE, f"{detail}: the changed code is gone and nothing replaced it",
+                            Evidence.FILE_GONE, commits, tuple(hints))
 
     # -- backports
     def _backport(self, e: dict[str, Any]) -> bool:

@@ -311,51 +311,73 @@ def function_index(text: str) -> dict[str, str]:
 
 
 def significant_lines(text: str) -> frozenset[str]:
-    """The lines that say something about the code: stripped, at least 6 characters,
-    not comments."""
-    return frozenset(s for s in (ln.strip() for ln in text.split("\n")) if len(s) >= 6 and not s.startswith("#"))
+    """The lines that say something about the code: stripped, at least 6 characters
+    (comments count: they move with the code)."""
+    return frozenset(s for s in (ln.strip() for ln in text.split("\n")) if len(s) >= 6)
 
 
 @dataclass(frozen=True)
 class MoveCandidate:
     path: str
-    code_share: float  # share of the changed code's old lines found in this file
-    similarity: float  # Dice coefficient of the two files' significant lines
+    code_share: float  # weighted share of the changed code's old lines found in this file
+    similarity: float  # weighted Dice coefficient of the two files' significant lines
 
     def describe(self) -> str:
         return f"{self.path} (similarity {self.similarity:.2f}; {self.code_share:.0%} of the changed code's lines)"
 
 
-def hunk_old_lines(fp: FilePatch) -> frozenset[str]:
-    """The significant lines a file's hunks expect (context and removed lines)."""
+def hunk_old_lines(fp: FilePatch, old_text: str = "") -> frozenset[str]:
+    """The code a file's hunks change: for Python, the whole top-level functions and
+    classes the hunks touch in the old file (three lines of context are too little to
+    tell a class from the boilerplate its siblings share); else the hunks' context and
+    removed lines."""
+    tree = _parse(old_text) if old_text else None
+    if tree is not None:
+        lines = old_text.split("\n")
+        spans = [(h.old_start, h.old_start + max(h.old_len, 1) - 1) for h in fp.hunks]
+        picked = [st for st in tree.body if any(_start(st) <= b and a <= (st.end_lineno or st.lineno) for a, b in spans)
+                  and isinstance(st, (ast.ClassDef, *_UNIT_DEFS))]
+        if picked:
+            return significant_lines("\n".join("\n".join(lines[_start(st) - 1:st.end_lineno]) for st in picked))
     return significant_lines("\n".join(ln[1:] for h in fp.hunks for ln in h.lines if ln[:1] in " -"))
 
 
 def rank_moved(old_text: str, fp: FilePatch, candidates: Iterable[tuple[str, frozenset[str]]],
                limit: int = 3) -> list[MoveCandidate]:
     """Files of the new base ranked by how much of the gone file's changed code and
-    content they hold."""
+    content they hold. A line counts 1/n when n files of the new base have it, so
+    boilerplate (licence headers, the signature every subclass repeats) says little."""
+    cands = [(p, sig) for p, sig in candidates if sig]
     old_sig = significant_lines(old_text)
-    code = hunk_old_lines(fp) or old_sig
+    code = hunk_old_lines(fp, old_text) or old_sig
+    df: dict[str, int] = {}
+    for _p, sig in cands:
+        for ln in sig & old_sig | sig & code:
+            df[ln] = df.get(ln, 0) + 1
+
+    def weight(lines: Iterable[str]) -> float:
+        return sum(1.0 / max(1, df.get(ln, 1)) for ln in lines)
+
+    w_code, w_old = weight(code), weight(old_sig)
     out = []
-    for path, sig in candidates:
-        if not sig:
+    for path, sig in cands:
+        shared_old = old_sig & sig
+        shared_code = code & sig
+        if not shared_old and not shared_code:
             continue
-        inter_code = len(code & sig)
-        if not inter_code and not (old_sig & sig):
-            continue
-        share = inter_code / len(code) if code else 0.0
-        dice = 2 * len(old_sig & sig) / (len(old_sig) + len(sig)) if old_sig else 0.0
+        share = weight(shared_code) / w_code if w_code else 0.0
+        w_shared = weight(shared_old)
+        # the candidate's own lines not in the old file count 1 each
+        dice = 2 * w_shared / (w_old + w_shared + len(sig - old_sig)) if w_old else 0.0
         out.append(MoveCandidate(path, share, dice))
     out.sort(key=lambda c: (c.code_share + c.similarity, c.similarity), reverse=True)
     return out[:limit]
 
 
-MOVED_THRESHOLD = 0.3  # a candidate holding less than this of the code or content is not where the code went
-
-
 def is_moved(c: MoveCandidate | None) -> bool:
-    return c is not None and (c.code_share >= MOVED_THRESHOLD or c.similarity >= MOVED_THRESHOLD)
+    """Where the code went: a file holding most of the changed code, or sharing a
+    third of the old file's (weighted) content. Below that it is a hint, not a move."""
+    return c is not None and (c.code_share >= 0.5 or c.similarity >= 0.3)
 
 
 # ------------------------------------------------------------------ possibly upstream
