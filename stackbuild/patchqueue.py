@@ -10,14 +10,17 @@
   (the commit's `stackbuild-patch:` trailer, else a slug of its subject), DEP-3 header
   kept from the old file, Last-Update bumped only when the diff changed, and edits the
   recipe TOML surgically (only the sha256 lines of matching [[patches]] entries; new
-  commits appended as new entries; comments kept).
+  commits appended as new entries; comments kept), and the sha256 lines of every other
+  recipe that names a rewritten file. Refused during an unfinished refresh or git
+  operation.
+- `rehash` sets recipes' patch sha256 lines to the files' hashes, in place.
 - `import_patch` normalises the forms patches travel in (format-patch mbox series,
   plain `diff -u` against a site-packages, gzip+base64 artifacts) into git-style
   patches with a DEP-3 header.
 - `snapshot` turns a dirty workspace tree into a patch against HEAD or the pinned base.
 
 The text helpers here (DEP-3 header handling, rendering a parsed patch, the surgical
-recipe edits) are shared with refresh.py.
+recipe edits) are shared with the refresh package.
 """
 
 from __future__ import annotations
