@@ -347,8 +347,8 @@ class Carrier:
                 return None
             notes.extend(res[1])
             names.append(fp.path)
-        return (f"the new base has the same code as the patched {', '.join(names)}, ignoring comments, docstrings and "
-                "formatting" + (f"; {'; '.join(notes)}" if notes else ""))
+        return (f"the code it changes in {', '.join(names)} is at the new base in substance (functions and statements "
+                "compared as ASTs, without comments, docstrings or formatting)" + (f"; {'; '.join(notes)}" if notes else ""))
 
     def _functions_elsewhere(self, path: str) -> V.FindFunction:
         def find(qualname: str) -> Iterator[tuple[str, str]]:
