@@ -626,3 +626,20 @@ def test_real_b70_gemma4_series_on_0_21_0_and_0_23_0(tmp_path: Path, monkeypatch
     assert r21.verdict("gemma4-unified-prereqs").evidence is Evidence.NORMALISED
     assert "possibly upstream in vllm/model_executor/kernels/linear/mixed_precision/xpu.py:" in r23.verdict("xpu-int4-linear").detail
     assert m.exit_code == 1
+
+
+def test_normalised_finds_a_function_upstream_moved_to_another_file() -> None:
+    from stackbuild.refresh.verdict import function_index, normalised_upstream
+    from stackbuild.series import parse_patch
+
+    post = _mod(GAMMA, "def g4(x):\n", CLAMP + "def g4(x):\n")
+    fp = parse_patch(udiff("pkg/gamma.py", GAMMA, post)).files[0]
+    util = "import math\n\n\n" + CLAMP_UP
+
+    def elsewhere(q: str):  # type: ignore[no-untyped-def]
+        norm = function_index(util).get(q)
+        return [("pkg/util.py", norm)] if norm else []
+
+    assert normalised_upstream(GAMMA, post, GAMMA, fp, elsewhere) == (True, ["clamp_value is in pkg/util.py"])
+    other = util.replace("min(x, high)", "min(x, high + 1)")
+    assert normalised_upstream(GAMMA, post, GAMMA, fp, lambda q: [("pkg/util.py", function_index(other)[q])]) == (False, [])

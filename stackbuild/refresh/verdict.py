@@ -269,13 +269,15 @@ def normalised_upstream(pre: str | None, post: str | None, new: str | None, fp: 
                 substantive = True
             if new_funcs.get(name) == u.norm:
                 continue
-            where = next((path for path, norm in elsewhere(name) if norm == u.norm), None)
-            if where is not None:
+            if name not in new_funcs:  # gone from this file: moved elsewhere as it is?
+                where = next((path for path, norm in elsewhere(name) if norm == u.norm), None)
+                if where is None:
+                    return False, []
                 notes.append(f"{name} is in {where}")
                 continue
-            nodes_new = _function_nodes(t_new) if t_new is not None else {}
-            if name in nodes_new and _statements_upstream(_function_nodes(t_pre).get(name), _function_nodes(t_post)[name],
-                                                          nodes_new[name], removed, added):
+            assert t_new is not None
+            if _statements_upstream(_function_nodes(t_pre).get(name), _function_nodes(t_post)[name],
+                                    _function_nodes(t_new)[name], removed, added):
                 notes.append(f"the statements it changes in {name} are upstream (the rest of {name} differs)")
                 continue
             return False, []
