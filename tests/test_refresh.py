@@ -314,7 +314,8 @@ def test_git_upstream_that_merged_our_patches(tmp_path: Path, monkeypatch: pytes
 # ------------------------------------------------------------------ the real series (patches/vllm/0.19.0)
 
 REAL_EXPECTED = {
-    "xpu-unified-memory-free-check": "conflict",
+    # 0.20.0 made the UMA free-memory branch a platform hook (is_integrated_gpu)
+    "xpu-unified-memory-free-check": "needs porting",
     "hybrid-kv-page-size-lcm": "merged (3-way)",
     # upstream added its own XPU path for INC/AutoRound (INCXPULinearMethod) in 0.20.0
     "xpu-autoround-gptq-awq": "needs porting",
@@ -339,6 +340,8 @@ def test_real_lunar_lake_series_on_0_20_0_and_0_21_0(tmp_path: Path, monkeypatch
     grid = m.grid()
     for name, verdict in REAL_EXPECTED.items():
         assert grid[name] == {"0.20.0": verdict, "0.21.0": verdict}, name
+    umem = m.results[0].verdict("xpu-unified-memory-free-check")  # type: ignore[union-attr]
+    assert "`if current_platform.is_integrated_gpu(device.index):` at vllm/utils/mem_utils.py:109" in umem.detail
     moe = m.results[0].verdict("xpu-int4-moe")  # type: ignore[union-attr]
     assert "compressed_tensors_moe.py is gone; its code moved to vllm/model_executor/layers/quantization/" \
         "compressed_tensors/compressed_tensors_moe/compressed_tensors_moe_wna16_marlin.py (similarity" in moe.detail
@@ -643,3 +646,18 @@ def test_normalised_finds_a_function_upstream_moved_to_another_file() -> None:
     assert normalised_upstream(GAMMA, post, GAMMA, fp, elsewhere) == (True, ["clamp_value is in pkg/util.py"])
     other = util.replace("min(x, high)", "min(x, high + 1)")
     assert normalised_upstream(GAMMA, post, GAMMA, fp, lambda q: [("pkg/util.py", function_index(other)[q])]) == (False, [])
+
+
+def test_branch_added_to_an_if_whose_condition_upstream_generalised() -> None:
+    from stackbuild.refresh.verdict import similar_upstream_code
+    from stackbuild.series import parse_patch
+
+    old = ("def measure(self, device):\n    self.free = mem_get_info(device)\n    if is_cuda() and cap(device) in UMA:\n"
+           "        self.free = psutil.virtual_memory().available\n    return self.free\n")
+    ours = old.replace("    return", "    elif is_xpu() and UNIFIED:\n        self.free = min(available(), self.total)\n    return")
+    theirs = old.replace("if is_cuda() and cap(device) in UMA:", "if platform.is_integrated_gpu(device):")
+    fp = parse_patch(udiff("m.py", old, ours)).files[0]
+    found = similar_upstream_code("m.py", old, ours, old, theirs, fp)
+    assert found is not None and found.condition and found.line == 3
+    assert "`if platform.is_integrated_gpu(device):` at m.py:3 in measure" in found.describe()
+    assert similar_upstream_code("m.py", old, ours, old, old, fp) is None  # upstream unchanged: nothing to port onto

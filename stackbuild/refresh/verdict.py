@@ -517,8 +517,12 @@ class SimilarCode:
     function: str
     similarity: float
     code: str
+    condition: bool = False  # upstream rewrote the condition of the branch the patch extends
 
     def describe(self) -> str:
+        if self.condition:
+            return (f"upstream rewrote the condition of the `if` the patch adds a branch to, around the same body: "
+                    f"`{self.code[:100]}` at {self.path}:{self.line} in {self.function}; port the patch's condition there")
         return (f"upstream added code of its own like the patch's at {self.path}:{self.line} in {self.function} "
                 f"(similarity {self.similarity:.2f}: `{self.code[:100]}`); port the patch onto it")
 
@@ -558,7 +562,37 @@ def similar_upstream_code(path: str, pre: str | None, post: str | None, up_old: 
                 sim = _jaccard(ta, tb)
                 if sim >= SIMILAR_THRESHOLD and (best is None or sim > best.similarity):
                     best = SimilarCode(path, b.lineno, name, sim, ast.unparse(b).replace("\n", " "))
+    if best is None:
+        return _rewritten_condition(path, f_post, f_old, f_new, units, added)
     return best
+
+
+def _body_norm(body: list[ast.stmt]) -> str:
+    return "|".join(_norm(x) for x in body)
+
+
+def _rewritten_condition(path: str, f_post: dict[str, ast.AST], f_old: dict[str, ast.AST], f_new: dict[str, ast.AST],
+                         units: list[_Unit], added: set[int]) -> SimilarCode | None:
+    """The patch adds an `elif` to an `if` whose condition upstream rewrote around the
+    same body (a special case made general, often a platform hook): the patch's
+    condition belongs in upstream's new one."""
+    for u in units:
+        kind, _, name = u.key.partition(":")
+        if kind != "func" or name not in f_old or name not in f_new:
+            continue
+        for node in ast.walk(f_post[name]):
+            if not (isinstance(node, ast.If) and node.orelse and isinstance(node.orelse[0], ast.If)
+                    and node.orelse[0].lineno in added and node.lineno not in added):
+                continue
+            test, body = _norm(node.test), _body_norm(node.body)
+            old_if = [n for n in ast.walk(f_old[name]) if isinstance(n, ast.If) and _norm(n.test) == test
+                      and _body_norm(n.body) == body]
+            new_if = [n for n in ast.walk(f_new[name]) if isinstance(n, ast.If) and _norm(n.test) != test
+                      and _body_norm(n.body) == body]
+            if old_if and new_if:
+                n = new_if[0]
+                return SimilarCode(path, n.lineno, name, 1.0, f"if {ast.unparse(n.test)}:", condition=True)
+    return None
 
 
 # ------------------------------------------------------------------ added lines present
