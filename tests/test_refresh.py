@@ -557,6 +557,7 @@ def test_local_source_refreshes_onto_another_tree_or_a_git_ref(tmp_path: Path, m
     text = res.new_recipe.read_text()  # type: ignore[union-attr]
     if form == "path":
         assert new.source("pkg").path == str(new_tree)
+        assert f'path = "{new_tree}"  # my checkout' in text  # replaced in place, comment kept
     else:
         assert new.source("pkg").commit == up.commit("v2").hexsha and new.source("pkg").url == str(old_tree)
         assert "the local checkout at pkg@v2, pinned by commit" in text

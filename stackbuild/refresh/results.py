@@ -273,6 +273,29 @@ def _source_lines(st: dict[str, Any]) -> list[str]:
     return [f'path = "{n["path"]}"']
 
 
+def _replace_values(lines: list[str], start: int, end: int, new_src: dict[str, Any]) -> bool:
+    """Set the source's pin keys in place (a trailing comment stays); False when a
+    key the new pin needs is not there to replace."""
+    if new_src["kind"] == SourceKind.PYPI.value:
+        want = {"pypi": new_src["requirement"], "sha256": new_src["sha256"]}
+    elif new_src["kind"] == SourceKind.GIT.value:
+        want = {"tag": new_src["tag"]} if new_src["tag"] else {"commit": new_src["commit"]}
+    else:
+        want = {"path": new_src["path"]}
+    drop = {"tag", "commit", "branch"} - set(want) if new_src["kind"] == SourceKind.GIT.value else set()
+    found = set()
+    for i in range(start, end):
+        m = re.match(r'^(\s*)([A-Za-z_]+)(\s*=\s*)"[^"]*"(.*)$', lines[i])
+        if not m:
+            continue
+        if m.group(2) in want:
+            lines[i] = f'{m.group(1)}{m.group(2)}{m.group(3)}"{want[m.group(2)]}"{m.group(4)}'
+            found.add(m.group(2))
+        elif m.group(2) in drop:
+            lines[i] = f"# {lines[i]}  (stackbuild refresh: replaced by the new pin)"
+    return found == set(want)
+
+
 def new_recipe_text(text: str, recipe: Recipe, st: dict[str, Any], final: list[RefreshedPatch], new_name: str) -> str:
     lines = text.split("\n")
     src_name = st["source"]
@@ -291,10 +314,14 @@ def new_recipe_text(text: str, recipe: Recipe, st: dict[str, Any], final: list[R
         end = next((i for i in range(start + 1, len(lines)) if re.match(r"^\s*\[", lines[i])), len(lines))
         while end > start + 1 and not lines[end - 1].strip():
             end -= 1
-        kept = [ln for ln in lines[start + 1:end] if not re.match(r"^\s*(pypi|sha256|git|tag|commit|branch|float|path)\s*=", ln)]
-        lines[start + 1:end] = _source_lines(st) + kept
-        if new_src["kind"] == SourceKind.GIT.value and recipe.source(src_name).kind is SourceKind.LOCAL:
-            lines.insert(start + 1, f"# stackbuild refresh: the local checkout at {new_src['ref']}, pinned by commit")
+        if new_src["kind"] == recipe.source(src_name).kind.value and _replace_values(lines, start + 1, end, new_src):
+            pass  # the same kind: values replaced in place, comments and order kept
+        else:
+            keys = r"^\s*(pypi|sha256|git|tag|commit|branch|float|path)\s*="
+            kept = [ln for ln in lines[start + 1:end] if not re.match(keys, ln)]
+            lines[start + 1:end] = _source_lines(st) + kept
+            if new_src["kind"] == SourceKind.GIT.value and recipe.source(src_name).kind is SourceKind.LOCAL:
+                lines.insert(start + 1, f"# stackbuild refresh: the local checkout at {new_src['ref']}, pinned by commit")
     marked = 0
     for p in final:
         entry: PatchEntry = next(x for x in recipe.patches if x.name == p.name)
