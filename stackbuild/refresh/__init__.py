@@ -15,7 +15,8 @@ recipe keeps every such patch, marked.
 
 Where the pieces live:
 - verdict.py: deciding (normalised comparison, moved files, names upstream);
-- carry.py: the target release, the refresh worktree and carrying each patch;
+- target.py: the release `--to` names, for each source kind, and its files;
+- carry.py: the refresh worktree and carrying each patch;
 - results.py: the verdict and result types, the refreshed patch files, the new recipe.
 """
 
@@ -30,16 +31,7 @@ from typing import Any
 
 from stackbuild.errors import PatchError, StackbuildError
 from stackbuild.recipe import Recipe, load_recipe
-from stackbuild.refresh.carry import (
-    OLD_BASE_TAG,
-    STATE_FILE,
-    Carrier,
-    Progress,
-    index_sha256,
-    make_target,
-    prepare,
-    target_source_name,
-)
+from stackbuild.refresh.carry import OLD_BASE_TAG, STATE_FILE, Carrier, prepare
 from stackbuild.refresh.results import (
     Evidence,
     MatrixResult,
@@ -50,6 +42,7 @@ from stackbuild.refresh.results import (
     new_recipe_name,
     write_outputs,
 )
+from stackbuild.refresh.target import Progress, index_sha256, make_target, target_source_name
 from stackbuild.workspace import apply_recipe, default_workdir
 
 __all__ = [
