@@ -410,7 +410,8 @@ def lock_cmd(
 @app.command()
 def refresh(
     recipe: str = typer.Argument(..., help="Recipe name or path."),
-    to: str | None = typer.Option(None, "--to", help="The new upstream: vllm==0.20.0 (or NAME@tag for a git source)."),
+    to: str | None = typer.Option(None, "--to", help="The new upstream: vllm==0.20.0; NAME@REF (a git source, or a git "
+                                  "ref of a local source's checkout); NAME=PATH (a local source: another tree)."),
     sha256: str | None = typer.Option(None, "--sha256", help="The new release's sdist sha256 (default: from the index)."),
     matrix: str | None = typer.Option(None, "--matrix", help="Try several releases: vllm==0.19.0,0.20.0,0.21.0"),
     jobs: int = typer.Option(2, "--jobs", help="--matrix: releases tried at once."),
@@ -462,6 +463,14 @@ def export(recipe: str = typer.Argument(..., help="Recipe name or path."), as_js
 
     result = _export(_load(recipe))
     _finish(result, as_json)
+
+
+@app.command()
+def rehash(recipes: list[str] = typer.Argument(..., help="Recipe names or paths."), as_json: bool = JsonOpt) -> None:
+    """Rewrite the recipes' patch sha256 lines to the patch files' current hashes (in place, comments kept)."""
+    from stackbuild.patchqueue import rehash as _rehash
+
+    _finish(_rehash(recipes), as_json)
 
 
 @app.command("import")
