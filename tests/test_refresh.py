@@ -624,11 +624,14 @@ def test_real_b70_gemma4_series_on_0_21_0_and_0_23_0(tmp_path: Path, monkeypatch
     assert grid["gemma4-mm-embedder-prenorm"] == {"0.21.0": "already upstream", "0.23.0": "already upstream"}
     assert grid["gemma4-unified-backport"] == {"0.21.0": "clean", "0.23.0": "already upstream"}
     assert grid["gemma4-unified-register"]["0.23.0"] == "already upstream"
-    assert grid["xpu-int4-linear"] == {"0.21.0": "clean", "0.23.0": "possibly upstream"}
+    # 0.23.0 has XPU INT4 linear of its own in the kernel class the patch changes, but still
+    # passes act-order g_idx unshuffled: the patch's fix must be ported onto upstream's code
+    assert grid["xpu-int4-linear"] == {"0.21.0": "clean", "0.23.0": "needs porting"}
     r21, r23 = m.results
     assert r21 is not None and r23 is not None
     assert r21.verdict("gemma4-unified-prereqs").evidence is Evidence.NORMALISED
-    assert "possibly upstream in vllm/model_executor/kernels/linear/mixed_precision/xpu.py:" in r23.verdict("xpu-int4-linear").detail
+    assert "vllm/model_executor/kernels/linear/mixed_precision/xpu.py:" in r23.verdict("xpu-int4-linear").detail
+    assert "XPUwNa16LinearKernel.process_weights_after_loading" in r23.verdict("xpu-int4-linear").detail
     assert m.exit_code == 1
 
 

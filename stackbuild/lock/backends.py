@@ -31,7 +31,7 @@ PROBE_TIMEOUT_S = 5.0
 # named PIP_* or UV_* (index URLs, find-links, constraints, config files) is dropped.
 _KEEP_ENV = {
     "PIP_CERT", "PIP_CLIENT_CERT", "PIP_PROXY", "PIP_CACHE_DIR", "PIP_DEFAULT_TIMEOUT",
-    "UV_CACHE_DIR", "UV_NATIVE_TLS", "UV_HTTP_TIMEOUT",
+    "UV_CACHE_DIR", "UV_NATIVE_TLS", "UV_HTTP_TIMEOUT", "UV_HTTP_RETRIES",
 }
 
 
@@ -201,6 +201,7 @@ def run_resolver(resolver: str, req: ResolveRequest, timeout_s: float | None = N
             argv += ["--overrides", str(req.overrides)]
         version = uv_version(exe)
         env.setdefault("UV_HTTP_TIMEOUT", f"{max(1, round(read_s))}")
+        env.setdefault("UV_HTTP_RETRIES", "1")  # as pip-tools above: retries belong to the probes
     else:
         raise ResolverMissing(f"unknown resolver {resolver!r} (one of: {', '.join(RESOLVERS)})",
                               key="--resolver")
