@@ -1,0 +1,183 @@
+"""`stackbuild apply RECIPE --onto DIR` and `stackbuild apply-patch FILE --onto DIR`:
+a series (or one patch file) onto a git checkout the user already has.
+
+The user's checkout is never written while the verdicts are made: the patches are
+applied, through the same tree door and with the same verdicts as a workspace, in a
+temporary worktree (`git worktree add --detach`) outside DIR, one commit per patch.
+Only when every patch applied is the new branch created at the last commit (and only
+when asked to commit). On any other outcome the branch, index and files of DIR are as
+they were; the temporary worktree is removed either way. What stays behind in DIR's
+object store are unreachable objects of the abandoned commits, which `git gc` prunes.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from stackbuild.errors import PatchError, SourceError
+from stackbuild.gitrun import git_process, run_git
+from stackbuild.recipe import PatchEntry, PatchKind, Recipe
+from stackbuild.series import PatchVerdict
+from stackbuild.workspace import (
+    ApplyResult,
+    PatchResult,
+    _apply_backport,
+    _apply_text_patch,
+    _Ctx,
+    _patch_bytes,
+    _replace,
+    entry_file,
+)
+
+Progress = Callable[[str], None]
+_READ_ONLY = {"GIT_OPTIONAL_LOCKS": "0"}  # looking must not refresh DIR's index
+
+
+def checkout_root(target: Path) -> Path:
+    """`target` as the top folder of a git checkout with a commit checked out and
+    nothing uncommitted; otherwise one error (exit 2) naming DIR and the cause."""
+    target = target.resolve()
+    if not target.is_dir():
+        raise SourceError("not a directory", file=target)
+    r = git_process(target, "rev-parse", "--show-toplevel", env=_READ_ONLY)
+    if r.returncode != 0:
+        raise SourceError("not a git checkout (--onto needs one)", file=target)
+    top = Path(r.stdout.strip()).resolve()
+    if top != target:
+        raise SourceError(f"not the top of its git checkout (that is {top}); give the top folder", file=target)
+    if git_process(target, "rev-parse", "--verify", "-q", "HEAD", env=_READ_ONLY).returncode != 0:
+        raise SourceError("the checkout has no commit yet", file=target)
+    s = git_process(target, "status", "--porcelain", "-z", "--untracked-files=all", env=_READ_ONLY)
+    if s.returncode != 0:
+        raise SourceError(f"git status failed: {s.stderr.strip()[-300:]}", file=target)
+    changed = [e[3:] for e in s.stdout.split("\0") if len(e) > 3]
+    if changed:
+        shown = ", ".join(changed[:20]) + (f" and {len(changed) - 20} more" if len(changed) > 20 else "")
+        raise SourceError(f"the checkout has uncommitted changes ({shown}); commit or stash them first", file=target)
+    return target
+
+
+def _check_branch(target: Path, branch: str, force: bool) -> None:
+    if git_process(target, "check-ref-format", "--branch", branch).returncode != 0:
+        raise SourceError(f"{branch!r} is not a valid branch name", file=target)
+    exists = git_process(target, "rev-parse", "--verify", "-q", f"refs/heads/{branch}", env=_READ_ONLY).returncode == 0
+    if exists and not force:
+        raise SourceError(f"branch {branch} already exists; give another --branch, or --force to move it", file=target)
+    current = git_process(target, "symbolic-ref", "-q", "HEAD", env=_READ_ONLY).stdout.strip()
+    if exists and current == f"refs/heads/{branch}":
+        raise SourceError(f"branch {branch} is checked out in {target}; it cannot be moved under the checkout", file=target)
+
+
+@contextmanager
+def _scratch_worktree(target: Path) -> Iterator[Path]:
+    """A detached worktree of DIR's HEAD in a temporary folder outside DIR, removed
+    (with its administrative entry in DIR's .git) whatever happens."""
+    parent = Path(tempfile.mkdtemp(prefix="stackbuild-onto-"))
+    wt = parent / "tree"
+    try:
+        run_git(target, "worktree", "add", "-q", "--detach", str(wt), "HEAD", error=SourceError)
+        yield wt
+    finally:
+        git_process(target, "worktree", "remove", "--force", str(wt))
+        shutil.rmtree(parent, ignore_errors=True)
+        git_process(target, "worktree", "prune")
+
+
+def _run_series(ctx: _Ctx | None, entries: Sequence[tuple[PatchEntry, Callable[[], bytes] | None]], tree: Path,
+                progress: Progress) -> tuple[list[PatchResult], PatchResult | None]:
+    results: list[PatchResult] = []
+    failed: PatchResult | None = None
+    for i, (entry, data) in enumerate(entries):
+        if failed is not None:
+            results.append(PatchResult(entry.name, entry.kind.value, entry.source, PatchVerdict.NOT_ATTEMPTED,
+                                       f"the series stopped at {failed.name}"))
+            continue
+        progress(f"[{i + 1}/{len(entries)}] {entry.name}")
+        if data is None:
+            assert ctx is not None
+            r = _apply_backport(ctx, entry, tree)
+        else:
+            r = _apply_text_patch(ctx, entry, data(), tree)
+        results.append(r)
+        if not r.verdict.ok:
+            failed = r
+    return results, failed
+
+
+def _finish(name: str, target: Path, tree: Path, results: list[PatchResult], failed: PatchResult | None,
+            where: Callable[[str], str], branch: str | None, force: bool) -> ApplyResult:
+    if failed is not None or branch is None:
+        # the scratch commits are not reachable from DIR: naming them would mislead
+        results = [_replace(r, commit=None) for r in results]
+    if failed is not None:
+        cause = failed.detail.split("; ")[0]
+        cause = cause if len(cause) <= 300 else cause[:297] + "..."
+        msg = (f"{failed.name} ({where(failed.name)}): {failed.verdict.value}" + (f": {cause}" if cause else "")
+               + f"; {target} was left as it was")
+        return ApplyResult(name, target, False, False, msg, tuple(results), failed)
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.verdict.value] = counts.get(r.verdict.value, 0) + 1
+    summary = ", ".join(f"{v} {k}" for k, v in counts.items())
+    if branch is None:
+        return ApplyResult(name, target, False, True, f"{summary}; dry verdict: nothing written (--commit to commit it)",
+                           tuple(results))
+    tip = run_git(tree, "rev-parse", "HEAD")
+    run_git(target, "branch", *(["-f"] if force else []), branch, tip, error=SourceError)
+    return ApplyResult(name, target, True, True, f"{summary}; branch {branch} at {tip[:12]}", tuple(results))
+
+
+def apply_onto(recipe: Recipe, target: Path, source: str | None = None, branch: str | None = None,
+               force: bool = False, progress: Progress | None = None) -> ApplyResult:
+    """The recipe's series for one patched source, one commit per patch, onto the clean
+    checkout `target`, ending in a new branch (default `stackbuild/RECIPE`)."""
+    say = progress or (lambda _m: None)
+    patched = recipe.patched_sources
+    if source is None:
+        if len(patched) != 1:
+            raise PatchError(f"the recipe patches {len(patched)} sources ({', '.join(patched)}); "
+                             "say which one DIR is with --source NAME", file=recipe.path)
+        source = patched[0]
+    elif source not in patched:
+        raise PatchError(f"--source {source}: the recipe patches {', '.join(patched) or 'no source'}", file=recipe.path)
+    target = checkout_root(target)
+    branch = branch or f"stackbuild/{recipe.name}"
+    _check_branch(target, branch, force)
+    ctx = _Ctx(recipe, recipe.root, say)
+    entries: list[tuple[PatchEntry, Callable[[], bytes] | None]] = []
+    for i, entry in enumerate(recipe.patches):
+        if entry.source != source:
+            continue
+        if entry.kind is PatchKind.BACKPORT:
+            entries.append((entry, None))
+        else:
+            _patch_bytes(ctx, entry, i)  # read and sha256-checked before anything is done
+            entries.append((entry, functools.partial(_patch_bytes, ctx, entry, i)))
+    with _scratch_worktree(target) as tree:
+        results, failed = _run_series(ctx, entries, tree, say)
+        return _finish(recipe.name, target, tree, results, failed, lambda n: entry_file(recipe, n), branch, force)
+
+
+def apply_patch_onto(patch: Path, target: Path, strip: int = 1, fuzz: int = 0, commit: bool = False,
+                     branch: str | None = None, force: bool = False) -> ApplyResult:
+    """One patch file's verdict on the clean checkout `target`, without a recipe. Dry
+    (nothing written) unless `commit`: then a new branch (default `stackbuild/STEM`)."""
+    if strip < 0 or fuzz < 0:
+        raise PatchError("--strip and --fuzz must be 0 or more", file=patch)
+    try:
+        data = patch.read_bytes()
+    except OSError as e:
+        raise PatchError(f"cannot read the patch: {e.strerror or e}", file=patch) from None
+    target = checkout_root(target)
+    if commit:
+        branch = branch or f"stackbuild/{patch.stem}"
+        _check_branch(target, branch, force)
+    entry = PatchEntry(patch.name, PatchKind.FILE, target.name, None, strip=strip, fuzz=fuzz, file=str(patch))
+    with _scratch_worktree(target) as tree:
+        results, failed = _run_series(None, [(entry, lambda: data)], tree, lambda _m: None)
+        return _finish(patch.name, target, tree, results, failed, lambda _n: str(patch), branch if commit else None, force)
