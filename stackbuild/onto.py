@@ -3,11 +3,11 @@ a series (or one patch file) onto a git checkout the user already has.
 
 The user's checkout is never written while the verdicts are made: the patches are
 applied, through the same tree door and with the same verdicts as a workspace, in a
-temporary worktree (`git worktree add --detach`) outside DIR, one commit per patch.
-Only when every patch applied is the new branch created at the last commit (and only
-when asked to commit). On any other outcome the branch, index and files of DIR are as
-they were; the temporary worktree is removed either way. What stays behind in DIR's
-object store are unreachable objects of the abandoned commits, which `git gc` prunes.
+scratch checkout outside DIR (`git clone --shared`: it reads DIR's objects and writes
+its own), one commit per patch. Only when every patch applied (and a commit was asked
+for) are the new commits and the branch fetched into DIR, in one `git fetch`. On any
+other outcome nothing under DIR changes, .git included; the scratch checkout is
+removed either way.
 """
 
 from __future__ import annotations
@@ -74,18 +74,23 @@ def _check_branch(target: Path, branch: str, force: bool) -> None:
 
 
 @contextmanager
-def _scratch_worktree(target: Path) -> Iterator[Path]:
-    """A detached worktree of DIR's HEAD in a temporary folder outside DIR, removed
-    (with its administrative entry in DIR's .git) whatever happens."""
+def _scratch_checkout(target: Path) -> Iterator[Path]:
+    """A detached checkout of DIR's HEAD in a temporary folder outside DIR, removed
+    whatever happens. It borrows DIR's objects read-only (`clone --shared`), so the
+    commits made in it are written to the scratch repository, never into DIR."""
     parent = Path(tempfile.mkdtemp(prefix="stackbuild-onto-"))
-    wt = parent / "tree"
     try:
-        run_git(target, "worktree", "add", "-q", "--detach", str(wt), "HEAD", error=SourceError)
-        yield wt
+        head = run_git(target, "rev-parse", "HEAD", error=SourceError)
+        run_git(parent, "clone", "-q", "--shared", "--no-checkout", str(target), "tree", error=SourceError)
+        tree = parent / "tree"
+        for key in ("core.autocrlf", "core.eol"):  # DIR's line-ending settings shape its files
+            value = git_process(target, "config", "--get", key).stdout.strip()
+            if value:
+                run_git(tree, "config", key, value, error=SourceError)
+        run_git(tree, "checkout", "-q", "--detach", head, error=SourceError)
+        yield tree
     finally:
-        git_process(target, "worktree", "remove", "--force", str(wt))
         shutil.rmtree(parent, ignore_errors=True)
-        git_process(target, "worktree", "prune")
 
 
 def _run_series(ctx: _Ctx | None, entries: Sequence[tuple[PatchEntry, Callable[[], bytes] | None]], tree: Path,
@@ -128,7 +133,9 @@ def _finish(name: str, target: Path, tree: Path, results: list[PatchResult], fai
         return ApplyResult(name, target, False, True, f"{summary}; dry verdict: nothing written (--commit to commit it)",
                            tuple(results))
     tip = run_git(tree, "rev-parse", "HEAD")
-    run_git(target, "branch", *(["-f"] if force else []), branch, tip, error=SourceError)
+    # the scratch commits and the branch arrive in DIR together, and only now
+    run_git(target, "fetch", "-q", "--no-tags", "--no-write-fetch-head", str(tree),
+            f"{'+' if force else ''}HEAD:refs/heads/{branch}", error=SourceError)
     return ApplyResult(name, target, True, True, f"{summary}; branch {branch} at {tip[:12]}", tuple(results))
 
 
@@ -158,7 +165,7 @@ def apply_onto(recipe: Recipe, target: Path, source: str | None = None, branch: 
         else:
             _patch_bytes(ctx, entry, i)  # read and sha256-checked before anything is done
             entries.append((entry, functools.partial(_patch_bytes, ctx, entry, i)))
-    with _scratch_worktree(target) as tree:
+    with _scratch_checkout(target) as tree:
         results, failed = _run_series(ctx, entries, tree, say)
         return _finish(recipe.name, target, tree, results, failed, lambda n: entry_file(recipe, n), branch, force)
 
@@ -178,6 +185,6 @@ def apply_patch_onto(patch: Path, target: Path, strip: int = 1, fuzz: int = 0, c
         branch = branch or f"stackbuild/{patch.stem}"
         _check_branch(target, branch, force)
     entry = PatchEntry(patch.name, PatchKind.FILE, target.name, None, strip=strip, fuzz=fuzz, file=str(patch))
-    with _scratch_worktree(target) as tree:
+    with _scratch_checkout(target) as tree:
         results, failed = _run_series(None, [(entry, lambda: data)], tree, lambda _m: None)
         return _finish(patch.name, target, tree, results, failed, lambda _n: str(patch), branch if commit else None, force)
