@@ -282,11 +282,14 @@ class _TreeText:
     UnsafePath). A file that is not UTF-8 is read as latin-1, like patch text, and
     written back the same way, so its other bytes survive."""
 
-    def __init__(self, tree: Path):
+    def __init__(self, tree: Path, fill: Callable[[str], None] | None = None):
         self.door = Tree(tree)
         self.latin1: set[str] = set()
+        self.fill = fill  # a sparse tree (apply --onto) brings a file in before it is read
 
     def read(self, rel: str) -> str | None:
+        if self.fill is not None:
+            self.fill(rel)
         data = self.door.read(rel)
         if data is None:
             return None
@@ -328,7 +331,8 @@ def _commit(tree: Path, files: Sequence[str], message: str) -> str:
     return run_git(tree, "rev-parse", "HEAD")
 
 
-def _apply_text_patch(ctx: _Ctx | None, entry: PatchEntry, data: bytes, tree: Path) -> PatchResult:
+def _apply_text_patch(ctx: _Ctx | None, entry: PatchEntry, data: bytes, tree: Path,
+                      fill: Callable[[str], None] | None = None) -> PatchResult:
     sha = hashlib.sha256(data).hexdigest()
     base = PatchResult(entry.name, entry.kind.value, entry.source, PatchVerdict.MALFORMED, "", sha)
     try:
@@ -336,7 +340,7 @@ def _apply_text_patch(ctx: _Ctx | None, entry: PatchEntry, data: bytes, tree: Pa
         parts = split_mbox(text)
     except MalformedPatch as e:
         return _replace(base, detail=str(e))
-    text_tree = _TreeText(tree)
+    text_tree = _TreeText(tree, fill)
     verdicts: list[PatchVerdict] = []
     details: list[str] = []
     files: list[str] = []

@@ -304,3 +304,54 @@ def test_real_vllm_patch_onto_checkout_equals_git_apply(vllm_checkout: Path, tmp
     assert main(["apply-patch", str(bad), "--onto", str(co), "--commit"]) == 1
     assert _tree_hash(co) == before and git(co, "rev-parse", "HEAD") == head and git(co, "for-each-ref") == refs
     assert git_process(co, "worktree", "list").stdout.count("\n") == 1
+
+
+def test_every_kind_of_change_matches_git_apply(tmp_path: Path) -> None:
+    """The scratch checkout writes out only what the series reads; deletes, renames,
+    mode changes, new files, a file reached through a linked folder and a second patch
+    on a file the first changed must still give git apply's tree."""
+    co = make_checkout(tmp_path / "co", {"pkg/a.py": ORIG, "pkg/b.py": ORIG, "pkg/c.py": ORIG, "real/d.py": ORIG,
+                                         "tool.sh": "echo hi\n", ".gitattributes": "*.py text eol=lf\n"})
+    (co / "linked").symlink_to("real")
+    git(co, "add", "-A")
+    git(co, "commit", "-q", "-m", "link")
+    (co / "pkg/a.py").unlink()
+    git(co, "mv", "pkg/b.py", "pkg/renamed.py")
+    (co / "tool.sh").chmod(0o755)
+    (co / "real/d.py").write_text(edit(ORIG, "line 5\n", "line five\n"))
+    (co / "pkg/new.py").write_text("NEW = 1\n")
+    (co / "pkg/c.py").write_text(edit(ORIG, "line 9\n", "line nine\n"))
+    git(co, "add", "-A")
+    p1 = tmp_path / "1.patch"
+    p1.write_text(git(co, "diff", "--cached", "-M") + "\n")
+    git(co, "commit", "-q", "-m", "tmp")
+    (co / "pkg/c.py").write_text(edit(edit(ORIG, "line 9\n", "line nine\n"), "line 11\n", "line eleven\n"))
+    p2 = tmp_path / "2.patch"
+    p2.write_text(git(co, "diff") + "\n")
+    git(co, "checkout", "-q", "--", ".")
+    git(co, "reset", "-q", "--hard", "HEAD~1")
+    # the linked-folder change, as a user's tool would write it (through the link)
+    p3 = tmp_path / "3.patch"
+    p3.write_text("--- a/linked/d.py\n+++ b/linked/d.py\n@@ -1,3 +1,3 @@\n line 1\n-line 2\n+line two\n line 3\n")
+
+    proj = Project(tmp_path / "proj")
+    entries = []
+    for name, p in (("one", p1), ("two", p2), ("three", p3)):
+        rel = proj.add_patch(f"{name}.patch", p.read_bytes())
+        entries.append({"file": rel, "source": "pkg", "sha256": sha256(p.read_bytes())})
+    proj.add_tree("pkg", {"x": "x\n"})
+    recipe = load_recipe(proj.write_recipe("r", {"pkg": {"path": str(proj.root / "upstream/pkg")}}, entries))
+    from stackbuild.onto import apply_onto
+
+    r = apply_onto(recipe, co)
+    assert r.ok, r.message
+    env = {"GIT_INDEX_FILE": str(tmp_path / "idx")}
+    git(co, "read-tree", "HEAD", env=env)
+    git(co, "apply", "--cached", str(p1), env=env)
+    git(co, "apply", "--cached", str(p2), env=env)
+    # git apply refuses paths beyond a symbolic link; the same change on the real path
+    p3real = tmp_path / "3real.patch"
+    p3real.write_text(p3.read_text().replace("linked/", "real/"))
+    git(co, "apply", "--cached", str(p3real), env=env)
+    assert git(co, "rev-parse", "stackbuild/r^{tree}") == git(co, "write-tree", env=env)
+    assert git(co, "ls-tree", "stackbuild/r", "tool.sh").startswith("100755")
