@@ -355,3 +355,41 @@ def test_every_kind_of_change_matches_git_apply(tmp_path: Path) -> None:
     git(co, "apply", "--cached", str(p3real), env=env)
     assert git(co, "rev-parse", "stackbuild/r^{tree}") == git(co, "write-tree", env=env)
     assert git(co, "ls-tree", "stackbuild/r", "tool.sh").startswith("100755")
+
+
+def test_patch_through_a_link_out_of_the_checkout_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    co = make_checkout(tmp_path / "co", {"a.py": ORIG})
+    (co / "out").symlink_to(outside)
+    git(co, "add", "-A")
+    git(co, "commit", "-q", "-m", "a link out")
+    p = tmp_path / "evil.patch"
+    p.write_text("--- /dev/null\n+++ b/out/evil.py\n@@ -0,0 +1 @@\n+import os\n")
+    before = state(co)
+    assert main(["apply-patch", str(p), "--onto", str(co), "--commit", "--json"]) == 2
+    assert json.loads(capsys.readouterr().out)["patches"][0]["verdict"] == "malformed"
+    assert state(co) == before and list(outside.iterdir()) == []
+
+
+def test_recipe_with_several_patched_sources_needs_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("STACKBUILD_CACHE", str(tmp_path / "cache"))
+    co = make_checkout(tmp_path / "co", {"pkg/a.py": ORIG})
+    pa = diff(co, {"pkg/a.py": edit(ORIG, "line 3\n", "line three\n")}, tmp_path / "a.patch")
+    proj = Project(tmp_path / "proj")
+    proj.add_tree("one", {"pkg/a.py": ORIG})
+    proj.add_tree("two", {"x.txt": "x\n"})
+    px = "--- a/x.txt\n+++ b/x.txt\n@@ -1 +1 @@\n-x\n+y\n"
+    recipe = proj.write_recipe("r", {"one": {"path": "../upstream/one"}, "two": {"path": "../upstream/two"}}, [
+        {"file": proj.add_patch("a.patch", pa.read_bytes()), "source": "one", "sha256": sha256(pa.read_bytes())},
+        {"file": proj.add_patch("x.patch", px), "source": "two", "sha256": sha256(px)},
+    ])
+    assert main(["apply", str(recipe), "--onto", str(co)]) == 2
+    assert "--source" in capsys.readouterr().err
+    assert main(["apply", str(recipe), "--onto", str(co), "--source", "nope"]) == 2
+    assert main(["apply", str(recipe), "--onto", str(co), "--workdir", str(tmp_path / "w"), "--source", "one"]) == 2
+    assert main(["apply", str(recipe), "--onto", str(co), "--source", "one", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [p["name"] for p in out["patches"]] == ["a"]  # only the patches of that source
+    assert git(co, "show", "stackbuild/r:pkg/a.py") == edit(ORIG, "line 3\n", "line three\n").rstrip("\n")
