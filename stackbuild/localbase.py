@@ -94,9 +94,11 @@ def files_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def base_repo(ident: LocalIdentity, message: str) -> Path:
+def base_repo(ident: LocalIdentity) -> Path:
     """The bare cache repository holding the local source's content as one commit on
-    branch `stackbuild` (imported on first use; `message` is that commit's message)."""
+    branch `stackbuild` (imported on first use). The commit names the content, not the
+    folder: two recipes whose folders hold the same tree share it, and the same content
+    gives the same base commit id wherever it lies."""
     bases = cache_dir() / "bases"
     base = bases / f"local-{ident.key}.git"
     with locked(cache_dir() / "locks" / f"base-local-{ident.key}.lock", f"cache entry for {ident.path}", timeout=600):
@@ -107,7 +109,7 @@ def base_repo(ident: LocalIdentity, message: str) -> Path:
         try:
             run_git(tmp, "init", "-q", "--bare", "-b", BRANCH, error=SourceError)
             tree = _import_tree(ident, tmp) if ident.tree else _import_files(ident, tmp)
-            commit = run_git(tmp, "commit-tree", tree, "-m", message, error=SourceError)
+            commit = run_git(tmp, "commit-tree", tree, "-m", f"base: local source, {ident.key}", error=SourceError)
             # the ref is written last: a repository without it is litter, never a base
             run_git(tmp, "update-ref", f"refs/heads/{BRANCH}", commit, error=SourceError)
             shutil.rmtree(base, ignore_errors=True)

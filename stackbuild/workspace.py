@@ -261,7 +261,7 @@ def _mkdir(p: Path) -> Path:
 
 def _materialise(ctx: _Ctx, src: Source, dest: Path) -> None:
     if src.kind in (SourceKind.PYPI, SourceKind.LOCAL):
-        base = _base_repo(ctx, src) if src.kind is SourceKind.PYPI else localbase.base_repo(ctx.locals[src.name], f"base: {src.describe()}")
+        base = _base_repo(ctx, src) if src.kind is SourceKind.PYPI else localbase.base_repo(ctx.locals[src.name])
         # a local clone hard-links the objects: the workspace shares nothing mutable with the cache
         run_git(dest.parent, "clone", "-q", "--local", "-b", "stackbuild", str(base), dest.name)
         run_git(dest, "remote", "remove", "origin")

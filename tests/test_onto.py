@@ -232,6 +232,14 @@ def test_clean_checkout_source_is_cached_by_its_tree_id(tmp_path: Path, monkeypa
     r2 = apply_recipe(recipe, proj.workdir, force=True)
     assert r2.ok and r2.changed and (base / "objects").stat().st_mtime_ns == mtime
     assert sorted(os.listdir(base / "objects/pack")) == packs
+    # the same content in another folder: the same cache entry and the same base commit
+    other = proj.root / "elsewhere"
+    shutil.copytree(src, other, symlinks=True)
+    recipe2 = load_recipe(proj.write_recipe("r2", {"pkg": {"path": str(other)}},
+                                            [{"file": rel, "source": "pkg", "sha256": sha256(patch)}]))
+    r3 = apply_recipe(recipe2, tmp_path / "ws2")
+    assert r3.ok and sorted(os.listdir(cache / "bases")) == [base.name]
+    assert git(tmp_path / "ws2/pkg", "rev-parse", "stackbuild/base") == git(ws, "rev-parse", "stackbuild/base")
 
 
 def test_dirty_checkout_source_is_keyed_by_its_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
