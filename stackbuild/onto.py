@@ -112,6 +112,7 @@ class _SparseTree:
         self.path = path
         self.door = Tree(path)
         self.in_head: set[str] = set()
+        self.folders: dict[str, str] = {}  # a folder in HEAD -> one file in it
         self.brought: set[str] = set()
         up_front = []
         for e in run_git(path, "ls-files", "-s", "-z", error=SourceError).split("\0"):
@@ -119,6 +120,9 @@ class _SparseTree:
             if not rel:
                 continue
             self.in_head.add(rel)
+            parts = rel.split("/")
+            for i in range(1, len(parts)):
+                self.folders.setdefault("/".join(parts[:i]), rel)
             if meta.startswith("120000 ") or rel.rpartition("/")[2] == ".gitattributes":
                 up_front.append(rel)
         self._checkout(up_front)
@@ -137,8 +141,14 @@ class _SparseTree:
             real = self.door.real_path(rel)
         except TreeWriteError:
             return  # the door refuses the path itself when it is read
-        if real in self.in_head and real not in self.brought:
-            self._checkout([real])
+        # the file, a file of HEAD standing where the path needs a folder, and a file
+        # of the folder HEAD has where the path names a file: the door then sees what
+        # a full checkout would show it ("is a file, not a folder", "it is a folder")
+        parts = real.split("/")
+        wanted = [p for p in ("/".join(parts[:i]) for i in range(1, len(parts) + 1)) if p in self.in_head]
+        if real in self.folders:
+            wanted.append(self.folders[real])
+        self._checkout(wanted)
 
 
 def _run_series(ctx: _Ctx | None, entries: Sequence[tuple[PatchEntry, Callable[[], bytes] | None]], tree: _SparseTree,

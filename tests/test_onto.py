@@ -401,3 +401,25 @@ def test_recipe_with_several_patched_sources_needs_source(tmp_path: Path, monkey
     out = json.loads(capsys.readouterr().out)
     assert [p["name"] for p in out["patches"]] == ["a"]  # only the patches of that source
     assert git(co, "show", "stackbuild/r:pkg/a.py") == edit(ORIG, "line 3\n", "line three\n").rstrip("\n")
+
+
+@pytest.mark.parametrize("path", ["pkg", "pkg/a.py/inner.py"])
+def test_file_folder_clashes_are_conflicts_as_in_a_full_checkout(checkout: Path, tmp_path: Path, path: str,
+                                                                  capsys: pytest.CaptureFixture[str],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the files the patch reads are written out, yet a new file where HEAD has a
+    folder (or below a file of HEAD) meets that folder (or file), as it would in a full
+    checkout and in a workspace."""
+    p = tmp_path / "clash.patch"
+    p.write_text(f"--- /dev/null\n+++ b/{path}\n@@ -0,0 +1 @@\n+x = 1\n")
+    before = state(checkout)
+    assert main(["apply-patch", str(p), "--onto", str(checkout), "--commit", "--json"]) == 1
+    r = json.loads(capsys.readouterr().out)["patches"][0]
+    assert r["verdict"] == "conflict" and ("folder" in r["detail"]), r
+    assert state(checkout) == before
+    # the same patch in a workspace of the same files says the same
+    proj = Project(tmp_path / "proj")
+    recipe = proj.simple({"pkg/a.py": ORIG, "pkg/b.py": ORIG}, [("clash", p.read_text())])
+    monkeypatch.setenv("STACKBUILD_CACHE", str(tmp_path / "cache"))
+    w = apply_recipe(recipe, tmp_path / "ws")
+    assert w.patches[0].verdict.value == "conflict" and w.patches[0].detail == r["detail"]
