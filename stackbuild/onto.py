@@ -55,7 +55,13 @@ def checkout_root(target: Path) -> Path:
     s = git_process(target, "status", "--porcelain", "-z", "--untracked-files=all", env=_READ_ONLY)
     if s.returncode != 0:
         raise SourceError(f"git status failed: {s.stderr.strip()[-300:]}", file=target)
-    changed = [e[3:] for e in s.stdout.split("\0") if len(e) > 3]
+    changed: list[str] = []
+    entries = iter(s.stdout.split("\0"))
+    for e in entries:
+        if len(e) > 3:
+            changed.append(e[3:])
+            if e[0] in "RC":  # -z: a rename's old name follows as an entry of its own
+                next(entries, None)
     if changed:
         shown = ", ".join(changed[:20]) + (f" and {len(changed) - 20} more" if len(changed) > 20 else "")
         raise SourceError(f"the checkout has uncommitted changes ({shown}); commit or stash them first", file=target)

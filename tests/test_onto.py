@@ -158,10 +158,13 @@ def test_dirty_checkout_is_refused_naming_the_files(checkout: Path, tmp_path: Pa
     p = diff(checkout, {"pkg/a.py": edit(ORIG, "line 3\n", "line three\n")}, tmp_path / "p.patch")
     (checkout / "pkg/b.py").write_text("changed\n")
     (checkout / "stray.txt").write_text("new\n")
+    git(checkout, "mv", "pkg/a.py", "pkg/moved.py")
     before = state(checkout)
     assert main(["apply-patch", str(p), "--onto", str(checkout), "--commit"]) == 2
     err = capsys.readouterr().err
     assert "uncommitted changes" in err and "pkg/b.py" in err and "stray.txt" in err and "Traceback" not in err
+    listed = err.split("uncommitted changes (", 1)[1].split("); commit", 1)[0]
+    assert sorted(listed.split(", ")) == ["pkg/b.py", "pkg/moved.py", "stray.txt"]  # a rename: its new name
     assert state(checkout) == before
 
 
