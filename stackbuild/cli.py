@@ -151,15 +151,46 @@ def apply(
     force: bool = typer.Option(False, "--force", help="Rebuild even when the inputs are unchanged."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; fetch and apply nothing."),
     as_json: bool = JsonOpt,
+    onto: Path | None = typer.Option(None, "--onto", help="Apply onto this clean git checkout instead: one commit per patch on a new branch."),
+    source: str | None = typer.Option(None, "--source", help="With --onto: which patched source DIR is (when the recipe patches several)."),
+    branch: str | None = typer.Option(None, "--branch", help="With --onto: the new branch (default stackbuild/RECIPE); --force moves an existing one."),
 ) -> None:
     """Fetch the pinned sources and apply the patch series, with a verdict per patch."""
     from stackbuild.workspace import apply_recipe
 
     r = _load(recipe)
-    result = apply_recipe(r, workdir, progress=None if as_json else _progress, force=force, dry_run=dry_run)
+    if onto is not None and not dry_run:
+        from stackbuild.onto import apply_onto
+
+        if workdir is not None:
+            raise StackbuildError("--onto and --workdir exclude each other: --onto applies in DIR's own repository")
+        result = apply_onto(r, onto, source, branch, force, progress=None if as_json else _progress)
+    else:
+        result = apply_recipe(r, workdir, progress=None if as_json else _progress, force=force, dry_run=dry_run)
     if dry_run and not as_json:
         print("\n".join(result.plan))
         return
+    _emit(result, as_json)
+    if not result.ok and not as_json:
+        print(f"stackbuild: error: {result.message}", file=sys.stderr)
+    raise typer.Exit(result.exit_code)
+
+
+@app.command("apply-patch")
+def apply_patch_cmd(
+    patch: Path = typer.Argument(..., help="The patch file."),
+    onto: Path = typer.Option(..., "--onto", help="A clean git checkout to apply it to."),
+    strip: int = typer.Option(1, "--strip", help="Leading path components to strip (as patch -p)."),
+    fuzz: int = typer.Option(0, "--fuzz", help="Context lines a hunk may ignore (0 refuses fuzz)."),
+    commit: bool = typer.Option(False, "--commit", help="Commit it on a new branch (default: a dry verdict, nothing written)."),
+    branch: str | None = typer.Option(None, "--branch", help="With --commit: the new branch (default stackbuild/FILE-STEM)."),
+    force: bool = typer.Option(False, "--force", help="With --commit: move an existing branch."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """One patch file's verdict on a checkout, without a recipe (exit 0 applied, 1 conflict, 2 malformed)."""
+    from stackbuild.onto import apply_patch_onto
+
+    result = apply_patch_onto(patch, onto, strip, fuzz, commit, branch, force)
     _emit(result, as_json)
     if not result.ok and not as_json:
         print(f"stackbuild: error: {result.message}", file=sys.stderr)

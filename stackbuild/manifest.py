@@ -20,7 +20,7 @@ class SourceRecord:
     name: str
     kind: str  # pypi | git | local
     ref: str  # "vllm==0.19.0", a git url@commit, a local path
-    sha256: str | None  # archive sha256 (pypi) or tree digest (local)
+    sha256: str | None  # archive sha256 (pypi); local: git-tree-ID or files-SHA256 (localbase)
     commit: str | None  # upstream commit (git)
     tree: str | None  # folder in the workspace (patched sources only)
     base_commit: str | None  # workspace commit of the pristine base (tag stackbuild/base)

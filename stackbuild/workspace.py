@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stackbuild import __version__
+from stackbuild import __version__, localbase
 from stackbuild.cache import atomic_file, cache_dir, locked
 from stackbuild.errors import PatchError, SourceError
 from stackbuild.gitrun import GIT_ENV as GIT_ENV  # re-exported: the one git runner lives in gitrun
@@ -118,6 +118,7 @@ class _Ctx:
     checkouts: dict[str, GitCheckout] = field(default_factory=dict)
     sdists: dict[str, Path] = field(default_factory=dict)
     patch_data: dict[int, bytes] = field(default_factory=dict)  # series position -> checked bytes
+    locals: dict[str, localbase.LocalIdentity] = field(default_factory=dict)  # local sources, as identified
 
 
 def default_workdir(recipe: Recipe) -> Path:
@@ -134,8 +135,8 @@ def _source_identity(ctx: _Ctx, src: Source) -> dict[str, Any]:
         co = ctx.checkouts.get(src.name) or fetch_git(src)
         ctx.checkouts[src.name] = co
         return {"kind": "git", "ref": f"{src.url}@{co.commit}", "sha256": src.sha256, "commit": co.commit}
-    path = _local_path(ctx, src)
-    return {"kind": "local", "ref": str(path), "sha256": _tree_digest(path), "commit": None}
+    ident = ctx.locals[src.name] = localbase.identify(_local_path(ctx, src))
+    return {"kind": "local", "ref": str(ident.path), "sha256": ident.key, "commit": None}
 
 
 def _local_path(ctx: _Ctx, src: Source) -> Path:
@@ -145,16 +146,6 @@ def _local_path(ctx: _Ctx, src: Source) -> Path:
     if not p.is_dir():
         raise SourceError(f"local source {src.name!r}: {p} is not a directory", file=ctx.recipe.path, key=f"sources.{src.name}.path")
     return p
-
-
-def _tree_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(path.rglob("*")):
-        if ".git" in f.relative_to(path).parts or not f.is_file():
-            continue
-        h.update(str(f.relative_to(path)).encode() + b"\0")
-        h.update(hashlib.sha256(f.read_bytes()).digest())
-    return h.hexdigest()
 
 
 def _patch_bytes(ctx: _Ctx, entry: PatchEntry, index: int) -> bytes:
@@ -269,18 +260,15 @@ def _mkdir(p: Path) -> Path:
 
 
 def _materialise(ctx: _Ctx, src: Source, dest: Path) -> None:
-    if src.kind is SourceKind.PYPI:
-        base = _base_repo(ctx, src)
+    if src.kind in (SourceKind.PYPI, SourceKind.LOCAL):
+        base = _base_repo(ctx, src) if src.kind is SourceKind.PYPI else localbase.base_repo(ctx.locals[src.name])
         # a local clone hard-links the objects: the workspace shares nothing mutable with the cache
         run_git(dest.parent, "clone", "-q", "--local", "-b", "stackbuild", str(base), dest.name)
         run_git(dest, "remote", "remove", "origin")
         run_git(dest, "config", "core.autocrlf", "false")
         run_git(dest, "tag", BASE_TAG)
         return
-    if src.kind is SourceKind.GIT:
-        export_tree(ctx.checkouts[src.name], dest)
-    else:
-        shutil.copytree(_local_path(ctx, src), dest, ignore=shutil.ignore_patterns(".git"), symlinks=True)
+    export_tree(ctx.checkouts[src.name], dest)  # a git source
     run_git(dest, "init", "-q", "-b", "stackbuild")
     run_git(dest, "config", "core.autocrlf", "false")
     run_git(dest, "add", "-A", "-f")
@@ -294,11 +282,14 @@ class _TreeText:
     UnsafePath). A file that is not UTF-8 is read as latin-1, like patch text, and
     written back the same way, so its other bytes survive."""
 
-    def __init__(self, tree: Path):
+    def __init__(self, tree: Path, fill: Callable[[str], None] | None = None):
         self.door = Tree(tree)
         self.latin1: set[str] = set()
+        self.fill = fill  # a sparse tree (apply --onto) brings a file in before it is read
 
     def read(self, rel: str) -> str | None:
+        if self.fill is not None:
+            self.fill(rel)
         data = self.door.read(rel)
         if data is None:
             return None
@@ -340,7 +331,8 @@ def _commit(tree: Path, files: Sequence[str], message: str) -> str:
     return run_git(tree, "rev-parse", "HEAD")
 
 
-def _apply_text_patch(ctx: _Ctx, entry: PatchEntry, data: bytes, tree: Path) -> PatchResult:
+def _apply_text_patch(ctx: _Ctx | None, entry: PatchEntry, data: bytes, tree: Path,
+                      fill: Callable[[str], None] | None = None) -> PatchResult:
     sha = hashlib.sha256(data).hexdigest()
     base = PatchResult(entry.name, entry.kind.value, entry.source, PatchVerdict.MALFORMED, "", sha)
     try:
@@ -348,7 +340,7 @@ def _apply_text_patch(ctx: _Ctx, entry: PatchEntry, data: bytes, tree: Path) -> 
         parts = split_mbox(text)
     except MalformedPatch as e:
         return _replace(base, detail=str(e))
-    text_tree = _TreeText(tree)
+    text_tree = _TreeText(tree, fill)
     verdicts: list[PatchVerdict] = []
     details: list[str] = []
     files: list[str] = []

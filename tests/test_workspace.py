@@ -201,7 +201,8 @@ def test_apply_commits_each_patch_and_records_a_manifest(two_patch_project: tupl
     (src,) = m.sources
     assert src.kind == "local" and src.tree == "pkg"
     assert src.base_commit == base.hexsha and src.head_commit == repo.head.commit.hexsha
-    assert src.sha256 and len(src.sha256) == 64
+    # a local folder that is not a git checkout is keyed by a digest of its files
+    assert src.sha256 and src.sha256.startswith("files-") and len(src.sha256) == len("files-") + 64
     shas = {p.name: sha256((proj.root / p.file).read_bytes()) for p in recipe.patches if p.file}
     assert [(p.name, p.sha256, p.verdict, p.files) for p in m.patches] == [
         ("first", shas["first"], "applied", ("pkg/a.py",)),

@@ -1,0 +1,428 @@
+"""`apply --onto DIR` and `apply-patch FILE --onto DIR` on real git checkouts: the
+branch's tree is what `git apply` gives, and a refusal or failure leaves DIR (files,
+index, HEAD, branches, worktrees) byte for byte as it was. Plus the local base cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from fixtures import vllm_tree
+from test_workspace import Project, sha256, snapshot
+
+from stackbuild.cli import main
+from stackbuild.gitrun import GIT_ENV, git_process
+from stackbuild.recipe import load_recipe
+from stackbuild.workspace import apply_recipe
+
+ENV = {**os.environ, **GIT_ENV}
+
+
+def git(cwd: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, env={**ENV, **(env or {})}, check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def make_checkout(path: Path, files: dict[str, str]) -> Path:
+    path.mkdir(parents=True)
+    git(path, "init", "-q", "-b", "main")
+    for rel, text in files.items():
+        (path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (path / rel).write_text(text)
+    git(path, "add", "-A")
+    git(path, "commit", "-q", "-m", "upstream")
+    return path
+
+
+def state(repo: Path) -> tuple[dict[str, str], str, str, str]:
+    """Every byte under DIR (.git included), HEAD, every ref, and the worktree list."""
+    return (snapshot(repo), git(repo, "rev-parse", "HEAD"), git(repo, "for-each-ref"),
+            git(repo, "worktree", "list", "--porcelain"))
+
+
+def git_apply_tree(repo: Path, patch: Path, strip: int = 1) -> str:
+    """The tree `git apply` makes of HEAD and the patch (in a private index: DIR untouched)."""
+    env = {"GIT_INDEX_FILE": str(repo.parent / "git-apply-index")}
+    git(repo, "read-tree", "HEAD", env=env)
+    git(repo, "apply", "--cached", f"-p{strip}", str(patch), env=env)
+    return git(repo, "write-tree", env=env)
+
+
+ORIG = "".join(f"line {i}\n" for i in range(1, 31))
+
+
+def edit(text: str, old: str, new: str) -> str:
+    assert old in text
+    return text.replace(old, new, 1)
+
+
+def diff(repo: Path, files: dict[str, str], out: Path) -> Path:
+    """A real `git diff` of `files` against HEAD (the checkout is put back after)."""
+    for rel, text in files.items():
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_text(text)
+    git(repo, "add", "-A", "-N")
+    out.write_text(git(repo, "diff") + "\n")
+    git(repo, "reset", "-q", "--hard")
+    git(repo, "clean", "-q", "-fd")
+    return out
+
+
+@pytest.fixture
+def checkout(tmp_path: Path) -> Path:
+    return make_checkout(tmp_path / "co", {"pkg/a.py": ORIG, "pkg/b.py": ORIG})
+
+
+def test_apply_patch_dry_verdict_writes_nothing(checkout: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = diff(checkout, {"pkg/a.py": edit(ORIG, "line 3\n", "line three\n")}, tmp_path / "p.patch")
+    before = state(checkout)
+    assert main(["apply-patch", str(p), "--onto", str(checkout), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ok"] and out["patches"][0]["verdict"] == "applied" and out["patches"][0]["files"] == ["pkg/a.py"]
+    assert out["patches"][0]["commit"] is None and "nothing written" in out["message"]
+    assert state(checkout) == before
+
+
+def test_apply_patch_commit_equals_git_apply(checkout: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = diff(checkout, {"pkg/a.py": edit(ORIG, "line 3\n", "line three\n"), "pkg/new.py": "x = 1\n"}, tmp_path / "fix.patch")
+    head = git(checkout, "rev-parse", "HEAD")
+    assert main(["apply-patch", str(p), "--onto", str(checkout), "--commit"]) == 0
+    assert git(checkout, "rev-parse", "stackbuild/fix^{tree}") == git_apply_tree(checkout, p)
+    assert git(checkout, "rev-parse", "stackbuild/fix~1") == head
+    # the user's branch, index and files are as they were; only the new branch is new
+    assert git(checkout, "rev-parse", "HEAD") == head and git(checkout, "status", "--porcelain") == ""
+    assert not (checkout / "pkg/new.py").exists()
+    # a second --commit to the same branch is refused, and --force moves it
+    assert main(["apply-patch", str(p), "--onto", str(checkout), "--commit"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["apply-patch", str(p), "--onto", str(checkout), "--commit", "--force"]) == 0
+
+
+def test_conflict_leaves_dir_byte_identical(checkout: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = diff(checkout, {"pkg/a.py": edit(ORIG, "line 3\n", "line three\n"),
+                        "pkg/b.py": edit(ORIG, "line 20\n", "line twenty\n")}, tmp_path / "p.patch")
+    git(checkout, "commit", "-q", "-am", "x", "--allow-empty")
+    (checkout / "pkg/b.py").write_text(edit(ORIG, "line 20\n", "line 20 changed upstream\n"))
+    git(checkout, "commit", "-q", "-am", "upstream moved on")
+    before = state(checkout)
+    assert main(["apply-patch", str(p), "--onto", str(checkout), "--commit", "--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    (r,) = out["patches"]
+    assert r["verdict"] == "conflict" and r["applied"] == ["pkg/a.py"] and any("pkg/b.py" in f for f in r["failures"])
+    assert state(checkout) == before
+
+
+def test_recipe_series_onto_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("STACKBUILD_CACHE", str(tmp_path / "cache"))
+    files = {"pkg/a.py": ORIG, "pkg/b.py": ORIG}
+    co = make_checkout(tmp_path / "co", files)
+    p1 = diff(co, {"pkg/a.py": edit(ORIG, "line 3\n", "line three\n")}, tmp_path / "1.patch")
+    p2 = diff(co, {"pkg/b.py": edit(ORIG, "line 7\n", "line seven\n")}, tmp_path / "2.patch")
+    proj = Project(tmp_path / "proj")
+    proj.add_tree("pkg", files)
+    entries = []
+    for name, p in (("first", p1), ("second", p2)):
+        rel = proj.add_patch(f"{name}.patch", p.read_bytes())
+        entries.append({"file": rel, "source": "pkg", "sha256": sha256(p.read_bytes())})
+    recipe = proj.write_recipe("r", {"pkg": {"path": str(proj.root / "upstream/pkg")}}, entries)
+    head = git(co, "rev-parse", "HEAD")
+    assert main(["apply", str(recipe), "--onto", str(co), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [p["verdict"] for p in out["patches"]] == ["applied", "applied"]
+    # one commit per patch on stackbuild/r, on top of the user's HEAD
+    assert git(co, "rev-list", "--reverse", f"{head}..stackbuild/r").split() == [p["commit"] for p in out["patches"]]
+    env = {"GIT_INDEX_FILE": str(tmp_path / "idx")}
+    git(co, "read-tree", "HEAD", env=env)
+    for p in (p1, p2):
+        git(co, "apply", "--cached", str(p), env=env)
+    assert git(co, "rev-parse", "stackbuild/r^{tree}") == git(co, "write-tree", env=env)
+    assert git(co, "rev-parse", "HEAD") == head
+
+    # a series whose second patch conflicts: no branch, DIR as it was
+    git(co, "branch", "-D", "stackbuild/r")
+    (co / "pkg/b.py").write_text(edit(ORIG, "line 7\n", "line 7 moved\n"))
+    git(co, "commit", "-q", "-am", "upstream moved on")
+    before = state(co)
+    assert main(["apply", str(recipe), "--onto", str(co), "--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert [p["verdict"] for p in out["patches"]] == ["applied", "conflict"] and out["failed"] == "second"
+    assert state(co) == before
+
+
+def test_dirty_checkout_is_refused_naming_the_files(checkout: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = diff(checkout, {"pkg/a.py": edit(ORIG, "line 3\n", "line three\n")}, tmp_path / "p.patch")
+    (checkout / "pkg/b.py").write_text("changed\n")
+    (checkout / "stray.txt").write_text("new\n")
+    git(checkout, "mv", "pkg/a.py", "pkg/moved.py")
+    before = state(checkout)
+    assert main(["apply-patch", str(p), "--onto", str(checkout), "--commit"]) == 2
+    err = capsys.readouterr().err
+    assert "uncommitted changes" in err and "pkg/b.py" in err and "stray.txt" in err and "Traceback" not in err
+    listed = err.split("uncommitted changes (", 1)[1].split("); commit", 1)[0]
+    assert sorted(listed.split(", ")) == ["pkg/b.py", "pkg/moved.py", "stray.txt"]  # a rename: its new name
+    assert state(checkout) == before
+
+
+def test_not_a_checkout_or_not_its_top_is_refused(checkout: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = diff(checkout, {"pkg/a.py": edit(ORIG, "line 3\n", "line three\n")}, tmp_path / "p.patch")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert main(["apply-patch", str(p), "--onto", str(plain)]) == 2
+    assert "not a git checkout" in capsys.readouterr().err
+    assert main(["apply-patch", str(p), "--onto", str(checkout / "pkg")]) == 2
+    assert "not the top" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("target", [".git/config", "pkg/.GIT/hooks/post-checkout", ".git/hooks/pre-commit"])
+def test_hostile_patch_into_git_metadata_is_refused(checkout: Path, tmp_path: Path, target: str,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    p = tmp_path / "evil.patch"
+    p.write_text(f"--- /dev/null\n+++ b/{target}\n@@ -0,0 +1,2 @@\n+[core]\n+\thooksPath = /tmp/evil\n")
+    before = state(checkout)
+    assert main(["apply-patch", str(p), "--onto", str(checkout), "--commit", "--json"]) == 2
+    out = json.loads(capsys.readouterr().out)
+    assert out["patches"][0]["verdict"] == "malformed" and "git metadata" in out["patches"][0]["detail"]
+    assert state(checkout) == before
+
+
+def test_bad_strip_and_missing_patch_are_bad_input(checkout: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["apply-patch", str(tmp_path / "nope.patch"), "--onto", str(checkout)]) == 2
+    assert "nope.patch" in capsys.readouterr().err
+    p = diff(checkout, {"pkg/a.py": edit(ORIG, "line 3\n", "line three\n")}, tmp_path / "p.patch")
+    assert main(["apply-patch", str(p), "--onto", str(checkout), "--strip", "-1"]) == 2
+
+
+def test_missing_file_exits_1(checkout: Path, tmp_path: Path) -> None:
+    p = tmp_path / "p.patch"
+    p.write_text("--- a/pkg/gone.py\n+++ b/pkg/gone.py\n@@ -1 +1 @@\n-a\n+b\n")
+    assert main(["apply-patch", str(p), "--onto", str(checkout)]) == 1
+
+
+# ------------------------------------------------------------------ the local base cache
+
+
+def test_clean_checkout_source_is_cached_by_its_tree_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("STACKBUILD_CACHE", str(cache))
+    files = {"pkg/a.py": ORIG, "pkg/b.py": ORIG, ".gitignore": "*.so\n"}
+    proj = Project(tmp_path / "proj")
+    src = make_checkout(proj.root / "upstream/pkg", files)
+    (src / "pkg/_C.so").write_text("build output\n")  # ignored: not part of HEAD's tree
+    patch = "--- a/pkg/a.py\n+++ b/pkg/a.py\n@@ -1,3 +1,3 @@\n line 1\n-line 2\n+line two\n line 3\n"
+    rel = proj.add_patch("p.patch", patch)
+    recipe = load_recipe(proj.write_recipe("r", {"pkg": {"path": "../upstream/pkg"}},
+                                           [{"file": rel, "source": "pkg", "sha256": sha256(patch)}]))
+    index_before = (src / ".git/index").read_bytes()
+    r = apply_recipe(recipe, proj.workdir)
+    assert r.ok and r.manifest is not None
+    tree = git(src, "rev-parse", "HEAD^{tree}")
+    assert r.manifest.sources[0].sha256 == f"git-tree-{tree}"
+    base = cache / "bases" / f"local-git-tree-{tree}.git"
+    assert git(base, "rev-parse", "stackbuild^{tree}") == tree
+    ws = proj.workdir / "pkg"
+    assert git(ws, "rev-parse", "stackbuild/base^{tree}") == tree and not (ws / "pkg/_C.so").exists()
+    assert (ws / "pkg/a.py").read_text() == edit(ORIG, "line 2\n", "line two\n")
+    # the source checkout was only read
+    assert (src / ".git/index").read_bytes() == index_before and git(src, "status", "--porcelain") == ""
+    # a second apply uses the cached base: the entry is not rebuilt
+    mtime = (base / "objects").stat().st_mtime_ns
+    packs = sorted(os.listdir(base / "objects/pack"))
+    r2 = apply_recipe(recipe, proj.workdir, force=True)
+    assert r2.ok and r2.changed and (base / "objects").stat().st_mtime_ns == mtime
+    assert sorted(os.listdir(base / "objects/pack")) == packs
+    # the same content in another folder: the same cache entry and the same base commit
+    other = proj.root / "elsewhere"
+    shutil.copytree(src, other, symlinks=True)
+    recipe2 = load_recipe(proj.write_recipe("r2", {"pkg": {"path": str(other)}},
+                                            [{"file": rel, "source": "pkg", "sha256": sha256(patch)}]))
+    r3 = apply_recipe(recipe2, tmp_path / "ws2")
+    assert r3.ok and sorted(os.listdir(cache / "bases")) == [base.name]
+    assert git(tmp_path / "ws2/pkg", "rev-parse", "stackbuild/base") == git(ws, "rev-parse", "stackbuild/base")
+
+
+def test_dirty_checkout_source_is_keyed_by_its_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STACKBUILD_CACHE", str(tmp_path / "cache"))
+    proj = Project(tmp_path / "proj")
+    src = make_checkout(proj.root / "upstream/pkg", {"pkg/a.py": ORIG})
+    (src / "pkg/a.py").write_text(edit(ORIG, "line 9\n", "line nine (uncommitted)\n"))
+    (src / "pkg/extra.py").write_text("x = 1\n")
+    patch = "--- a/pkg/a.py\n+++ b/pkg/a.py\n@@ -1,3 +1,3 @@\n line 1\n-line 2\n+line two\n line 3\n"
+    rel = proj.add_patch("p.patch", patch)
+    recipe = load_recipe(proj.write_recipe("r", {"pkg": {"path": str(src)}},
+                                           [{"file": rel, "source": "pkg", "sha256": sha256(patch)}]))
+    r = apply_recipe(recipe, proj.workdir)
+    assert r.ok and r.manifest is not None and r.manifest.sources[0].sha256.startswith("files-")
+    ws = proj.workdir / "pkg"
+    # the working files are the base, uncommitted edits and untracked files included
+    assert "line nine (uncommitted)" in (ws / "pkg/a.py").read_text() and (ws / "pkg/extra.py").exists()
+    assert git(ws, "ls-tree", "-r", "--name-only", "stackbuild/base").split() == ["pkg/a.py", "pkg/extra.py"]
+    # changing a file changes the key: a new base, not the stale one
+    (src / "pkg/extra.py").write_text("x = 2\n")
+    r2 = apply_recipe(recipe, proj.workdir)
+    assert r2.changed and (ws / "pkg/extra.py").read_text() == "x = 2\n"
+
+
+# ------------------------------------------------------------------ real vLLM 0.19.0
+
+
+@pytest.fixture(scope="module")
+def vllm_checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    co = tmp_path_factory.mktemp("vllm") / "vllm"
+    shutil.copytree(vllm_tree("0.19.0"), co, symlinks=True)
+    git(co, "init", "-q", "-b", "main")
+    git(co, "add", "-A", "-f")
+    git(co, "commit", "-q", "-m", "vllm 0.19.0")
+    return co
+
+
+NETWORK_FIXTURES = frozenset({"vllm_checkout"})
+
+
+def _tree_hash(repo: Path) -> str:
+    h = hashlib.sha256()
+    for rel, digest in sorted(snapshot(repo).items()):
+        h.update(f"{rel}\0{digest}\n".encode())
+    return h.hexdigest()
+
+
+@pytest.mark.network
+def test_real_vllm_patch_onto_checkout_equals_git_apply(vllm_checkout: Path, tmp_path: Path) -> None:
+    co = vllm_checkout
+    reg = (co / "vllm/model_executor/models/registry.py").read_text()
+    plat = (co / "vllm/platforms/xpu.py").read_text()
+    p = diff(co, {
+        "vllm/model_executor/models/registry.py": reg.replace("_TEXT_GENERATION_MODELS = {",
+                                                              "# stackbuild test\n_TEXT_GENERATION_MODELS = {", 1),
+        "vllm/platforms/xpu.py": plat + "\n# appended by a test\n",
+        "vllm/new_module.py": "VALUE = 1\n",
+    }, tmp_path / "real.patch")
+    head = git(co, "rev-parse", "HEAD")
+    assert main(["apply-patch", str(p), "--onto", str(co), "--commit", "--branch", "t/real"]) == 0
+    assert git(co, "rev-parse", "t/real^{tree}") == git_apply_tree(co, p)
+    assert git(co, "rev-parse", "HEAD") == head
+    # a patch that conflicts with the release: DIR byte-identical
+    git(co, "branch", "-D", "t/real")
+    bad = tmp_path / "bad.patch"
+    text = p.read_text()
+    assert text.count(" _TEXT_GENERATION_MODELS = {\n") == 1
+    bad.write_text(text.replace(" _TEXT_GENERATION_MODELS = {\n", " _TEXT_GENERATION_MODELS = {  # not in 0.19.0\n"))
+    refs, before = git(co, "for-each-ref"), _tree_hash(co)  # .git included
+    assert main(["apply-patch", str(bad), "--onto", str(co), "--commit"]) == 1
+    assert _tree_hash(co) == before and git(co, "rev-parse", "HEAD") == head and git(co, "for-each-ref") == refs
+    assert git_process(co, "worktree", "list").stdout.count("\n") == 1
+
+
+def test_every_kind_of_change_matches_git_apply(tmp_path: Path) -> None:
+    """The scratch checkout writes out only what the series reads; deletes, renames,
+    mode changes, new files, a file reached through a linked folder and a second patch
+    on a file the first changed must still give git apply's tree."""
+    co = make_checkout(tmp_path / "co", {"pkg/a.py": ORIG, "pkg/b.py": ORIG, "pkg/c.py": ORIG, "real/d.py": ORIG,
+                                         "tool.sh": "echo hi\n", ".gitattributes": "*.py text eol=lf\n"})
+    (co / "linked").symlink_to("real")
+    git(co, "add", "-A")
+    git(co, "commit", "-q", "-m", "link")
+    (co / "pkg/a.py").unlink()
+    git(co, "mv", "pkg/b.py", "pkg/renamed.py")
+    (co / "tool.sh").chmod(0o755)
+    (co / "real/d.py").write_text(edit(ORIG, "line 5\n", "line five\n"))
+    (co / "pkg/new.py").write_text("NEW = 1\n")
+    (co / "pkg/c.py").write_text(edit(ORIG, "line 9\n", "line nine\n"))
+    git(co, "add", "-A")
+    p1 = tmp_path / "1.patch"
+    p1.write_text(git(co, "diff", "--cached", "-M") + "\n")
+    git(co, "commit", "-q", "-m", "tmp")
+    (co / "pkg/c.py").write_text(edit(edit(ORIG, "line 9\n", "line nine\n"), "line 11\n", "line eleven\n"))
+    p2 = tmp_path / "2.patch"
+    p2.write_text(git(co, "diff") + "\n")
+    git(co, "checkout", "-q", "--", ".")
+    git(co, "reset", "-q", "--hard", "HEAD~1")
+    # the linked-folder change, as a user's tool would write it (through the link)
+    p3 = tmp_path / "3.patch"
+    p3.write_text("--- a/linked/d.py\n+++ b/linked/d.py\n@@ -1,3 +1,3 @@\n line 1\n-line 2\n+line two\n line 3\n")
+
+    proj = Project(tmp_path / "proj")
+    entries = []
+    for name, p in (("one", p1), ("two", p2), ("three", p3)):
+        rel = proj.add_patch(f"{name}.patch", p.read_bytes())
+        entries.append({"file": rel, "source": "pkg", "sha256": sha256(p.read_bytes())})
+    proj.add_tree("pkg", {"x": "x\n"})
+    recipe = load_recipe(proj.write_recipe("r", {"pkg": {"path": str(proj.root / "upstream/pkg")}}, entries))
+    from stackbuild.onto import apply_onto
+
+    r = apply_onto(recipe, co)
+    assert r.ok, r.message
+    env = {"GIT_INDEX_FILE": str(tmp_path / "idx")}
+    git(co, "read-tree", "HEAD", env=env)
+    git(co, "apply", "--cached", str(p1), env=env)
+    git(co, "apply", "--cached", str(p2), env=env)
+    # git apply refuses paths beyond a symbolic link; the same change on the real path
+    p3real = tmp_path / "3real.patch"
+    p3real.write_text(p3.read_text().replace("linked/", "real/"))
+    git(co, "apply", "--cached", str(p3real), env=env)
+    assert git(co, "rev-parse", "stackbuild/r^{tree}") == git(co, "write-tree", env=env)
+    assert git(co, "ls-tree", "stackbuild/r", "tool.sh").startswith("100755")
+
+
+def test_patch_through_a_link_out_of_the_checkout_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    co = make_checkout(tmp_path / "co", {"a.py": ORIG})
+    (co / "out").symlink_to(outside)
+    git(co, "add", "-A")
+    git(co, "commit", "-q", "-m", "a link out")
+    p = tmp_path / "evil.patch"
+    p.write_text("--- /dev/null\n+++ b/out/evil.py\n@@ -0,0 +1 @@\n+import os\n")
+    before = state(co)
+    assert main(["apply-patch", str(p), "--onto", str(co), "--commit", "--json"]) == 2
+    assert json.loads(capsys.readouterr().out)["patches"][0]["verdict"] == "malformed"
+    assert state(co) == before and list(outside.iterdir()) == []
+
+
+def test_recipe_with_several_patched_sources_needs_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("STACKBUILD_CACHE", str(tmp_path / "cache"))
+    co = make_checkout(tmp_path / "co", {"pkg/a.py": ORIG})
+    pa = diff(co, {"pkg/a.py": edit(ORIG, "line 3\n", "line three\n")}, tmp_path / "a.patch")
+    proj = Project(tmp_path / "proj")
+    proj.add_tree("one", {"pkg/a.py": ORIG})
+    proj.add_tree("two", {"x.txt": "x\n"})
+    px = "--- a/x.txt\n+++ b/x.txt\n@@ -1 +1 @@\n-x\n+y\n"
+    recipe = proj.write_recipe("r", {"one": {"path": "../upstream/one"}, "two": {"path": "../upstream/two"}}, [
+        {"file": proj.add_patch("a.patch", pa.read_bytes()), "source": "one", "sha256": sha256(pa.read_bytes())},
+        {"file": proj.add_patch("x.patch", px), "source": "two", "sha256": sha256(px)},
+    ])
+    assert main(["apply", str(recipe), "--onto", str(co)]) == 2
+    assert "--source" in capsys.readouterr().err
+    assert main(["apply", str(recipe), "--onto", str(co), "--source", "nope"]) == 2
+    assert main(["apply", str(recipe), "--onto", str(co), "--workdir", str(tmp_path / "w"), "--source", "one"]) == 2
+    assert main(["apply", str(recipe), "--onto", str(co), "--source", "one", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [p["name"] for p in out["patches"]] == ["a"]  # only the patches of that source
+    assert git(co, "show", "stackbuild/r:pkg/a.py") == edit(ORIG, "line 3\n", "line three\n").rstrip("\n")
+
+
+@pytest.mark.parametrize("path", ["pkg", "pkg/a.py/inner.py"])
+def test_file_folder_clashes_are_conflicts_as_in_a_full_checkout(checkout: Path, tmp_path: Path, path: str,
+                                                                  capsys: pytest.CaptureFixture[str],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the files the patch reads are written out, yet a new file where HEAD has a
+    folder (or below a file of HEAD) meets that folder (or file), as it would in a full
+    checkout and in a workspace."""
+    p = tmp_path / "clash.patch"
+    p.write_text(f"--- /dev/null\n+++ b/{path}\n@@ -0,0 +1 @@\n+x = 1\n")
+    before = state(checkout)
+    assert main(["apply-patch", str(p), "--onto", str(checkout), "--commit", "--json"]) == 1
+    r = json.loads(capsys.readouterr().out)["patches"][0]
+    assert r["verdict"] == "conflict" and ("folder" in r["detail"]), r
+    assert state(checkout) == before
+    # the same patch in a workspace of the same files says the same
+    proj = Project(tmp_path / "proj")
+    recipe = proj.simple({"pkg/a.py": ORIG, "pkg/b.py": ORIG}, [("clash", p.read_text())])
+    monkeypatch.setenv("STACKBUILD_CACHE", str(tmp_path / "cache"))
+    w = apply_recipe(recipe, tmp_path / "ws")
+    assert w.patches[0].verdict.value == "conflict" and w.patches[0].detail == r["detail"]
