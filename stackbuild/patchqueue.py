@@ -34,6 +34,7 @@ from typing import Any
 
 from stackbuild.cache import atomic_write_text
 from stackbuild.errors import PatchError, RecipeError, StackbuildError
+from stackbuild.inputs import read_user_text
 from stackbuild.recipe import PatchEntry, PatchKind, Recipe
 from stackbuild.report import Table
 from stackbuild.series import (
@@ -404,7 +405,7 @@ def export(recipe: Recipe, workdir: Path | None = None) -> ExportResult:
     ws = (workdir or default_workdir(recipe)).resolve()
     root = recipe.root
     droot = edit_dir(recipe, ws)
-    text = recipe.path.read_text(encoding="utf-8")
+    text = read_user_text(recipe.path, "recipe", RecipeError)
     lines = text.split("\n")
     results: list[ExportedPatch] = []
     appended: list[str] = []
@@ -675,7 +676,7 @@ def import_patch(
         if into is not None:
             appended.append(new_entry_text(rel, source, sha, parsed.description))
     if into is not None and appended:
-        text_r = into.path.read_text(encoding="utf-8")
+        text_r = read_user_text(into.path, "recipe", RecipeError)
         atomic_write_text(into.path, append_entries(text_r, appended))
     msg = f"{len(written)} patch(es) written to {dest}"
     if into is not None:

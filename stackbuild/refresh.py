@@ -48,7 +48,8 @@ from typing import Any
 from packaging.requirements import Requirement
 
 from stackbuild.cache import atomic_write_text
-from stackbuild.errors import PatchError, SourceError, StackbuildError
+from stackbuild.errors import PatchError, RecipeError, SourceError, StackbuildError
+from stackbuild.inputs import read_user_text
 from stackbuild.patchqueue import (
     bump_last_update,
     commit_diff,
@@ -758,7 +759,7 @@ def _write_outputs(eng: _Engine, done: list[RefreshedPatch], force: bool) -> tup
     # the new recipe
     new_name = new_recipe_name(recipe.name, old_version, new_version)
     new_path = recipe.path.parent / f"{new_name}.toml"
-    text = recipe.path.read_text(encoding="utf-8")
+    text = read_user_text(recipe.path, "recipe", RecipeError)
     new_text = _new_recipe_text(text, recipe, st, final, new_name)
     files[new_path] = new_text.encode("utf-8")
     clashes = [str(f) for f, d in files.items() if f.exists() and f.read_bytes() != d]

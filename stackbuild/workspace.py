@@ -23,7 +23,15 @@ from stackbuild import __version__
 from stackbuild.cache import atomic_file, cache_dir, locked
 from stackbuild.errors import PatchError, SourceError, StackbuildError
 from stackbuild.manifest import Manifest, PatchRecord, SourceRecord, read_manifest
-from stackbuild.recipe import PatchEntry, PatchKind, Recipe, Source, SourceKind
+from stackbuild.recipe import (
+    PatchEntry,
+    PatchKind,
+    Recipe,
+    Source,
+    SourceKind,
+    local_source_dir,
+    patch_file_path,
+)
 from stackbuild.report import Table
 from stackbuild.series import (
     MalformedPatch,
@@ -154,9 +162,7 @@ def _source_identity(ctx: _Ctx, src: Source) -> dict[str, Any]:
 
 
 def _local_path(ctx: _Ctx, src: Source) -> Path:
-    assert src.path is not None
-    p = Path(src.path)
-    p = p if p.is_absolute() else (ctx.recipe.path.parent / p).resolve()
+    p = local_source_dir(ctx.recipe, src)
     if not p.is_dir():
         raise SourceError(f"local source {src.name!r}: {p} is not a directory", file=ctx.recipe.path, key=f"sources.{src.name}.path")
     return p
@@ -179,8 +185,7 @@ def _patch_bytes(ctx: _Ctx, entry: PatchEntry, index: int) -> bytes:
         return ctx.patch_data[index]
     key = f"patches[{index}]"
     if entry.kind is PatchKind.FILE:
-        assert entry.file is not None
-        path = (ctx.root / entry.file)
+        path = patch_file_path(ctx.recipe, entry, key)
         if not path.is_file():
             raise PatchError(f"patch file {entry.file} does not exist", file=ctx.recipe.path, key=f"{key}.file")
         data = path.read_bytes()

@@ -370,12 +370,12 @@ def test_missing_local_source_is_a_user_error(tmp_path: Path, cache: Path) -> No
     assert ei.value.key == "sources.pkg.path"
 
 
-def test_relative_local_source_resolves_against_the_recipe(tmp_path: Path, cache: Path) -> None:
+def test_relative_local_source_resolves_against_the_project_root(tmp_path: Path, cache: Path) -> None:
     proj = Project(tmp_path / "proj")
     proj.add_tree("pkg", {"a.txt": "a\n"})
     patch = "--- a/a.txt\n+++ b/a.txt\n@@ -1 +1 @@\n-a\n+b\n"
     rel = proj.add_patch("p.patch", patch)
-    path = proj.write_recipe("r", {"pkg": {"path": "../upstream/pkg"}},
+    path = proj.write_recipe("r", {"pkg": {"path": "upstream/pkg"}},
                              [{"file": rel, "source": "pkg", "sha256": sha256(patch)}])
     r = proj.apply(load_recipe(path))
     assert r.ok and (proj.workdir / "pkg/a.txt").read_text() == "b\n"
