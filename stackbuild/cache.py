@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,15 +15,93 @@ from typing import BinaryIO
 import platformdirs
 from filelock import FileLock, Timeout
 
-from stackbuild.errors import StackbuildError
+from stackbuild.errors import CacheError, DiskFullError, StackbuildError
+
+CACHE_ENV = "STACKBUILD_CACHE"
 
 
 def cache_dir() -> Path:
-    """`STACKBUILD_CACHE`, else the platform's user cache dir."""
-    env = os.environ.get("STACKBUILD_CACHE")
-    d = Path(env) if env else Path(platformdirs.user_cache_dir("stackbuild"))
-    d.mkdir(parents=True, exist_ok=True)
+    """`STACKBUILD_CACHE`, else the platform's user cache dir; created on first use.
+    A value that cannot be a directory is bad input (exit 2) naming the variable."""
+    env = os.environ.get(CACHE_ENV)
+    if env is not None and not env.strip():
+        raise CacheError(f"{CACHE_ENV} is set but empty; unset it or give a directory", key=CACHE_ENV)
+    d = Path(env).expanduser().absolute() if env else Path(platformdirs.user_cache_dir("stackbuild"))
+    where = f"{CACHE_ENV}={env}" if env else "the cache directory"
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise CacheError(f"{where}: {d} exists and is not a directory", key=CACHE_ENV if env else None) from None
+    except OSError as e:
+        raise CacheError(f"{where}: cannot create {d}: {e.strerror or e}{_hint()}", key=CACHE_ENV if env else None) from None
     return d
+
+
+def _hint() -> str:
+    return f" (point {CACHE_ENV} at a writable directory)"
+
+
+def not_writable(path: Path, e: OSError) -> StackbuildError:
+    """The one error for a write that the filesystem refused: full, read-only, or no
+    permission. Names the path, says which."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(f"no space left on device: {path}")
+    hint = ""
+    try:
+        if path.absolute().is_relative_to(cache_dir()):
+            hint = _hint()
+    except StackbuildError:
+        pass
+    if e.errno == errno.EROFS:
+        return CacheError(f"read-only file system: cannot write {path}{hint}")
+    return CacheError(f"cannot write {path}: {e.strerror or e}{hint}")
+
+
+def disk_full(*paths: Path) -> Path | None:
+    """The first of `paths` whose filesystem has (next to) no space left."""
+    for p in paths:
+        q = p
+        while not q.exists() and q != q.parent:
+            q = q.parent
+        try:
+            free = shutil.disk_usage(q).free
+        except OSError:
+            continue
+        if free < (1 << 20):
+            return p
+    return None
+
+
+@contextmanager
+def disk_guard(*paths: Path) -> Iterator[None]:
+    """Turn a full disk, however it surfaces (ENOSPC, a broken pipe to a git that died
+    of it, git's own "No space left on device" errors), into one DiskFullError naming
+    the place; and a read-only or unwritable place into one CacheError."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise not_writable(Path(e.filename) if isinstance(e.filename, str) else paths[0], e) from None
+        full = disk_full(*paths, _cache_or(paths[0]))
+        if full is not None:
+            raise DiskFullError(f"no space left on device: {full}") from None
+        raise
+    except DiskFullError:
+        raise
+    except StackbuildError as e:
+        if "no space left on device" in e.message.lower():
+            raise DiskFullError(f"no space left on device: {e.file or paths[0]}") from None
+        full = disk_full(*paths, _cache_or(paths[0])) if e.message.startswith("git ") else None
+        if full is not None:
+            raise DiskFullError(f"no space left on device: {full} ({e.message.splitlines()[0][:200]})") from None
+        raise
+
+
+def _cache_or(default: Path) -> Path:
+    try:
+        return cache_dir()
+    except StackbuildError:
+        return default
 
 
 def sha256_file(path: Path) -> str:
@@ -36,8 +116,11 @@ def sha256_file(path: Path) -> str:
 def atomic_file(dest: Path) -> Iterator[BinaryIO]:
     """Write to a temporary file beside `dest` and rename it into place on success, so
     a crash or Ctrl-C never leaves a half-written file under the final name."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    except OSError as e:
+        raise not_writable(dest.parent, e) from None
     # mkstemp makes 0600: keep the mode of the file being replaced, else an ordinary 0644
     try:
         mode = dest.stat().st_mode & 0o7777
@@ -64,12 +147,14 @@ def atomic_write_text(dest: Path, text: str) -> None:
 @contextmanager
 def locked(path: Path, what: str, timeout: float = 0.5) -> Iterator[None]:
     """An exclusive lock on `path`; a second run on the same thing fails fast."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(path))
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         lock.acquire(timeout=timeout)
     except Timeout:
         raise StackbuildError(f"{what} is in use by another stackbuild run (lock {path})") from None
+    except OSError as e:
+        raise not_writable(path, e) from None
     try:
         yield
     finally:

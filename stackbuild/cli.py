@@ -7,6 +7,7 @@ Exit codes: 0 ok, 1 a check failed, 2 bad input, 3 internal bug (with a log),
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import os
 import platform as _platform
 import sys
@@ -457,21 +458,41 @@ def snapshot(
     _finish(result, as_json)
 
 
-def _log_crash(exc: BaseException) -> Path:
-    from stackbuild.cache import cache_dir
+def _log_crash(exc: BaseException) -> Path | None:
+    """Write the traceback with versions to the cache's logs/, else the temp dir (a
+    read-only or broken cache must not turn one crash into two). None if nowhere works."""
+    import tempfile
 
-    try:
-        d = cache_dir() / "logs"
-        d.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        d = Path(os.environ.get("TMPDIR", "/tmp"))
+    text = (f"stackbuild {__version__}\npython {sys.version}\nplatform {_platform.platform()}\n"
+            f"argv {sys.argv}\n\n" + "".join(traceback.format_exception(exc)))
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = d / f"crash-{stamp}-{os.getpid()}.log"
-    path.write_text(
-        f"stackbuild {__version__}\npython {sys.version}\nplatform {_platform.platform()}\n"
-        f"argv {sys.argv}\n\n" + "".join(traceback.format_exception(exc))
-    )
-    return path
+    for where in ("cache", "tmp"):
+        try:
+            if where == "cache":
+                from stackbuild.cache import cache_dir
+
+                d = cache_dir() / "logs"
+                d.mkdir(parents=True, exist_ok=True)
+            else:
+                d = Path(tempfile.gettempdir())
+            path = d / f"stackbuild-crash-{stamp}-{os.getpid()}.log"
+            path.write_text(text)
+            return path
+        except Exception:  # noqa: BLE001, S112 - try the next place
+            continue
+    return None
+
+
+def _interrupted() -> int:
+    """Ctrl-C: say truly whether a workspace was swapped in before it came."""
+    ws = sys.modules.get("stackbuild.workspace")
+    done = list(getattr(ws, "SWAPPED_IN", []) or [])
+    if done:
+        print(f"stackbuild: interrupted after the new workspace was swapped in at {done[-1]} (it is complete; "
+              "anything left beside it is removed by the next run)", file=sys.stderr)
+    else:
+        print("stackbuild: interrupted; no workspace was replaced", file=sys.stderr)
+    return int(ExitCode.INTERRUPTED)
 
 
 def _click_exceptions() -> Any:
@@ -489,13 +510,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rc = app(args=argv, standalone_mode=False)
         if rc == ExitCode.INTERRUPTED:  # typer turns KeyboardInterrupt into Exit(130)
-            print("stackbuild: interrupted; nothing was swapped in", file=sys.stderr)
+            return _interrupted()
         return int(rc) if isinstance(rc, int) else 0
     except SystemExit as e:  # typer.Exit inside standalone_mode=False
         return int(e.code or 0)
     except KeyboardInterrupt:
-        print("stackbuild: interrupted; nothing was swapped in", file=sys.stderr)
-        return int(ExitCode.INTERRUPTED)
+        return _interrupted()
     except StackbuildError as e:
         if debug:
             traceback.print_exc()
@@ -509,12 +529,18 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, typer.Exit):
             return int(e.exit_code)
         if isinstance(e, typer.Abort):
-            print("stackbuild: interrupted; nothing was swapped in", file=sys.stderr)
-            return int(ExitCode.INTERRUPTED)
+            return _interrupted()
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            from stackbuild.cache import not_writable  # a full or read-only disk is not a bug
+
+            err = not_writable(Path(e.filename) if isinstance(e.filename, str) else Path.cwd(), e)
+            print(f"stackbuild: error: {err.render()}", file=sys.stderr)
+            return int(err.exit_code)
         if debug:
             traceback.print_exc()
         log = _log_crash(e)
-        print(f"stackbuild: internal error: {type(e).__name__}: {e}\n  this is a bug; details in {log}", file=sys.stderr)
+        where = f"details in {log}" if log else "no log could be written:\n" + "".join(traceback.format_exception(e))
+        print(f"stackbuild: internal error: {type(e).__name__}: {e}\n  this is a bug; {where}", file=sys.stderr)
         return int(ExitCode.INTERNAL)
 
 

@@ -8,11 +8,17 @@ was. Re-running with unchanged inputs changes nothing and says so.
 
 from __future__ import annotations
 
+import ctypes
 import datetime as _dt
+import errno
 import hashlib
+import json
 import os
+import re
+import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from stackbuild import __version__
-from stackbuild.cache import atomic_file, cache_dir, locked
-from stackbuild.errors import PatchError, SourceError, StackbuildError
+from stackbuild.cache import atomic_file, cache_dir, disk_guard, locked
+from stackbuild.errors import PatchError, SourceError, StackbuildError, WorkspaceError
 from stackbuild.manifest import Manifest, PatchRecord, SourceRecord, read_manifest
 from stackbuild.recipe import (
     PatchEntry,
@@ -259,16 +265,17 @@ def _inputs_digest(ctx: _Ctx) -> tuple[str, dict[str, dict[str, Any]], list[str]
 # ------------------------------------------------------------------ materialising
 
 
-def _base_repo(ctx: _Ctx, src: Source) -> Path:
+def _base_repo(ctx: _Ctx, src: Source, rebuild: bool = False) -> Path:
     """A bare repository in the cache holding the pristine release as one commit,
     keyed by the sdist's sha256: importing 4,000 files from a tarball is the slow part
-    of a cold apply, and it only has to happen once per release."""
+    of a cold apply, and it only has to happen once per release. `rebuild` discards a
+    damaged one and imports the verified sdist again."""
     assert src.sha256
     base = cache_dir() / "bases" / f"{src.sha256}.git"
     with locked(cache_dir() / "locks" / f"base-{src.sha256}.lock", f"cache entry for {src.requirement}", timeout=600):
-        if (base / "refs" / "heads" / "stackbuild").exists():
+        if not rebuild and (base / "refs" / "heads" / "stackbuild").exists():
             return base
-        tmp = Path(tempfile.mkdtemp(prefix=".import-", dir=base.parent if base.parent.exists() else _mkdir(base.parent)))
+        tmp = Path(tempfile.mkdtemp(prefix=".import-", dir=_mkdir(base.parent)))
         try:
             from stackbuild.sources.archive import import_tarball_to_git
 
@@ -287,11 +294,25 @@ def _mkdir(p: Path) -> Path:
     return p
 
 
+def _clone_base(base: Path, dest: Path) -> subprocess.CompletedProcess[str]:
+    # --no-local: objects travel through git's pack protocol, so every object is read
+    # and hashed (a damaged cache fails here, not later), nothing is hard-linked to the
+    # cache (damage to it cannot reach the workspace), and it works across filesystems.
+    return git_process(dest.parent, "clone", "-q", "--no-local", "--no-tags", "-b", "stackbuild", str(base), dest.name)
+
+
 def _materialise(ctx: _Ctx, src: Source, dest: Path) -> None:
     if src.kind is SourceKind.PYPI:
         base = _base_repo(ctx, src)
-        # a local clone hard-links the objects: the workspace shares nothing mutable with the cache
-        run_git(dest.parent, "clone", "-q", "--local", "-b", "stackbuild", str(base), dest.name)
+        r = _clone_base(base, dest)
+        if r.returncode != 0:
+            ctx.progress(f"the cached base of {src.requirement} is damaged ({_tail(r.stderr)}); "
+                         "importing the verified sdist again")
+            shutil.rmtree(dest, ignore_errors=True)
+            base = _base_repo(ctx, src, rebuild=True)
+            r = _clone_base(base, dest)
+            if r.returncode != 0:
+                raise SourceError(f"git clone of the freshly imported base failed: {_tail(r.stderr)}", file=base)
         run_git(dest, "remote", "remove", "origin")
         run_git(dest, "config", "core.autocrlf", "false")
         run_git(dest, "tag", BASE_TAG)
@@ -398,14 +419,38 @@ def _apply_text_patch(ctx: _Ctx, entry: PatchEntry, data: bytes, tree: Path) -> 
     return PatchResult(entry.name, entry.kind.value, entry.source, verdict, "; ".join(details), sha, tuple(files), commit)
 
 
+BACKPORT_INDEX = ".stackbuild-sha256.json"
+
+
 def _backport_files(ctx: _Ctx, entry: PatchEntry) -> dict[str, bytes]:
     """The backported files, read once from the verified release and kept in the cache
-    (keyed by the release's sha256), so later applies need not scan a 36 MB tarball."""
+    (keyed by the release's sha256), so later applies need not scan a 36 MB tarball.
+    The cache is not trusted: each use re-hashes every file against the digests taken
+    when it was read from the verified sdist, and anything missing, edited or truncated
+    is read from the sdist again."""
     assert entry.release and entry.sha256
     root = cache_dir() / "backports" / entry.sha256
-    cached = {rel: root / rel for rel in entry.files}
-    if all(p.is_file() for p in cached.values()):
-        return {rel: p.read_bytes() for rel, p in cached.items()}
+    index = root / BACKPORT_INDEX
+    try:
+        digests = json.loads(index.read_text(encoding="utf-8"))
+        if not isinstance(digests, dict):
+            digests = {}
+    except (OSError, ValueError):
+        digests = {}
+    out: dict[str, bytes] = {}
+    for rel in entry.files:
+        want = digests.get(rel)
+        try:
+            data = (root / rel).read_bytes()
+        except OSError:
+            break
+        if not isinstance(want, str) or hashlib.sha256(data).hexdigest() != want:
+            if want is not None:
+                ctx.progress(f"cached backport file {rel} of {entry.release} does not match its digest; reading the sdist again")
+            break
+        out[rel] = data
+    else:
+        return out
     from stackbuild.sources.archive import read_members
     from stackbuild.sources.pypi import fetch_sdist
 
@@ -413,6 +458,9 @@ def _backport_files(ctx: _Ctx, entry: PatchEntry) -> dict[str, bytes]:
     for rel, data in members.items():
         with atomic_file(root / rel) as f:
             f.write(data)
+        digests[rel] = hashlib.sha256(data).hexdigest()
+    with atomic_file(index) as f:
+        f.write(json.dumps(digests, indent=1, sort_keys=True).encode())
     return members
 
 
@@ -476,38 +524,109 @@ def apply_recipe(
     ctx = _Ctx(recipe, recipe.root, progress or (lambda _m: None))
     if dry_run:
         return ApplyResult(recipe.name, workdir, False, True, "dry run: nothing fetched or applied", (), plan=plan_apply(recipe))
-    workdir.parent.mkdir(parents=True, exist_ok=True)
-    with locked(workdir.parent / f".{workdir.name}.lock", f"workspace {workdir}"):
-        digest, idents, patch_shas = _inputs_digest(ctx)
-        old = read_manifest(workdir) if workdir.is_dir() else None
-        if old and not force and old.inputs_sha256 == digest and _intact(workdir, old):
-            results = tuple(
-                PatchResult(p.name, p.kind, p.source, PatchVerdict(p.verdict), p.detail, p.sha256, p.files, p.commit)
-                for p in old.patches
-            )
-            return ApplyResult(recipe.name, workdir, False, True, "unchanged: inputs match the manifest; nothing to do", results, manifest=old)
-        return _build(ctx, workdir, digest, idents, patch_shas)
+    with disk_guard(workdir.parent):
+        workdir.parent.mkdir(parents=True, exist_ok=True)
+        with locked(workdir.parent / f".{workdir.name}.lock", f"workspace {workdir}"):
+            remove_litter(workdir, ctx.progress)
+            digest, idents, patch_shas = _inputs_digest(ctx)
+            if force or not os.path.lexists(workdir):
+                return _build(ctx, workdir, digest, idents, patch_shas)
+            old, damage = _inspect(workdir)
+            if old is not None and not damage and old.inputs_sha256 == digest:
+                results = tuple(
+                    PatchResult(p.name, p.kind, p.source, PatchVerdict(p.verdict), p.detail, p.sha256, p.files, p.commit)
+                    for p in old.patches
+                )
+                return ApplyResult(recipe.name, workdir, False, True, "unchanged: inputs match the manifest; nothing to do", results, manifest=old)
+            _refuse_local_edits(recipe, workdir, old)
+            if damage:
+                ctx.progress(f"the workspace is damaged ({damage}); rebuilding it")
+            return _build(ctx, workdir, digest, idents, patch_shas)
 
 
-def _intact(workdir: Path, manifest: Manifest) -> bool:
-    """The workspace still is what the manifest says (HEAD and a clean tree)."""
+def _inspect(workdir: Path) -> tuple[Manifest | None, str]:
+    """The workspace's manifest, and what is wrong with it ("" when it still is what the
+    manifest says: each tree's HEAD and a clean tree). Damage is reported, never raised:
+    a damaged workspace is rebuilt, not a reason to stop."""
+    if not workdir.is_dir():
+        return None, f"{workdir} is not a directory"
+    try:
+        manifest = read_manifest(workdir)
+    except StackbuildError as e:
+        return None, f"unreadable manifest: {e.message}"
+    if manifest is None:
+        return None, "no manifest.json"
     for s in manifest.sources:
         if not s.tree:
             continue
         tree = workdir / s.tree
         if not (tree / ".git").exists():
-            return False
-        head = run_git(tree, "rev-parse", "HEAD")
-        if head != s.head_commit:
-            return False
-        if run_git(tree, "status", "--porcelain", "--untracked-files=no"):
-            return False
-    return True
+            return manifest, f"{s.tree} is not a git repository"
+        head = git_process(tree, "rev-parse", "--verify", "-q", "HEAD")
+        if head.returncode != 0:
+            return manifest, f"{s.tree}: git cannot read HEAD ({_tail(head.stderr)})"
+        if head.stdout.strip() != s.head_commit:
+            return manifest, f"{s.tree} has moved from the applied commit"
+        st = git_process(tree, "status", "--porcelain", "--untracked-files=all")
+        if st.returncode != 0:
+            return manifest, f"{s.tree}: git status fails ({_tail(st.stderr)})"
+        if st.stdout.strip():
+            return manifest, f"{s.tree} has local changes"
+    return manifest, ""
+
+
+def _tail(text: str) -> str:
+    lines = [x for x in text.strip().splitlines() if x.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def _trees_of(workdir: Path, manifest: Manifest | None) -> list[str]:
+    if manifest is not None:
+        return [s.tree for s in manifest.sources if s.tree]
+    try:
+        return sorted(p.name for p in workdir.iterdir() if (p / ".git").exists())
+    except OSError:
+        return []
+
+
+def local_changes(workdir: Path, manifest: Manifest | None) -> dict[str, list[str]]:
+    """Per tree, the files a user changed or added since the last commit (`git status`),
+    or a one-item list saying git cannot tell (a damaged repository)."""
+    out: dict[str, list[str]] = {}
+    for name in _trees_of(workdir, manifest):
+        tree = workdir / name
+        if not (tree / ".git").exists():
+            continue
+        st = git_process(tree, "status", "--porcelain", "-z", "--untracked-files=all")
+        if st.returncode != 0:
+            out[name] = [f"(git cannot read this repository: {_tail(st.stderr)})"]
+            continue
+        files = [e[3:] for e in st.stdout.split("\0") if len(e) > 3]
+        if files:
+            out[name] = files
+    return out
+
+
+def _refuse_local_edits(recipe: Recipe, workdir: Path, manifest: Manifest | None) -> None:
+    """A rebuild replaces the workspace: never silently drop what a user changed there."""
+    changed = local_changes(workdir, manifest)
+    if not changed:
+        return
+    parts = []
+    for name, files in changed.items():
+        shown = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+        parts.append(f"{name}: {shown}")
+    first = next(iter(changed))
+    raise WorkspaceError(
+        f"has local edits that a rebuild would discard ({'; '.join(parts)}); keep them with "
+        f"`stackbuild snapshot {workdir / first} --into {recipe.name}`, or discard them with "
+        f"`stackbuild apply --force {recipe.name}`", file=workdir)
 
 
 def _build(ctx: _Ctx, workdir: Path, digest: str, idents: dict[str, dict[str, Any]], patch_shas: list[str]) -> ApplyResult:
     recipe = ctx.recipe
     staging = Path(tempfile.mkdtemp(prefix=f".{workdir.name}.new-", dir=workdir.parent))
+    fault_point("staging-created")
     try:
         trees: dict[str, Path] = {}
         base_commits: dict[str, str] = {}
@@ -518,6 +637,7 @@ def _build(ctx: _Ctx, workdir: Path, digest: str, idents: dict[str, dict[str, An
             _materialise(ctx, src, tree)
             trees[name] = tree
             base_commits[name] = run_git(tree, "rev-parse", "HEAD")
+            fault_point("materialised")
         results: list[PatchResult] = []
         failed: PatchResult | None = None
         for i, entry in enumerate(recipe.patches):
@@ -559,7 +679,9 @@ def _build(ctx: _Ctx, workdir: Path, digest: str, idents: dict[str, dict[str, An
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             stackbuild_version=__version__,
         )
+        fault_point("patched")
         manifest.write(staging)
+        fault_point("manifest-written")
         _swap(staging, workdir)
         staging = None  # type: ignore[assignment]
         n = len(results)
@@ -580,17 +702,105 @@ def entry_file(recipe: Recipe, name: str) -> str:
     return name
 
 
+# ------------------------------------------------------------------ the swap, and what interrupted runs leave
+
+
+FAULT_ENV = "STACKBUILD_FAULT_POINT"
+# Paths swapped in by this process: the Ctrl-C message says what happened (cli.main).
+SWAPPED_IN: list[Path] = []
+
+
+def fault_point(name: str) -> None:
+    """A test hook: `STACKBUILD_FAULT_POINT=NAME` kills the process here as `kill -9`
+    would (no cleanup, no finally), so the fault-injection tests can stop an apply
+    between any two steps."""
+    if os.environ.get(FAULT_ENV) == name:
+        os._exit(137)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically exchange two paths (Linux renameat2 RENAME_EXCHANGE). False where the
+    C library or the filesystem does not offer it."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _litter_re(workdir: Path) -> re.Pattern[str]:
+    # mkdtemp's 8 random characters, or our 8 hex digits: never another workspace's
+    # name (a workspace called "r.new-x" has staging ".r.new-x.new-abcd1234").
+    return re.compile(rf"^\.{re.escape(workdir.name)}\.(new|old)-[a-z0-9_]{{8}}$")
+
+
+def remove_litter(workdir: Path, progress: Progress | None = None) -> list[Path]:
+    """Remove what interrupted runs left beside `workdir` (staging trees, old trees
+    waiting for deletion). Call with the workspace lock held. If a run was killed
+    between the two renames of the fallback swap, the workspace path is empty and the
+    old tree is put back first."""
+    pat = _litter_re(workdir)
+    found = sorted(p for p in workdir.parent.iterdir() if pat.match(p.name))
+    if not os.path.lexists(workdir):
+        olds = [p for p in found if ".old-" in p.name and (p / "manifest.json").is_file()]
+        if olds:
+            os.replace(olds[-1], workdir)
+            found.remove(olds[-1])
+            if progress:
+                progress(f"restored {workdir} from an interrupted swap")
+    for p in found:
+        if progress:
+            progress(f"removing {p.name}, left by an interrupted run")
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return found
+
+
 def _swap(staging: Path, workdir: Path) -> None:
-    """Put `staging` in place of `workdir`. Two renames; the old tree is removed only
-    once the new one is in place."""
-    if workdir.exists():
-        old = workdir.parent / f".{workdir.name}.old-{os.getpid()}"
+    """Put `staging` in place of `workdir` so that the path always holds a complete
+    workspace, old or new: one renameat2(RENAME_EXCHANGE). Where that is missing, two
+    renames, and a run killed between them is repaired by the next (remove_litter)."""
+    if not os.path.lexists(workdir):
+        os.replace(staging, workdir)
+        SWAPPED_IN.append(workdir)
+        return
+    fault_point("swap-before")
+    if _exchange(staging, workdir):
+        SWAPPED_IN.append(workdir)
+        fault_point("swap-exchanged")
+        old = workdir.parent / f".{workdir.name}.old-{secrets.token_hex(4)}"
+        os.replace(staging, old)  # the old tree, under the name litter removal knows
+    else:
+        old = workdir.parent / f".{workdir.name}.old-{secrets.token_hex(4)}"
         os.replace(workdir, old)
+        fault_point("swap-between-renames")
         try:
             os.replace(staging, workdir)
         except BaseException:
             os.replace(old, workdir)
             raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, workdir)
+        SWAPPED_IN.append(workdir)
+    fault_point("swap-renamed-old")
+    _discard(old)
+
+
+def _discard(old: Path) -> None:
+    if os.environ.get(FAULT_ENV) == "swap-removing-old":  # die half-way through the delete
+        for child in sorted(old.iterdir())[:1]:
+            shutil.rmtree(child, ignore_errors=True)
+        os._exit(137)
+    shutil.rmtree(old, ignore_errors=True)
