@@ -72,29 +72,46 @@ def disk_full(*paths: Path) -> Path | None:
     return None
 
 
+def diagnose_write_failure(e: BaseException, *paths: Path) -> StackbuildError | None:
+    """The one clear error for `e` if it is a full or read-only disk in disguise (ENOSPC,
+    a broken pipe to a git that died of it, git's "No space left on device", a copytree
+    error list), else None. Call it before cleaning up: deleting the half-written tree
+    frees the space that would show the disk was full."""
+    if isinstance(e, DiskFullError):
+        return e
+    if isinstance(e, shutil.Error):  # copytree collects one (src, dst, why) per failed file
+        for entry in (e.args[0] if e.args and isinstance(e.args[0], list) else []):
+            why = str(entry[2]) if len(entry) > 2 else ""
+            for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                if f"[Errno {code}]" in why:
+                    return not_writable(Path(str(entry[1])), OSError(code, os.strerror(code)))
+    if isinstance(e, OSError):
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            return not_writable(Path(e.filename) if isinstance(e.filename, str) else paths[0], e)
+        full = disk_full(*paths, _cache_or(paths[0]))
+        return DiskFullError(f"no space left on device: {full}") if full is not None else None
+    if isinstance(e, StackbuildError):
+        text = e.message.lower()
+        if "no space left on device" in text:
+            return DiskFullError(f"no space left on device: {e.file or paths[0]}")
+        if text.startswith("git ") or "broken pipe" in text or "cannot extract" in text:
+            full = disk_full(*paths, _cache_or(paths[0]))
+            if full is not None:
+                return DiskFullError(f"no space left on device: {full}")
+    return None
+
+
 @contextmanager
 def disk_guard(*paths: Path) -> Iterator[None]:
-    """Turn a full disk, however it surfaces (ENOSPC, a broken pipe to a git that died
-    of it, git's own "No space left on device" errors), into one DiskFullError naming
-    the place; and a read-only or unwritable place into one CacheError."""
+    """Raise `diagnose_write_failure`'s one clear error instead of what a full or
+    read-only disk surfaced as inside the block."""
     try:
         yield
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
-            raise not_writable(Path(e.filename) if isinstance(e.filename, str) else paths[0], e) from None
-        full = disk_full(*paths, _cache_or(paths[0]))
-        if full is not None:
-            raise DiskFullError(f"no space left on device: {full}") from None
-        raise
-    except DiskFullError:
-        raise
-    except StackbuildError as e:
-        if "no space left on device" in e.message.lower():
-            raise DiskFullError(f"no space left on device: {e.file or paths[0]}") from None
-        full = disk_full(*paths, _cache_or(paths[0])) if e.message.startswith("git ") else None
-        if full is not None:
-            raise DiskFullError(f"no space left on device: {full} ({e.message.splitlines()[0][:200]})") from None
-        raise
+    except (OSError, StackbuildError) as e:
+        clear = diagnose_write_failure(e, *paths)
+        if clear is None or clear is e:
+            raise
+        raise clear from None
 
 
 def _cache_or(default: Path) -> Path:

@@ -507,6 +507,9 @@ def _click_exceptions() -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    ws = sys.modules.get("stackbuild.workspace")
+    if ws is not None:
+        ws.SWAPPED_IN.clear()  # what this command swaps in, for a true Ctrl-C message
     try:
         rc = app(args=argv, standalone_mode=False)
         if rc == ExitCode.INTERRUPTED:  # typer turns KeyboardInterrupt into Exit(130)

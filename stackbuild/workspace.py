@@ -272,6 +272,8 @@ def _base_repo(ctx: _Ctx, src: Source, rebuild: bool = False) -> Path:
     damaged one and imports the verified sdist again."""
     assert src.sha256
     base = cache_dir() / "bases" / f"{src.sha256}.git"
+    if not rebuild and (base / "refs" / "heads" / "stackbuild").exists() and not os.access(base.parent, os.W_OK):
+        return base  # a read-only cache: nobody can be changing it, so no lock is needed to read it
     with locked(cache_dir() / "locks" / f"base-{src.sha256}.lock", f"cache entry for {src.requirement}", timeout=600):
         if not rebuild and (base / "refs" / "heads" / "stackbuild").exists():
             return base
@@ -279,9 +281,10 @@ def _base_repo(ctx: _Ctx, src: Source, rebuild: bool = False) -> Path:
         try:
             from stackbuild.sources.archive import import_tarball_to_git
 
-            run_git(tmp, "init", "-q", "--bare", "-b", "stackbuild")
-            import_tarball_to_git(_sdist(ctx, src), tmp, "stackbuild", f"base: {src.describe()}",
-                                  {**os.environ, **GIT_ENV}, checkout=False)
+            with disk_guard(tmp):  # diagnosed before the finally frees the space
+                run_git(tmp, "init", "-q", "--bare", "-b", "stackbuild")
+                import_tarball_to_git(_sdist(ctx, src), tmp, "stackbuild", f"base: {src.describe()}",
+                                      {**os.environ, **GIT_ENV}, checkout=False)
             shutil.rmtree(base, ignore_errors=True)
             os.replace(tmp, base)
         finally:
@@ -618,81 +621,86 @@ def _refuse_local_edits(recipe: Recipe, workdir: Path, manifest: Manifest | None
         parts.append(f"{name}: {shown}")
     first = next(iter(changed))
     raise WorkspaceError(
-        f"has local edits that a rebuild would discard ({'; '.join(parts)}); keep them with "
-        f"`stackbuild snapshot {workdir / first} --into {recipe.name}`, or discard them with "
-        f"`stackbuild apply --force {recipe.name}`", file=workdir)
+        f"has local edits that a rebuild would discard ({'; '.join(parts)}); keep them as a patch with "
+        f"`stackbuild snapshot {workdir / first} --into {recipe.name}` and then `stackbuild apply --force "
+        f"{recipe.name}`, or discard them with `stackbuild apply --force {recipe.name}`", file=workdir)
 
 
 def _build(ctx: _Ctx, workdir: Path, digest: str, idents: dict[str, dict[str, Any]], patch_shas: list[str]) -> ApplyResult:
-    recipe = ctx.recipe
     staging = Path(tempfile.mkdtemp(prefix=f".{workdir.name}.new-", dir=workdir.parent))
     fault_point("staging-created")
     try:
-        trees: dict[str, Path] = {}
-        base_commits: dict[str, str] = {}
-        for name in recipe.patched_sources:
-            src = recipe.source(name)
-            ctx.progress(f"materialising {name} ({src.describe()})")
-            tree = staging / name
-            _materialise(ctx, src, tree)
-            trees[name] = tree
-            base_commits[name] = run_git(tree, "rev-parse", "HEAD")
-            fault_point("materialised")
-        results: list[PatchResult] = []
-        failed: PatchResult | None = None
-        for i, entry in enumerate(recipe.patches):
-            if failed is not None:
-                results.append(PatchResult(entry.name, entry.kind.value, entry.source, PatchVerdict.NOT_ATTEMPTED,
-                                           f"the series stopped at {failed.name}"))
-                continue
-            ctx.progress(f"[{i + 1}/{len(recipe.patches)}] {entry.name}")
-            tree = trees[entry.source]
-            if entry.kind is PatchKind.BACKPORT:
-                r = _apply_backport(ctx, entry, tree)
-            else:
-                r = _apply_text_patch(ctx, entry, _patch_bytes(ctx, entry, i), tree)
-            results.append(r)
-            if not r.verdict.ok:
-                failed = r
-        if failed is not None:
-            where = entry_file(recipe, failed.name)
-            msg = f"{failed.name} ({where}): {failed.verdict.value}; the workspace was left as it was"
-            return ApplyResult(recipe.name, workdir, False, False, msg, tuple(results), failed)
-        manifest = Manifest(
-            recipe=recipe.name,
-            recipe_sha256=recipe.sha256,
-            inputs_sha256=digest,
-            platform=recipe.platform.name,
-            sources=tuple(
-                SourceRecord(
-                    name=s.name, kind=s.kind.value, ref=idents[s.name]["ref"], sha256=idents[s.name]["sha256"],
-                    commit=idents[s.name]["commit"], tree=s.name if s.name in trees else None,
-                    base_commit=base_commits.get(s.name),
-                    head_commit=run_git(trees[s.name], "rev-parse", "HEAD") if s.name in trees else None,
-                )
-                for s in recipe.sources
-            ),
-            patches=tuple(
-                PatchRecord(r.name, r.kind, r.source, r.sha256 or patch_shas[i], r.verdict.value, r.detail, r.files, r.commit)
-                for i, r in enumerate(results)
-            ),
-            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            stackbuild_version=__version__,
-        )
-        fault_point("patched")
-        manifest.write(staging)
-        fault_point("manifest-written")
-        _swap(staging, workdir)
-        staging = None  # type: ignore[assignment]
-        n = len(results)
-        counts: dict[str, int] = {}
-        for r in results:
-            counts[r.verdict.value] = counts.get(r.verdict.value, 0) + 1
-        summary = ", ".join(f"{v} {k}" for k, v in counts.items())
-        return ApplyResult(recipe.name, workdir, True, True, f"{n} patch(es): {summary}", tuple(results), manifest=manifest)
+        with disk_guard(staging):  # diagnosed before the finally frees the space
+            return _build_in(ctx, staging, workdir, digest, idents, patch_shas)
     finally:
-        if staging is not None:
+        if os.path.lexists(staging):
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _build_in(ctx: _Ctx, staging: Path, workdir: Path, digest: str, idents: dict[str, dict[str, Any]],
+              patch_shas: list[str]) -> ApplyResult:
+    recipe = ctx.recipe
+    trees: dict[str, Path] = {}
+    base_commits: dict[str, str] = {}
+    for name in recipe.patched_sources:
+        src = recipe.source(name)
+        ctx.progress(f"materialising {name} ({src.describe()})")
+        tree = staging / name
+        _materialise(ctx, src, tree)
+        trees[name] = tree
+        base_commits[name] = run_git(tree, "rev-parse", "HEAD")
+        fault_point("materialised")
+    results: list[PatchResult] = []
+    failed: PatchResult | None = None
+    for i, entry in enumerate(recipe.patches):
+        if failed is not None:
+            results.append(PatchResult(entry.name, entry.kind.value, entry.source, PatchVerdict.NOT_ATTEMPTED,
+                                       f"the series stopped at {failed.name}"))
+            continue
+        ctx.progress(f"[{i + 1}/{len(recipe.patches)}] {entry.name}")
+        tree = trees[entry.source]
+        if entry.kind is PatchKind.BACKPORT:
+            r = _apply_backport(ctx, entry, tree)
+        else:
+            r = _apply_text_patch(ctx, entry, _patch_bytes(ctx, entry, i), tree)
+        results.append(r)
+        if not r.verdict.ok:
+            failed = r
+    if failed is not None:
+        where = entry_file(recipe, failed.name)
+        msg = f"{failed.name} ({where}): {failed.verdict.value}; the workspace was left as it was"
+        return ApplyResult(recipe.name, workdir, False, False, msg, tuple(results), failed)
+    manifest = Manifest(
+        recipe=recipe.name,
+        recipe_sha256=recipe.sha256,
+        inputs_sha256=digest,
+        platform=recipe.platform.name,
+        sources=tuple(
+            SourceRecord(
+                name=s.name, kind=s.kind.value, ref=idents[s.name]["ref"], sha256=idents[s.name]["sha256"],
+                commit=idents[s.name]["commit"], tree=s.name if s.name in trees else None,
+                base_commit=base_commits.get(s.name),
+                head_commit=run_git(trees[s.name], "rev-parse", "HEAD") if s.name in trees else None,
+            )
+            for s in recipe.sources
+        ),
+        patches=tuple(
+            PatchRecord(r.name, r.kind, r.source, r.sha256 or patch_shas[i], r.verdict.value, r.detail, r.files, r.commit)
+            for i, r in enumerate(results)
+        ),
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        stackbuild_version=__version__,
+    )
+    fault_point("patched")
+    manifest.write(staging)
+    fault_point("manifest-written")
+    _swap(staging, workdir)
+    n = len(results)
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.verdict.value] = counts.get(r.verdict.value, 0) + 1
+    summary = ", ".join(f"{v} {k}" for k, v in counts.items())
+    return ApplyResult(recipe.name, workdir, True, True, f"{n} patch(es): {summary}", tuple(results), manifest=manifest)
 
 
 def entry_file(recipe: Recipe, name: str) -> str:

@@ -1,0 +1,319 @@
+"""Faults users meet (issue 13): a damaged cache, a damaged workspace, local edits, a
+full disk, a read-only cache, a workdir on another filesystem, a bad STACKBUILD_CACHE,
+Ctrl-C. Each is one clear error (exit 2, 130 for Ctrl-C) or recovers by itself."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_workspace import ORIG, Project, edit, git_diff, sha256, snapshot
+
+from stackbuild import workspace
+from stackbuild.cli import main
+from stackbuild.recipe import load_recipe
+
+BIN = Path(sys.executable).parent
+STACKBUILD = str(BIN / "stackbuild")
+
+
+@pytest.fixture
+def proj(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Project:
+    monkeypatch.setenv("STACKBUILD_CACHE", str(tmp_path / "cache"))
+    p = Project(tmp_path / "proj")
+    files = {"pkg/a.py": ORIG}
+    patch = git_diff(files, {"pkg/a.py": edit(ORIG, "line 5\n", "line five\n")}, tmp_path / "g", "Spell out five")
+    tree = p.add_tree("pkg", files)
+    rel = p.add_patch("five.patch", patch)
+    p.write_recipe("r", {"pkg": {"path": str(tree)}}, [{"file": rel, "source": "pkg", "sha256": sha256(patch)}])
+    monkeypatch.chdir(p.root)
+    return p
+
+
+def _one_clean_line(err: str, *needles: str) -> None:
+    assert "Traceback" not in err and "Broken pipe" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("stackbuild: error:")]
+    assert len(lines) == 1, err
+    for n in needles:
+        assert n in lines[0], err
+
+
+# ------------------------------------------------------------------ damaged workspaces, local edits
+
+
+def test_stray_byte_in_manifest_is_rebuilt_by_plain_apply(proj: Project, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["apply", "r"]) == 0
+    m = proj.root / "work/r/manifest.json"
+    m.write_bytes(m.read_bytes()[:40] + b"\xff" + m.read_bytes()[40:])
+    capsys.readouterr()
+    assert main(["apply", "r"]) == 0
+    err = capsys.readouterr().err
+    assert "damaged" in err and "manifest" in err
+    assert "line five" in (proj.root / "work/r/pkg/pkg/a.py").read_text()
+    assert main(["apply", "r"]) == 0 and "unchanged" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("garbage", [b"garbage\n", b"", b"ref: refs/heads/nowhere\n", b"\x00\xff"])
+def test_garbage_head_gets_advice_that_works_and_force_rebuilds(proj: Project, capsys: pytest.CaptureFixture[str],
+                                                                 garbage: bytes) -> None:
+    assert main(["apply", "r"]) == 0
+    (proj.root / "work/r/pkg/.git/HEAD").write_bytes(garbage)
+    capsys.readouterr()
+    rc = main(["apply", "r"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    _one_clean_line(err, "apply --force r")
+    assert main(["apply", "--force", "r"]) == 0
+    assert main(["apply", "r"]) == 0 and "unchanged" in capsys.readouterr().out
+
+
+def test_force_rebuilds_whatever_is_at_the_path(proj: Project) -> None:
+    work = proj.root / "work/r"
+    work.parent.mkdir(parents=True)
+    work.write_text("not a workspace\n")  # a file where the workspace should be
+    assert main(["apply", "--force", "r"]) == 0
+    assert (work / "manifest.json").is_file()
+
+
+def test_local_edits_are_refused_then_kept_with_the_advised_snapshot(proj: Project, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["apply", "r"]) == 0
+    tree = proj.root / "work/r/pkg"
+    (tree / "pkg/a.py").write_text((tree / "pkg/a.py").read_text().replace("line 9\n", "line nine\n"))
+    (tree / "pkg/untracked.py").write_text("mine = 1\n")
+    # a changed input makes apply want to rebuild
+    recipe = proj.root / "recipes/r.toml"
+    recipe.write_text(recipe.read_text() + '\n[environment.vars]\nX = "1"\n')
+    before = snapshot(tree)
+    capsys.readouterr()
+    assert main(["apply", "r"]) == 2
+    err = capsys.readouterr().err
+    _one_clean_line(err, "pkg/a.py", "pkg/untracked.py", "stackbuild snapshot")
+    assert snapshot(tree) == before  # nothing lost
+    # the advice, as printed, works: snapshot into the recipe, then apply --force
+    assert main(["snapshot", str(tree), "--into", "r"]) == 0
+    assert main(["apply", "--force", "r"]) == 0
+    assert "line nine" in (tree / "pkg/a.py").read_text()
+    assert (tree / "pkg/untracked.py").read_text() == "mine = 1\n"
+
+
+# ------------------------------------------------------------------ Ctrl-C
+
+
+def test_ctrl_c_while_the_old_tree_is_deleted_says_the_new_one_is_in(
+        proj: Project, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    assert main(["apply", "r"]) == 0
+    discard = workspace._discard
+
+    def interrupted(old: Path) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(workspace, "_discard", interrupted)
+    capsys.readouterr()
+    assert main(["apply", "--force", "r"]) == 130
+    err = capsys.readouterr().err
+    assert "swapped in" in err and "no workspace was replaced" not in err
+    assert (proj.root / "work/r/manifest.json").is_file()
+    monkeypatch.setattr(workspace, "_discard", discard)
+    assert main(["apply", "r"]) == 0  # and the next run clears what was left
+    assert [p.name for p in (proj.root / "work").iterdir() if p.name.startswith(".r.")] == [".r.lock"]
+
+
+def test_ctrl_c_before_the_swap_says_nothing_was_replaced(
+        proj: Project, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    assert main(["apply", "r"]) == 0
+    before = snapshot(proj.root / "work/r")
+
+    def interrupted(staging: Path, workdir: Path) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(workspace, "_swap", interrupted)
+    capsys.readouterr()
+    assert main(["apply", "--force", "r"]) == 130
+    assert "no workspace was replaced" in capsys.readouterr().err
+    assert snapshot(proj.root / "work/r") == before
+
+
+def test_ctrl_c_during_start_up_is_130_without_a_traceback(tmp_path: Path) -> None:
+    """A KeyboardInterrupt raised while the CLI's imports load (as a Ctrl-C there is)."""
+    code = ("import builtins, sys\n"
+            "real = builtins.__import__\n"
+            "def imp(name, *a, **k):\n"
+            "    if name == 'typer':\n"
+            "        raise KeyboardInterrupt\n"
+            "    return real(name, *a, **k)\n"
+            "builtins.__import__ = imp\n"
+            "from stackbuild.launch import main\n"
+            "sys.exit(main())\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 130
+    assert "Traceback" not in r.stderr and "interrupted" in r.stderr
+
+
+# ------------------------------------------------------------------ the cache directory
+
+
+@pytest.mark.parametrize("kind", ["file", "under-a-file", "empty"])
+def test_bad_stackbuild_cache_is_exit_2_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    f = tmp_path / "afile"
+    f.write_text("x")
+    value = {"file": str(f), "under-a-file": str(f / "cache"), "empty": ""}[kind]
+    monkeypatch.setenv("STACKBUILD_CACHE", value)
+    assert main(["cache", "ls"]) == 2
+    _one_clean_line(capsys.readouterr().err, "STACKBUILD_CACHE")
+
+
+def test_crash_log_falls_back_to_the_temp_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import tempfile
+
+    from stackbuild import buildcache
+
+    f = tmp_path / "afile"
+    f.write_text("x")
+    monkeypatch.setenv("STACKBUILD_CACHE", str(f / "cache"))  # the cache cannot exist
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    def bug() -> None:
+        raise RuntimeError("a planted bug")
+
+    monkeypatch.setattr(buildcache, "cache_ls", bug)
+    assert main(["cache", "ls"]) == 3
+    err = capsys.readouterr().err
+    assert err.count("Traceback") == 0 and "a planted bug" in err
+    logs = list(tmp_path.glob("stackbuild-crash-*.log"))
+    assert len(logs) == 1 and str(logs[0]) in err and "RuntimeError: a planted bug" in logs[0].read_text()
+
+
+# ------------------------------------------------------------------ mount namespaces: full disk, read-only, another filesystem
+
+
+def _unshare_ok() -> str | None:
+    if not shutil.which("unshare") or not shutil.which("mount"):
+        return "unshare/mount not installed"
+    r = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True, text=True)
+    return None if r.returncode == 0 else f"cannot make a mount namespace here: {r.stderr.strip()}"
+
+
+needs_mounts = pytest.mark.skipif(_unshare_ok() is not None, reason=str(_unshare_ok()))
+
+
+def _in_ns(setup: str, args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`stackbuild ARGS` in a private mount namespace after the shell `setup` (mounts)."""
+    cmd = setup + " && exec " + " ".join(f"'{a}'" for a in [STACKBUILD, *args])
+    return subprocess.run(["unshare", "-m", "sh", "-c", cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@needs_mounts
+def test_full_disk_under_the_workspace_is_one_no_space_error(tmp_path: Path) -> None:
+    proj = Project(tmp_path / "proj")
+    big = {f"pkg/blob{i}.bin": os.urandom(1 << 20) for i in range(6)}
+    tree = proj.add_tree("pkg", {**big, "pkg/a.py": ORIG})
+    patch = git_diff({"pkg/a.py": ORIG}, {"pkg/a.py": edit(ORIG, "line 5\n", "line five\n")}, tmp_path / "g", "five")
+    rel = proj.add_patch("five.patch", patch)
+    proj.write_recipe("r", {"pkg": {"path": str(tree)}}, [{"file": rel, "source": "pkg", "sha256": sha256(patch)}])
+    work = tmp_path / "small"
+    work.mkdir()
+    env = {**os.environ, "STACKBUILD_CACHE": str(tmp_path / "cache")}
+    r = _in_ns(f"mount -t tmpfs -o size=4m tmpfs {work}", ["apply", "r", "--workdir", str(work / "w")], proj.root, env)
+    assert r.returncode == 2, r.stderr
+    _one_clean_line(r.stderr, "no space left on device")
+    assert len(r.stderr.splitlines()) < 10
+
+
+@needs_mounts
+def test_read_only_cache_without_the_entry_is_one_clear_error(proj: Project, tmp_path: Path) -> None:
+    cache = tmp_path / "rocache"
+    cache.mkdir()
+    env = {**os.environ, "STACKBUILD_CACHE": str(cache)}
+    r = _in_ns(f"mount --bind {cache} {cache} && mount -o remount,ro,bind {cache}", ["cache", "gc", "--max-age", "0"],
+               proj.root, env)
+    assert r.returncode == 2, r.stderr
+    _one_clean_line(r.stderr, "read-only", str(cache))
+
+
+@needs_mounts
+@pytest.mark.slow
+def test_real_release_cache_damage_read_only_cache_and_another_filesystem(tmp_path: Path) -> None:
+    """vLLM 0.19.0 with a backport from 0.23.0: a damaged base repo and a damaged cached
+    backport file are rebuilt from the verified sdists; workspaces share no inode with
+    the cache; a read-only cache that holds the entries still applies; a workdir on
+    another filesystem (tmpfs) works; a full cache filesystem is one error."""
+    import fixtures
+
+    cache = fixtures.seed_cache(tmp_path / "cache", ("0.19.0", "0.23.0"))
+    env = {**os.environ, "STACKBUILD_CACHE": str(cache), "STACKBUILD_INDEX_URL": "http://127.0.0.1:9/simple"}
+    sha_19, sha_23 = fixtures.VLLM_SDISTS["0.19.0"], fixtures.VLLM_SDISTS["0.23.0"]
+    proj = Project(tmp_path / "proj")
+    backport = "vllm/model_executor/models/gemma4_unified.py"
+    proj.write_recipe("rel", {"vllm": {"pypi": "vllm==0.19.0", "sha256": sha_19}},
+                      [{"backport": "vllm==0.23.0", "sha256": sha_23, "files": [backport], "source": "vllm"}])
+    genuine = (fixtures.vllm_tree("0.23.0") / backport).read_bytes()
+
+    def apply(workdir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([STACKBUILD, "apply", "rel", "--workdir", str(workdir), *extra], cwd=proj.root, env=env,
+                              capture_output=True, text=True, timeout=600)
+
+    r = apply(tmp_path / "ws1")
+    assert r.returncode == 0, r.stderr
+    base = cache / "bases" / f"{sha_19}.git"
+    # no inode shared between a workspace and the cache
+    cache_inodes = {p.stat().st_ino for p in cache.rglob("*") if p.is_file()}
+    ws_inodes = {p.stat().st_ino for p in (tmp_path / "ws1").rglob("*") if p.is_file()}
+    assert not cache_inodes & ws_inodes
+
+    # damage: the base's pack index gone, a cached backport file truncated
+    for idx in base.rglob("*.idx"):
+        idx.unlink()
+    cached = cache / "backports" / sha_23 / backport
+    cached.write_bytes(cached.read_bytes()[:100])
+    r = apply(tmp_path / "ws2")
+    assert r.returncode == 0, r.stderr
+    assert "damaged" in r.stderr and "does not match its digest" in r.stderr
+    assert (tmp_path / "ws2/vllm" / backport).read_bytes() == genuine
+    assert cached.read_bytes() == genuine
+    from stackbuild.manifest import read_manifest
+
+    m1, m2 = read_manifest(tmp_path / "ws1"), read_manifest(tmp_path / "ws2")
+    assert m1 is not None and m2 is not None and m1.patches[0].sha256 == m2.patches[0].sha256
+    assert m1.sources[0].head_commit == m2.sources[0].head_commit
+
+    # a read-only cache holding everything; a workdir on another filesystem (tmpfs)
+    other = tmp_path / "other"
+    other.mkdir()
+    setup = (f"mount --bind {cache} {cache} && mount -o remount,ro,bind {cache} && "
+             f"mount -t tmpfs -o size=400m tmpfs {other}")
+    r = _in_ns(setup, ["apply", "rel", "--workdir", str(other / "w")], proj.root, env)
+    assert r.returncode == 0, r.stderr
+
+    # a full cache filesystem while importing a release: one line, not a broken pipe
+    small = tmp_path / "smallcache"
+    small.mkdir()
+    env_small = {**env, "STACKBUILD_CACHE": str(small)}
+    sdist = cache / "sdists" / sha_19
+    setup = (f"mount -t tmpfs -o size=40m tmpfs {small} && mkdir -p {small}/sdists && "
+             f"cp -r {sdist} {small}/sdists/")
+    r = _in_ns(setup, ["apply", "rel", "--workdir", str(tmp_path / "ws3")], proj.root, env_small)
+    assert r.returncode == 2, r.stderr
+    _one_clean_line(r.stderr, "no space left on device")
+    assert len(r.stderr.splitlines()) < 10, r.stderr
+
+
+def test_recipe_paths_are_rechecked_when_applied(proj: Project, tmp_path: Path) -> None:
+    """A patch file swapped for a link to outside the project after loading is refused
+    at apply, naming the key, without the outside file's hash."""
+    recipe = load_recipe(proj.root / "recipes/r.toml")
+    outside = tmp_path / "secret.patch"
+    outside.write_text("secret\n")
+    pf = proj.root / "patches/five.patch"
+    pf.unlink()
+    pf.symlink_to(outside)
+    from stackbuild.errors import StackbuildError
+
+    with pytest.raises(StackbuildError) as ei:
+        workspace.apply_recipe(recipe)
+    assert ei.value.key == "patches[0].file" and sha256("secret\n") not in ei.value.render()
