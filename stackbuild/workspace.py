@@ -319,6 +319,7 @@ def _materialise(ctx: _Ctx, src: Source, dest: Path) -> None:
         run_git(dest, "remote", "remove", "origin")
         run_git(dest, "config", "core.autocrlf", "false")
         run_git(dest, "tag", BASE_TAG)
+        _exclude_bytecode(dest)
         return
     if src.kind is SourceKind.GIT:
         export_tree(ctx.checkouts[src.name], dest)
@@ -329,6 +330,15 @@ def _materialise(ctx: _Ctx, src: Source, dest: Path) -> None:
     run_git(dest, "add", "-A", "-f")
     run_git(dest, "commit", "-q", "--no-verify", "-m", f"base: {src.describe()}")
     run_git(dest, "tag", BASE_TAG)
+    _exclude_bytecode(dest)
+
+
+def _exclude_bytecode(tree: Path) -> None:
+    """Importing the tree (verify) writes bytecode into it; that is not a local edit."""
+    exclude = tree / ".git" / "info" / "exclude"
+    exclude.parent.mkdir(parents=True, exist_ok=True)
+    with open(exclude, "a", encoding="utf-8") as f:
+        f.write("__pycache__/\n*.py[co]\n")
 
 
 def _tree_reader(tree: Path) -> Callable[[str], str | None]:

@@ -317,3 +317,14 @@ def test_recipe_paths_are_rechecked_when_applied(proj: Project, tmp_path: Path) 
     with pytest.raises(StackbuildError) as ei:
         workspace.apply_recipe(recipe)
     assert ei.value.key == "patches[0].file" and sha256("secret\n") not in ei.value.render()
+
+
+def test_bytecode_written_by_importing_the_tree_is_not_a_local_edit(proj: Project, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["apply", "r"]) == 0
+    cache = proj.root / "work/r/pkg/pkg/__pycache__"  # what importing pkg.a leaves (verify imports the tree)
+    cache.mkdir()
+    (cache / "a.cpython-311.pyc").write_bytes(b"\xa7\r\r\n" + bytes(12))
+    (proj.root / "work/r/pkg/pkg/b.pyc").write_bytes(b"\xa7\r\r\n")
+    recipe = proj.root / "recipes/r.toml"
+    recipe.write_text(recipe.read_text() + '\n[environment.vars]\nX = "1"\n')
+    assert main(["apply", "r"]) == 0
