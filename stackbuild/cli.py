@@ -388,15 +388,47 @@ def refresh(
     elif cont:
         result = rf.refresh_continue(r, progress=progress, force=force)
     elif matrix is not None:
-        name, _, rest = matrix.partition("==")
-        if not rest:
-            raise _E(f"expected NAME==V1,V2,..., got {matrix!r}", key="--matrix")
-        versions = [f"{name}=={v.strip()}" for v in rest.split(",") if v.strip()]
-        result = rf.refresh_matrix(r, versions, jobs=jobs, progress=progress)
+        result = rf.refresh_matrix(r, _matrix_versions(matrix), jobs=jobs, progress=progress)
     else:
         assert to is not None
         result = rf.refresh(r, to, sha256=sha256, progress=progress, force=force)
     _finish(result, as_json)
+
+
+MATRIX_FORMS = "vllm==0.20.0,0.21.0 or vllm==0.20.0,vllm==0.21.0 or 0.20.0,0.21.0 (NAME@REF for a git source)"
+
+
+def _matrix_versions(matrix: str) -> list[str]:
+    """--matrix items: NAME==V, a bare V (of the NAME before it, else of the patched
+    source), or NAME@REF. Anything else is exit 2 listing the accepted forms."""
+    import re
+
+    from packaging.version import InvalidVersion, Version
+
+    from stackbuild.errors import StackbuildError as _E
+
+    out: list[str] = []
+    name = None
+    for item in (x.strip() for x in matrix.split(",")):
+        bad = _E(f"cannot read {item!r} in {matrix!r}; accepted: {MATRIX_FORMS}", key="--matrix")
+        if not item:
+            raise bad
+        if "@" in item:
+            out.append(item)
+            continue
+        n, sep, v = item.partition("==")
+        if not sep:
+            v = item
+        else:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", n.strip()):
+                raise bad
+            name, v = n.strip(), v.strip()
+        try:
+            Version(v)
+        except InvalidVersion:
+            raise bad from None
+        out.append(f"{name}=={v}" if name else v)
+    return out
 
 
 @app.command()

@@ -67,7 +67,12 @@ from stackbuild.report import Table
 from stackbuild.series import MalformedPatch, PatchVerdict, apply_parsed, parse_patch, split_mbox
 from stackbuild.sources.archive import extract_tarball, read_members
 from stackbuild.sources.git import GitCheckout, export_tree, fetch_git
-from stackbuild.sources.pypi import fetch_sdist, list_files, sdist_filename_candidates
+from stackbuild.sources.pypi import (
+    configured_index,
+    fetch_sdist,
+    list_files,
+    sdist_filename_candidates,
+)
 from stackbuild.workspace import BASE_TAG, apply_recipe, default_workdir, run_git
 
 Progress = Callable[[str], None]
@@ -233,7 +238,7 @@ def index_sha256(requirement: str) -> str:
             if not f.sha256:
                 raise SourceError(f"the index gives no sha256 for {f.filename}; pass --sha256", file=f.url)
             return f.sha256
-    raise SourceError(f"no source release {requirement} on the index")
+    raise SourceError(f"no source release {requirement} on the index {configured_index()}")
 
 
 def _target(recipe: Recipe, to: str, sha256: str | None) -> _Target:
@@ -244,7 +249,10 @@ def _target(recipe: Recipe, to: str, sha256: str | None) -> _Target:
             raise StackbuildError(f"source {src.name} is not a pypi source; give --to {src.name}@<tag or commit>", key="--to")
         version = next(iter(req.specifier)).version
         new_req = f"{src.project}=={version}"
-        sha = sha256 or index_sha256(new_req)
+        try:
+            sha = sha256 or index_sha256(new_req)
+        except SourceError as e:  # name the recipe and the option too, not only the index
+            raise SourceError(f"--to {to}: {e.render()}", file=recipe.path) from None
         new = dataclasses.replace(src, requirement=new_req, sha256=sha)
         return _Target(src, new, src.requirement or "", new_req, version)
     if "@" in to:

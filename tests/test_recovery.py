@@ -328,3 +328,42 @@ def test_bytecode_written_by_importing_the_tree_is_not_a_local_edit(proj: Projec
     recipe = proj.root / "recipes/r.toml"
     recipe.write_text(recipe.read_text() + '\n[environment.vars]\nX = "1"\n')
     assert main(["apply", "r"]) == 0
+
+
+# ------------------------------------------------------------------ refresh arguments
+
+
+def test_refresh_to_a_missing_release_names_the_index_and_the_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    index = tmp_path / "index"
+    (index / "vllm").mkdir(parents=True)
+    (index / "vllm" / "index.json").write_text(
+        '{"files": [{"filename": "vllm-0.19.0.tar.gz", "url": "vllm-0.19.0.tar.gz", "hashes": {"sha256": "' + "a" * 64 + '"}}]}')
+    monkeypatch.setenv("STACKBUILD_INDEX_URL", index.as_uri())
+    monkeypatch.setenv("STACKBUILD_CACHE", str(tmp_path / "cache"))
+    proj = Project(tmp_path / "proj")
+    path = proj.write_recipe("r", {"vllm": {"pypi": "vllm==0.19.0", "sha256": "a" * 64}})
+    monkeypatch.chdir(proj.root)
+    assert main(["refresh", "r", "--to", "vllm==0.0.999"]) == 2
+    err = capsys.readouterr().err
+    _one_clean_line(err, str(path), index.as_uri(), "vllm==0.0.999")
+
+
+@pytest.mark.parametrize(("arg", "want"), [
+    ("vllm==0.20.0,vllm==0.21.0", ["vllm==0.20.0", "vllm==0.21.0"]),
+    ("vllm==0.20.0,0.21.0", ["vllm==0.20.0", "vllm==0.21.0"]),
+    ("0.20.0, 0.21.0", ["0.20.0", "0.21.0"]),
+    ("vllm==0.20.0", ["vllm==0.20.0"]),
+    ("scaler@v1.2,scaler@0123abc", ["scaler@v1.2", "scaler@0123abc"]),
+])
+def test_matrix_forms_accepted(arg: str, want: list[str]) -> None:
+    from stackbuild.cli import _matrix_versions
+
+    assert _matrix_versions(arg) == want
+
+
+@pytest.mark.parametrize("arg", ["vllm==0.20.0,,0.21.0", "vllm===0.20.0", "vllm==vllm==0.2", "vllm==", "x y==1", "latest", ""])
+def test_matrix_bad_forms_are_exit_2_listing_the_accepted_forms(proj: Project, arg: str,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["refresh", "r", "--matrix", arg]) == 2
+    _one_clean_line(capsys.readouterr().err, "--matrix", "accepted")
