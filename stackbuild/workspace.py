@@ -614,7 +614,19 @@ def local_changes(workdir: Path, manifest: Manifest | None) -> dict[str, list[st
         if st.returncode != 0:
             out[name] = [f"(git cannot read this repository: {_tail(st.stderr)})"]
             continue
-        files = [e[3:] for e in st.stdout.split("\0") if len(e) > 3]
+        files: list[str] = []
+        entries = iter(st.stdout.split("\0"))
+        for e in entries:
+            if len(e) > 3:
+                files.append(e[3:])
+                if e[0] in "RC":
+                    next(entries, None)  # a rename's old path follows it
+        rec = manifest.source(name) if manifest is not None else None
+        if rec is not None and rec.head_commit:
+            ahead = git_process(tree, "rev-list", "--count", f"{rec.head_commit}..HEAD")
+            if ahead.returncode == 0 and ahead.stdout.strip() not in ("", "0"):
+                files.append(f"{ahead.stdout.strip()} commit(s) made since apply (save them with "
+                             f"`git -C {tree} format-patch {rec.head_commit[:12]}..HEAD` and `stackbuild import`)")
         if files:
             out[name] = files
     return out

@@ -367,3 +367,29 @@ def test_matrix_bad_forms_are_exit_2_listing_the_accepted_forms(proj: Project, a
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["refresh", "r", "--matrix", arg]) == 2
     _one_clean_line(capsys.readouterr().err, "--matrix", "accepted")
+
+
+def test_commits_made_in_the_workspace_are_not_dropped(proj: Project, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["apply", "r"]) == 0
+    tree = proj.root / "work/r/pkg"
+    (tree / "pkg/a.py").write_text("committed by hand\n")
+    subprocess.run(["git", "-c", "user.name=u", "-c", "user.email=u@x", "commit", "-qam", "mine"], cwd=tree, check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tree, capture_output=True, text=True).stdout.strip()
+    capsys.readouterr()
+    assert main(["apply", "r"]) == 2
+    _one_clean_line(capsys.readouterr().err, "1 commit(s) made since apply", "format-patch")
+    assert subprocess.run(["git", "rev-parse", "HEAD"], cwd=tree, capture_output=True, text=True).stdout.strip() == head
+    assert main(["apply", "--force", "r"]) == 0
+    assert "line five" in (tree / "pkg/a.py").read_text()
+
+
+def test_renamed_file_is_named_once(proj: Project, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["apply", "r"]) == 0
+    tree = proj.root / "work/r/pkg"
+    subprocess.run(["git", "mv", "pkg/a.py", "pkg/renamed.py"], cwd=tree, check=True)
+    capsys.readouterr()
+    recipe = proj.root / "recipes/r.toml"
+    recipe.write_text(recipe.read_text() + '\n[environment.vars]\nX = "1"\n')
+    assert main(["apply", "r"]) == 2
+    err = capsys.readouterr().err
+    assert "(pkg: pkg/renamed.py)" in err  # the old path of the rename is not a file of its own
