@@ -163,3 +163,65 @@ def test_sigkill_at_random_moments_over_repeated_runs(two_states: tuple[Project,
     assert r.returncode == 0 and state(workdir) == b
     assert litter(workdir) == []
     assert seen["old"] + seen["new"] == 16
+
+
+@pytest.mark.slow
+def test_real_vllm_release_killed_around_the_swap(tmp_path: Path) -> None:
+    """vLLM 0.19.0 (4,400 files): killed while materialising, at the exchange and while
+    the old tree is deleted; then at random moments. Old or new, never in between."""
+    import fixtures
+
+    cache = fixtures.seed_cache(tmp_path / "cache", ("0.19.0",))
+    sha_19 = fixtures.VLLM_SDISTS["0.19.0"]
+    proj = Project(tmp_path / "proj")
+    p1 = "diff --git a/NOTES b/NOTES\nnew file mode 100644\n--- /dev/null\n+++ b/NOTES\n@@ -0,0 +1 @@\n+ours\n"
+    p2 = "diff --git a/NOTES2 b/NOTES2\nnew file mode 100644\n--- /dev/null\n+++ b/NOTES2\n@@ -0,0 +1 @@\n+more\n"
+    e1 = {"file": proj.add_patch("one.patch", p1), "source": "vllm", "sha256": sha256(p1)}
+    e2 = {"file": proj.add_patch("two.patch", p2), "source": "vllm", "sha256": sha256(p2)}
+    src = {"vllm": {"pypi": "vllm==0.19.0", "sha256": sha_19}}
+    proj.write_recipe("ra", src, [e1])
+    proj.write_recipe("rb", src, [e1, e2])
+    env = {**os.environ, "STACKBUILD_CACHE": str(cache), "STACKBUILD_INDEX_URL": "http://127.0.0.1:9/simple"}
+    env.pop("STACKBUILD_FAULT_POINT", None)
+    workdir = tmp_path / "ws" / "w"
+
+    def vstate() -> tuple[str, str] | None:
+        if not os.path.lexists(workdir):
+            return None
+        manifest = json.loads((workdir / "manifest.json").read_text())
+        tree = workdir / "vllm"
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tree, capture_output=True, text=True, check=True).stdout.strip()
+        assert head == manifest["sources"][0]["head_commit"]
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=tree,
+                                capture_output=True, text=True, check=True)
+        assert status.stdout == ""  # every tracked file is there with its committed content
+        return manifest["inputs_sha256"], head
+
+    def run(recipe: str, fault: str | None = None) -> subprocess.CompletedProcess[str]:
+        e = {**env, **({"STACKBUILD_FAULT_POINT": fault} if fault else {})}
+        return subprocess.run([STACKBUILD, "apply", recipe, "--workdir", str(workdir)], cwd=proj.root, env=e,
+                              capture_output=True, text=True, timeout=600)
+
+    assert run("rb").returncode == 0
+    b = vstate()
+    assert run("ra").returncode == 0
+    a = vstate()
+    for point, expect in (("materialised", a), ("swap-exchanged", b), ("swap-removing-old", b)):
+        assert run("ra").returncode == 0 and vstate() == a
+        assert run("rb", point).returncode == 137
+        assert vstate() == expect
+    rng = random.Random(7)
+    assert run("ra").returncode == 0
+    t0 = time.monotonic()
+    assert run("rb").returncode == 0  # a full rebuild, to spread the kills over
+    full = time.monotonic() - t0
+    for _ in range(4):
+        target = "ra" if vstate() == b else "rb"  # always a rebuild
+        proc = subprocess.Popen([STACKBUILD, "apply", target, "--workdir", str(workdir)], cwd=proj.root, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        time.sleep(rng.uniform(0.4, 1.2) * full)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert vstate() in (a, b)
+    assert run("rb").returncode == 0 and vstate() == b
+    assert litter(workdir) == []
