@@ -275,9 +275,11 @@ def _base_repo(ctx: _Ctx, src: Source, rebuild: bool = False) -> Path:
     if not rebuild and (base / "refs" / "heads" / "stackbuild").exists() and not os.access(base.parent, os.W_OK):
         return base  # a read-only cache: nobody can be changing it, so no lock is needed to read it
     with locked(cache_dir() / "locks" / f"base-{src.sha256}.lock", f"cache entry for {src.requirement}", timeout=600):
+        for stale in base.parent.glob(f".import-{src.sha256}-*"):  # from a run killed while importing
+            shutil.rmtree(stale, ignore_errors=True)
         if not rebuild and (base / "refs" / "heads" / "stackbuild").exists():
             return base
-        tmp = Path(tempfile.mkdtemp(prefix=".import-", dir=_mkdir(base.parent)))
+        tmp = Path(tempfile.mkdtemp(prefix=f".import-{src.sha256}-", dir=_mkdir(base.parent)))
         try:
             from stackbuild.sources.archive import import_tarball_to_git
 

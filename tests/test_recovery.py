@@ -266,7 +266,10 @@ def test_real_release_cache_damage_read_only_cache_and_another_filesystem(tmp_pa
     ws_inodes = {p.stat().st_ino for p in (tmp_path / "ws1").rglob("*") if p.is_file()}
     assert not cache_inodes & ws_inodes
 
-    # damage: the base's pack index gone, a cached backport file truncated
+    # damage: the base's pack index gone, a cached backport file truncated; and what a
+    # run killed while importing the release leaves
+    stale = cache / "bases" / f".import-{sha_19}-k1lled00"
+    (stale / "objects").mkdir(parents=True)
     for idx in base.rglob("*.idx"):
         idx.unlink()
     cached = cache / "backports" / sha_23 / backport
@@ -276,6 +279,7 @@ def test_real_release_cache_damage_read_only_cache_and_another_filesystem(tmp_pa
     assert "damaged" in r.stderr and "does not match its digest" in r.stderr
     assert (tmp_path / "ws2/vllm" / backport).read_bytes() == genuine
     assert cached.read_bytes() == genuine
+    assert not stale.exists()
     from stackbuild.manifest import read_manifest
 
     m1, m2 = read_manifest(tmp_path / "ws1"), read_manifest(tmp_path / "ws2")
