@@ -19,6 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from test_wheelarch import kernel_wheel  # noqa: E402
 
@@ -54,6 +55,19 @@ def main() -> int:
     print(f"raw inflate        {raw:6.2f} s")
     print(f"read_wheel_archs   {ours:6.2f} s  ratio {ours / raw:.2f}x (target <= 1.5x)")
     print(f"peak RSS growth    {rss_growth_mb:6.1f} MB (target <= 100 MB)")
+    # issue 18: the field's ELF library instead of our header reader, same walker
+    from elf_pyelftools import PyElftoolsElf
+
+    import stackbuild.wheelarch as wa
+
+    own, wa._Elf = wa._Elf, PyElftoolsElf  # type: ignore[misc]
+    try:
+        t0 = time.perf_counter()
+        same = read_wheel_archs(wheel).to_dict() == report.to_dict()
+        lib = time.perf_counter() - t0
+    finally:
+        wa._Elf = own  # type: ignore[misc]
+    print(f"with pyelftools    {lib:6.2f} s  {lib / ours:.2f}x ours (adopt if <= 1.5x); same result: {same}")
     ok = ours <= 1.5 * raw and rss_growth_mb <= 100
     return 0 if ok else 1
 

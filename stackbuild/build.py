@@ -766,7 +766,7 @@ def _build_entry(recipe: Recipe, workdir: Path, manifest: Manifest, plan: _Plan,
 def _materialise_kernels(recipe: Recipe, src: Source, staging: Path, say: Progress) -> Path:
     """vllm-xpu-kernels as a throwaway tree when the workspace does not hold it (no
     patch applies to it)."""
-    from stackbuild.sources.archive import extract_tarball
+    from stackbuild.sources.archive import DEFAULT_LIMITS, extract_tarball
     from stackbuild.sources.git import export_tree, fetch_git
     from stackbuild.sources.pypi import fetch_sdist
 
@@ -774,7 +774,8 @@ def _materialise_kernels(recipe: Recipe, src: Source, staging: Path, say: Progre
     say(f"fetching {KERNELS_SOURCE} ({src.describe()})")
     if src.kind is SourceKind.PYPI:
         assert src.requirement and src.sha256
-        extract_tarball(fetch_sdist(src.requirement, src.sha256, say), dest)
+        extract_tarball(fetch_sdist(src.requirement, src.sha256, say, limits=src.limits), dest,
+                        limits=src.limits or DEFAULT_LIMITS)
     elif src.kind is SourceKind.GIT:
         export_tree(fetch_git(src), dest)
     else:

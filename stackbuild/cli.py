@@ -21,11 +21,15 @@ from stackbuild import __version__
 from stackbuild.errors import ExitCode, StackbuildError
 from stackbuild.report import Table, to_json
 
+# help text is plain text: rich markup would eat `[[patches]]` and `[sources]`
+_CONTEXT = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(
-    add_completion=False,
+    add_completion=True,
     no_args_is_help=True,
     help="Patch-and-build manager for vLLM on Intel XPU (Arc Pro B70, Lunar Lake).",
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings=_CONTEXT,
 )
 
 _state: dict[str, Any] = {"debug": False}
@@ -68,6 +72,25 @@ def _root(
     _state["debug"] = debug
 
 
+def _load(recipe: str) -> Any:
+    """The recipe a command acts on; a base recipe is refused (it has nothing to act on)."""
+    from stackbuild.errors import RecipeError
+    from stackbuild.recipe import list_recipe_names, load_recipe
+
+    r = load_recipe(recipe)
+    if r.is_base:
+        users = []
+        for name in list_recipe_names(r.root):
+            try:
+                if r.name in load_recipe(name, root=r.root).extends:
+                    users.append(name)
+            except StackbuildError:
+                continue
+        hint = f"; use a recipe that extends it: {', '.join(users)}" if users else ""
+        raise RecipeError(f"{r.name} is a base recipe (no sources), only meant to be extended{hint}", file=r.path)
+    return r
+
+
 @app.command("list")
 def list_cmd(as_json: bool = JsonOpt) -> None:
     """The recipes, one line each."""
@@ -83,8 +106,8 @@ def list_cmd(as_json: bool = JsonOpt) -> None:
             rows.append({"name": name, "platform": "?", "sources": "", "patches": "", "description": f"error: {e.render()}"})
             continue
         srcs = ", ".join(s.requirement or s.url or s.path or s.name for s in r.sources if s.name in r.patched_sources)
-        rows.append({"name": r.name, "platform": r.platform.name, "sources": srcs,
-                     "patches": len(r.patches), "description": r.description})
+        rows.append({"name": r.name, "platform": r.platform.name, "sources": srcs if not r.is_base else "(base)",
+                     "patches": len(r.patches), "description": r.description, "base": r.is_base})
     if as_json:
         print(to_json(rows))
     else:
@@ -131,10 +154,9 @@ def apply(
     as_json: bool = JsonOpt,
 ) -> None:
     """Fetch the pinned sources and apply the patch series, with a verdict per patch."""
-    from stackbuild.recipe import load_recipe
     from stackbuild.workspace import apply_recipe
 
-    r = load_recipe(recipe)
+    r = _load(recipe)
     result = apply_recipe(r, workdir, progress=None if as_json else _progress, force=force, dry_run=dry_run)
     if dry_run and not as_json:
         print("\n".join(result.plan))
@@ -168,11 +190,10 @@ def verify(
     from stackbuild.checks import CheckContext
     from stackbuild.errors import StackbuildError as _E
     from stackbuild.manifest import read_manifest
-    from stackbuild.recipe import load_recipe
     from stackbuild.verify import check_names, run_verify
     from stackbuild.workspace import default_workdir
 
-    r = load_recipe(recipe)
+    r = _load(recipe)
     wd = (workdir or default_workdir(r)).resolve()
     checks = _split_csv(only)
     check_names(checks or [])  # before looking for a workspace: a bad name is the problem
@@ -228,9 +249,8 @@ def install_script(
     from stackbuild.errors import StackbuildError as _E
     from stackbuild.installer import render_install_script
     from stackbuild.lock import default_lockfile
-    from stackbuild.recipe import load_recipe
 
-    r = load_recipe(recipe)
+    r = _load(recipe)
     lock = lockfile or default_lockfile(r)
     script = render_install_script(r, lock if (lock.exists() or lockfile) else None, list(wheel or []), dry_run=dry_run)
     if dry_run:
@@ -257,13 +277,12 @@ def build_cmd(
     """Build the patched vLLM wheel from the applied workspace (cached by everything that decides it)."""
     from stackbuild.build import build
     from stackbuild.errors import StackbuildError as _E
-    from stackbuild.recipe import load_recipe
 
     if target_device is not None and target_device not in ("xpu", "empty", "cpu"):
         raise _E(f"must be xpu, empty or cpu, got {target_device!r}", key="--target-device")
     if jobs is not None and jobs < 1:
         raise _E("must be >= 1", key="--jobs")
-    result = build(load_recipe(recipe), workdir, target_device=target_device, jobs=jobs, dry_run=dry_run,
+    result = build(_load(recipe), workdir, target_device=target_device, jobs=jobs, dry_run=dry_run,
                    progress=None if as_json else _progress)
     _finish(result, as_json)
 
@@ -272,16 +291,26 @@ def build_cmd(
 def bom_cmd(
     recipe: str = typer.Argument(..., help="Recipe name."),
     key: str | None = typer.Option(None, "--key", help="A cache entry (key prefix) instead of the last build."),
+    workdir: Path | None = typer.Option(None, "--workdir", help="The bill of materials of the build of this workspace (default: the recipe's last build)."),
     as_json: bool = JsonOpt,
 ) -> None:
     """The bill of materials of the recipe's last build: what exactly went in."""
     from stackbuild.bom import read_bom
 
+    if workdir is not None and key is None:
+        from stackbuild.build import build
+        from stackbuild.errors import StackbuildError as _E
+
+        planned = build(_load(recipe), workdir, dry_run=True)
+        if planned.key is None:
+            raise _E(f"no build key for the workspace {workdir}: {planned.message}", key="--workdir")
+        key = planned.key
     result = read_bom(recipe, key=key)
     _finish(result, as_json)
 
 
-cache_app = typer.Typer(help="The build cache: list and garbage-collect entries.", no_args_is_help=True)
+cache_app = typer.Typer(help="The build cache: list and garbage-collect entries.", no_args_is_help=True,
+                        rich_markup_mode=None, context_settings=_CONTEXT)
 app.add_typer(cache_app, name="cache")
 
 
@@ -325,10 +354,9 @@ def lock_cmd(
     from stackbuild.errors import StackbuildError as _E
     from stackbuild.lock import check_lock, default_lockfile, lock
     from stackbuild.manifest import read_manifest
-    from stackbuild.recipe import load_recipe
     from stackbuild.workspace import default_workdir
 
-    r = load_recipe(recipe)
+    r = _load(recipe)
     if check:
         result: Any = check_lock(r, lockfile or default_lockfile(r))
         _emit(result, as_json)
@@ -370,28 +398,28 @@ def refresh(
     cont: bool = typer.Option(False, "--continue", help="Go on after resolving a conflict in the refresh worktree."),
     abort: bool = typer.Option(False, "--abort", help="Drop the refresh in progress; restore everything."),
     force: bool = typer.Option(False, "--force", help="Overwrite refreshed patch files that differ."),
+    workdir: Path | None = typer.Option(None, "--workdir", help="The refresh directory (default: work/RECIPE.refresh)."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Carry the patch series onto a new upstream release, with a verdict per patch."""
     from stackbuild import refresh as rf
     from stackbuild.errors import StackbuildError as _E
-    from stackbuild.recipe import load_recipe
 
-    r = load_recipe(recipe)
+    r = _load(recipe)
     modes = [x for x in (to is not None, matrix is not None, cont, abort) if x]
     if len(modes) != 1:
         raise _E("give exactly one of --to, --matrix, --continue or --abort", key="refresh")
     progress = None if as_json else _progress
     result: Any
     if abort:
-        result = rf.refresh_abort(r, progress=progress)
+        result = rf.refresh_abort(r, workdir, progress=progress)
     elif cont:
-        result = rf.refresh_continue(r, progress=progress, force=force)
+        result = rf.refresh_continue(r, workdir, progress=progress, force=force)
     elif matrix is not None:
         result = rf.refresh_matrix(r, _matrix_versions(matrix), jobs=jobs, progress=progress)
     else:
         assert to is not None
-        result = rf.refresh(r, to, sha256=sha256, progress=progress, force=force)
+        result = rf.refresh(r, to, sha256=sha256, progress=progress, force=force, workdir=workdir)
     _finish(result, as_json)
 
 
@@ -435,9 +463,8 @@ def _matrix_versions(matrix: str) -> list[str]:
 def edit(recipe: str = typer.Argument(..., help="Recipe name or path."), as_json: bool = JsonOpt) -> None:
     """The series as commits in a worktree, to edit with ordinary git."""
     from stackbuild.patchqueue import edit as _edit
-    from stackbuild.recipe import load_recipe
 
-    result = _edit(load_recipe(recipe), progress=None if as_json else _progress)
+    result = _edit(_load(recipe), progress=None if as_json else _progress)
     _finish(result, as_json)
 
 
@@ -445,9 +472,8 @@ def edit(recipe: str = typer.Argument(..., help="Recipe name or path."), as_json
 def export(recipe: str = typer.Argument(..., help="Recipe name or path."), as_json: bool = JsonOpt) -> None:
     """Write the edited commits back to patch files (headers kept, sha256 updated in the recipe)."""
     from stackbuild.patchqueue import export as _export
-    from stackbuild.recipe import load_recipe
 
-    result = _export(load_recipe(recipe))
+    result = _export(_load(recipe))
     _finish(result, as_json)
 
 
@@ -515,7 +541,7 @@ def _log_crash(exc: BaseException) -> Path | None:
     return None
 
 
-def _interrupted() -> int:
+def _interrupted(as_json: bool = False) -> int:
     """Ctrl-C: say truly whether a workspace was swapped in before it came."""
     ws = sys.modules.get("stackbuild.workspace")
     done = list(getattr(ws, "SWAPPED_IN", []) or [])
@@ -524,6 +550,8 @@ def _interrupted() -> int:
               "anything left beside it is removed by the next run)", file=sys.stderr)
     else:
         print("stackbuild: interrupted; no workspace was replaced", file=sys.stderr)
+    if as_json:
+        _json_error("interrupted", ExitCode.INTERRUPTED, swapped_in=[str(p) for p in done])
     return int(ExitCode.INTERRUPTED)
 
 
@@ -537,45 +565,59 @@ def _click_exceptions() -> Any:
         return importlib.import_module("click.exceptions")
 
 
+def _json_error(message: str, code: ExitCode, **extra: Any) -> None:
+    print(to_json({"error": message, "file": None, "key": None, "exit_code": int(code), **extra}))
+
+
 def main(argv: list[str] | None = None) -> int:
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    args = argv if argv is not None else sys.argv[1:]
+    debug = "--debug" in args
+    as_json = "--json" in args  # errors are a JSON object on stdout too, for scripts
     ws = sys.modules.get("stackbuild.workspace")
     if ws is not None:
         ws.SWAPPED_IN.clear()  # what this command swaps in, for a true Ctrl-C message
     try:
         rc = app(args=argv, standalone_mode=False)
         if rc == ExitCode.INTERRUPTED:  # typer turns KeyboardInterrupt into Exit(130)
-            return _interrupted()
+            return _interrupted(as_json)
         return int(rc) if isinstance(rc, int) else 0
     except SystemExit as e:  # typer.Exit inside standalone_mode=False
         return int(e.code or 0)
     except KeyboardInterrupt:
-        return _interrupted()
+        return _interrupted(as_json)
     except StackbuildError as e:
         if debug:
             traceback.print_exc()
         print(f"stackbuild: error: {e.render()}", file=sys.stderr)
+        if as_json:
+            print(to_json(e.to_dict()))
         return int(e.exit_code)
     except Exception as e:  # noqa: BLE001 - the one place that catches everything
         ce = _click_exceptions()
         if isinstance(e, ce.ClickException):
             e.show()
+            if as_json:
+                _json_error(e.format_message(), ExitCode.BAD_INPUT, kind="UsageError")
             return int(ExitCode.BAD_INPUT)
         if isinstance(e, typer.Exit):
             return int(e.exit_code)
         if isinstance(e, typer.Abort):
-            return _interrupted()
+            return _interrupted(as_json)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
             from stackbuild.cache import not_writable  # a full or read-only disk is not a bug
 
             err = not_writable(Path(e.filename) if isinstance(e.filename, str) else Path.cwd(), e)
             print(f"stackbuild: error: {err.render()}", file=sys.stderr)
+            if as_json:
+                print(to_json(err.to_dict()))
             return int(err.exit_code)
         if debug:
             traceback.print_exc()
         log = _log_crash(e)
         where = f"details in {log}" if log else "no log could be written:\n" + "".join(traceback.format_exception(e))
         print(f"stackbuild: internal error: {type(e).__name__}: {e}\n  this is a bug; {where}", file=sys.stderr)
+        if as_json:
+            _json_error(f"internal error: {type(e).__name__}: {e}", ExitCode.INTERNAL, log=str(log) if log else None)
         return int(ExitCode.INTERNAL)
 
 

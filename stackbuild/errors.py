@@ -36,6 +36,11 @@ class StackbuildError(Exception):
             where = f"{self.key}: "
         return f"{where}{self.message}"
 
+    def to_dict(self) -> dict[str, object]:
+        """What `--json` prints for this error, on stdout, instead of a line on stderr."""
+        return {"error": self.message, "file": self.file, "key": self.key,
+                "exit_code": int(self.exit_code), "kind": type(self).__name__}
+
 
 class RecipeError(StackbuildError):
     """A recipe is malformed: unknown key, wrong type, cycle in `extends`, ..."""

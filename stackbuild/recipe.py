@@ -22,6 +22,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from stackbuild.errors import RecipeError
 from stackbuild.inputs import read_user_text
 from stackbuild.platforms import PLATFORMS, Platform
+from stackbuild.sources.limits import ArchiveLimits
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -61,6 +62,8 @@ class Source:
     float: bool = False
     # local
     path: str | None = None
+    # pypi: what its archive may expand to ([sources.NAME.limits]); None: the defaults
+    limits: ArchiveLimits | None = None
 
     @property
     def project(self) -> str | None:
@@ -182,6 +185,12 @@ class Recipe:
         return None
 
     @property
+    def is_base(self) -> bool:
+        """A base (such as xpu-base) only exists to be extended: it has no sources, so
+        there is nothing to apply, build, lock or verify."""
+        return not self.sources
+
+    @property
     def root(self) -> Path:
         """The project the recipe belongs to: recipes/ and patches/, work/, lockfiles/ beside it."""
         return project_of(self.path)
@@ -215,7 +224,8 @@ TOP_KEYS = {
     "name", "description", "extends", "platform", "sources", "patches", "pins",
     "build", "environment", "checks", "lock",
 }
-SOURCE_KEYS = {"pypi", "sha256", "git", "tag", "commit", "branch", "float", "path"}
+SOURCE_KEYS = {"pypi", "sha256", "git", "tag", "commit", "branch", "float", "path", "limits"}
+LIMIT_KEYS = {"max_total_mb", "max_members", "max_member_mb"}
 PATCH_KEYS = {
     "name", "file", "from", "path", "backport", "files", "source", "sha256", "strip",
     "fuzz", "description", "test",
@@ -470,6 +480,8 @@ def _parse_source(v: _V, name: str, t: Any) -> Source:
     if len(kinds) != 1:
         raise v.err(key, "needs exactly one of pypi, git or path")
     kind = kinds[0]
+    if "limits" in t and kind != "pypi":
+        raise v.err(f"{key}.limits", "limits apply to the archive of a pypi source")
     if kind == "pypi":
         req_s = v.typed(t["pypi"], str, f"{key}.pypi")
         try:
@@ -481,7 +493,8 @@ def _parse_source(v: _V, name: str, t: Any) -> Source:
             raise v.err(f"{key}.pypi", f"must pin one exact version (name==version), got {req_s!r}")
         if "sha256" not in t:
             raise v.err(f"{key}.sha256", "missing: a pypi source is checked against its sdist's sha256")
-        return Source(name, SourceKind.PYPI, requirement=str(req), sha256=v.sha(t["sha256"], f"{key}.sha256"))
+        return Source(name, SourceKind.PYPI, requirement=str(req), sha256=v.sha(t["sha256"], f"{key}.sha256"),
+                      limits=_parse_limits(v, t["limits"], f"{key}.limits") if "limits" in t else None)
     if kind == "git":
         url = v.typed(t["git"], str, f"{key}.git")
         tag = v.typed(t["tag"], str, f"{key}.tag") if "tag" in t else None
@@ -499,6 +512,16 @@ def _parse_source(v: _V, name: str, t: Any) -> Source:
     p = v.typed(t["path"], str, f"{key}.path")
     contained_path(v.root, p, file=v.where(f"{key}.path"), key=f"{key}.path", what="local source")
     return Source(name, SourceKind.LOCAL, path=p)
+
+
+def _parse_limits(v: _V, t: Any, key: str) -> ArchiveLimits:
+    v.typed(t, dict, key)
+    v.keys(t, LIMIT_KEYS, key)
+    values = {k: v.typed(t[k], int, f"{key}.{k}") for k in LIMIT_KEYS if k in t}
+    for k, n in values.items():
+        if n <= 0:
+            raise v.err(f"{key}.{k}", f"must be a positive integer, got {n}")
+    return ArchiveLimits(**values)
 
 
 def _parse_patch(v: _V, i: int, t: Any, source_names: set[str]) -> PatchEntry:
@@ -682,7 +705,8 @@ def load_recipe(name_or_path: str | Path, root: Path | None = None) -> Recipe:
     canonical = {
         "platform": plat_name,
         "description": data.get("description", ""),
-        "sources": [_clean(asdict(s)) for s in sources],
+        # a source without a limits table hashes as before limits existed
+        "sources": [_clean({k: x for k, x in asdict(s).items() if k != "limits" or x is not None}) for s in sources],
         "patches": [_clean(asdict(p)) for p in patches],
         "pins": [_clean(asdict(p)) for p in pins],
         "build": _clean(asdict(build)),

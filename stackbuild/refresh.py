@@ -65,7 +65,7 @@ from stackbuild.patchqueue import (
 from stackbuild.recipe import PatchEntry, PatchKind, Recipe, Source, SourceKind, load_recipe
 from stackbuild.report import Table
 from stackbuild.series import MalformedPatch, PatchVerdict, apply_parsed, parse_patch, split_mbox
-from stackbuild.sources.archive import extract_tarball, read_members
+from stackbuild.sources.archive import DEFAULT_LIMITS, extract_tarball, read_members
 from stackbuild.sources.git import GitCheckout, export_tree, fetch_git
 from stackbuild.sources.pypi import (
     configured_index,
@@ -542,7 +542,8 @@ def _materialise_new(target: _Target, dest: Path, progress: Progress) -> str | N
     src = target.new_source
     if src.kind is SourceKind.PYPI:
         assert src.requirement and src.sha256
-        extract_tarball(fetch_sdist(src.requirement, src.sha256, progress), dest)
+        extract_tarball(fetch_sdist(src.requirement, src.sha256, progress, limits=src.limits), dest,
+                        limits=src.limits or DEFAULT_LIMITS)
         return None
     co = fetch_git(src)
     export_tree(co, dest)

@@ -15,6 +15,11 @@ in the file (oneDNN and IGC tables name every architecture) is ignored, which is
 
 Large files are never read into Python objects: a wheel member is streamed to a
 temporary file and mapped; only headers and note sections are decoded.
+
+The ELF header reader is our own rather than pyelftools: on vllm-xpu-kernels 0.1.16.2
+(150 MB, thousands of embedded zebins) the same walker on pyelftools took 3.4x as long
+(16.6 s against 4.9 s; `make bench`, bench_wheelarch). pyelftools stays the oracle: a
+test checks that both readers give the same report on a real wheel.
 """
 
 from __future__ import annotations

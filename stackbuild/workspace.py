@@ -228,9 +228,9 @@ def _read_from_source(ctx: _Ctx, src: Source, path: str, key: str) -> bytes:
             raise PatchError(f"{path} not found in local source {src.name!r}", file=ctx.recipe.path, key=f"{key}.path")
         return p.read_bytes()
     sdist = _sdist(ctx, src)
-    from stackbuild.sources.archive import read_members
+    from stackbuild.sources.archive import DEFAULT_LIMITS, read_members
 
-    return read_members(sdist, [path])[path]
+    return read_members(sdist, [path], limits=src.limits or DEFAULT_LIMITS)[path]
 
 
 def _sdist(ctx: _Ctx, src: Source) -> Path:
@@ -238,7 +238,7 @@ def _sdist(ctx: _Ctx, src: Source) -> Path:
         assert src.requirement and src.sha256
         from stackbuild.sources.pypi import fetch_sdist
 
-        ctx.sdists[src.name] = fetch_sdist(src.requirement, src.sha256, ctx.progress)
+        ctx.sdists[src.name] = fetch_sdist(src.requirement, src.sha256, ctx.progress, limits=src.limits)
     return ctx.sdists[src.name]
 
 
@@ -281,12 +281,13 @@ def _base_repo(ctx: _Ctx, src: Source, rebuild: bool = False) -> Path:
             return base
         tmp = Path(tempfile.mkdtemp(prefix=f".import-{src.sha256}-", dir=_mkdir(base.parent)))
         try:
-            from stackbuild.sources.archive import import_tarball_to_git
+            from stackbuild.sources.archive import DEFAULT_LIMITS, import_tarball_to_git
 
             with disk_guard(tmp):  # diagnosed before the finally frees the space
                 run_git(tmp, "init", "-q", "--bare", "-b", "stackbuild")
+                # the ref appears only after the whole archive was read and checked (CRC included)
                 import_tarball_to_git(_sdist(ctx, src), tmp, "stackbuild", f"base: {src.describe()}",
-                                      {**os.environ, **GIT_ENV}, checkout=False)
+                                      {**os.environ, **GIT_ENV}, checkout=False, limits=src.limits or DEFAULT_LIMITS)
             shutil.rmtree(base, ignore_errors=True)
             os.replace(tmp, base)
         finally:

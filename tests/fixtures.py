@@ -28,8 +28,18 @@ def test_cache_dir() -> Path:  # noqa: D103 - not a test (see __test__ below)
     return d
 
 
+# set by conftest for each test: whether it is marked `network`
+NETWORK_ALLOWED = True
+
+
+def _needs_network(what: str) -> None:
+    if not NETWORK_ALLOWED:
+        raise AssertionError(f"{what} comes from the package index: mark the test `network`")
+
+
 def vllm_sdist(version: str) -> Path:
     """The real vLLM sdist from the package index, downloaded once into the test cache."""
+    _needs_network(f"vllm-{version}")
     sha = VLLM_SDISTS[version]
     dest = test_cache_dir() / f"vllm-{version}.tar.gz"
     if dest.exists() and sha256_file(dest) == sha:
@@ -56,6 +66,7 @@ def vllm_sdist(version: str) -> Path:
 def vllm_tree(version: str) -> Path:
     """The extracted pristine vLLM source release (read-only by convention: copy it
     before changing anything)."""
+    _needs_network(f"vllm-{version}")
     root = test_cache_dir() / "trees"
     tree = root / f"vllm-{version}"
     if (tree / "pyproject.toml").exists():

@@ -174,3 +174,62 @@ def test_version(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyP
 
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"stackbuild {__version__}"
+
+
+# ---------------------------------------------------------------- conventions
+
+
+def _base_project(proj: Project) -> None:
+    """Add a base recipe with no sources (like xpu-base) that `child2` extends."""
+    (proj.root / "recipes/shared.toml").write_text('description = "shared pins"\nplatform = "b70"\n'
+                                                   '[pins]\nnumpy = "==2.0.0"\n')
+    body = (proj.root / "recipes/base.toml").read_text().replace('description = "the base"\n', "")
+    (proj.root / "recipes/child2.toml").write_text('extends = "shared"\n' + body)
+
+
+def test_list_marks_bases_and_apply_refuses_them(proj: Project, capsys: pytest.CaptureFixture[str]) -> None:
+    _base_project(proj)
+    assert main(["list", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["shared"]["base"] is True and rows["child"]["base"] is False
+    assert main(["list"]) == 0
+    shared = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("shared "))
+    assert "(base)" in shared
+    for argv in (["apply", "shared"], ["lock", "shared", "--check"], ["build", "shared", "--dry-run"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "shared is a base recipe" in err and "child2" in err and "Traceback" not in err
+    assert not (proj.root / "work" / "shared").exists()
+
+
+def test_errors_under_json_are_a_json_object(proj: Project, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["show", "nosuch", "--json"]) == 2
+    d = json.loads(capsys.readouterr().out)
+    assert d["exit_code"] == 2 and "no recipe named 'nosuch'" in d["error"]
+    assert d["file"].endswith("nosuch.toml") and d["key"] is None
+    assert main(["apply", "child", "--json", "--no-such-option"]) == 2
+    d = json.loads(capsys.readouterr().out)
+    assert d["exit_code"] == 2 and "--no-such-option" in d["error"]
+
+
+def test_short_help_version_and_plain_text_help(capsys: pytest.CaptureFixture[str]) -> None:
+    from stackbuild import __version__
+
+    assert main(["-h"]) == 0
+    out = capsys.readouterr().out
+    assert "--version" in out and "--install-completion" in out and "Commands:" in out
+    assert main(["import", "-h"]) == 0
+    assert "Append [[patches]] entries" in capsys.readouterr().out  # not eaten as markup
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"stackbuild {__version__}"
+
+
+def test_tables_fit_the_terminal_width() -> None:
+    from stackbuild.report import Table
+
+    long = "a detail that goes on " * 12
+    t = Table("t", ("check", "status", "detail"), (("compile", "pass", long), ("registry", "fail", "short")))
+    text = t.render(width=80)
+    assert max(len(ln) for ln in text.splitlines()) <= 80
+    assert " ".join(text.split()).count("a detail that goes on") == 12  # wrapped, nothing lost
+    assert t.render(width=None).splitlines()[3].endswith(long.rstrip())  # a pipe gets whole lines

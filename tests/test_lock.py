@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 from pathlib import Path
 
+import fixtures
 import pytest
 from lock.tinyindex import build_index, build_wheel, sha256
 
@@ -28,8 +28,6 @@ from stackbuild.lock.requirements import read_source_requirements, requirement_f
 from stackbuild.recipe import Recipe, load_recipe
 
 DEAD_INDEX = "http://127.0.0.1:9/simple"
-VLLM_019 = Path.home() / ".cache" / "stackbuild-tests" / "trees" / "vllm-0.19.0"
-HAS_UV = shutil.which("uv") is not None
 
 
 # ---------------------------------------------------------------- fixtures
@@ -483,14 +481,15 @@ def test_requirement_file_errors_name_file_and_line(tmp_path: Path) -> None:
         read_source_requirements(tree, ("requirements/common.txt",))
 
 
-@pytest.mark.skipif(not (VLLM_019 / "requirements" / "common.txt").exists(), reason="no cached vLLM 0.19.0 tree")
+@pytest.mark.network
 def test_plan_for_real_vllm_0_19_overrides_transformers(tmp_path: Path) -> None:
+    vllm_019 = fixtures.vllm_tree("0.19.0")
     kernels = "https://github.com/vllm-project/vllm-xpu-kernels/releases/download/v0.1.5/vllm_xpu_kernels-0.1.5-cp38-abi3-manylinux_2_28_x86_64.whl"
     pins = ('transformers = { version = "==5.10.2", override = "vLLM 0.19.0 declares <5 but its Gemma 4 code needs >= 5.5.0" }\n'
             'torch = { version = "==2.10.0+xpu", index = "https://download.pytorch.org/whl/xpu" }\n'
             f'vllm-xpu-kernels = {{ url = "{kernels}", trust_on_first_use = true, override = "0.1.5 has the int4 MoE fix" }}\n')
     recipe = make_recipe(tmp_path, pins, name="lunar-lake-moe", target="xpu")
-    plan = plan_lock(recipe, VLLM_019)
+    plan = plan_lock(recipe, vllm_019)
     by_name = {o.name: o for o in plan.overrides}
     assert by_name["transformers"].replaces == ("transformers<5,>=4.56.0 (vllm requirements/common.txt:10)",)
     assert by_name["vllm-xpu-kernels"].replaces[0].startswith("vllm_xpu_kernels @ https://github.com/")
@@ -504,7 +503,7 @@ def test_plan_for_real_vllm_0_19_overrides_transformers(tmp_path: Path) -> None:
     without = make_recipe(tmp_path, pins.replace(', override = "vLLM 0.19.0 declares <5 but its Gemma 4 code needs >= 5.5.0"', ""),
                           name="lunar-lake-moe", target="xpu")
     with pytest.raises(LockError, match=r"contradicts vllm's `transformers<5,>=4.56.0` \(requirements/common.txt:10\)"):
-        plan_lock(without, VLLM_019)
+        plan_lock(without, vllm_019)
 
 
 def test_vllm_itself_cannot_be_pinned(tmp_path: Path) -> None:
@@ -525,7 +524,6 @@ def test_parse_resolver_output_normalises_paths() -> None:
 # ---------------------------------------------------------------- uv
 
 
-@pytest.mark.skipif(not HAS_UV, reason="uv is not installed (pip install uv)")
 def test_uv_gives_the_same_lock_as_pip_tools(tmp_path: Path, universe: Universe) -> None:
     tree = make_tree(tmp_path, COMMON)
     url = universe.kernels.as_uri()
@@ -541,7 +539,6 @@ def test_uv_gives_the_same_lock_as_pip_tools(tmp_path: Path, universe: Universe)
     assert "--resolver uv" in b.read_text()
 
 
-@pytest.mark.skipif(not HAS_UV, reason="uv is not installed (pip install uv)")
 def test_transitive_declaration_pip_tools_explains_uv_overrides(tmp_path: Path, universe: Universe) -> None:
     # vLLM 0.19.0 pins compressed-tensors==0.14.0.1, which itself requires transformers<5.0.0
     tree = make_tree(tmp_path, "sbt-epsilon==1.0\nsbt-gamma>=4,<5\n")

@@ -8,19 +8,20 @@ variables that change what is resolved. Only the indexes the caller names are us
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
-import urllib.error
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from stackbuild.lock.errors import ResolutionFailed, ResolverMissing
+from stackbuild.lock.errors import LockError, ResolutionFailed, ResolverMissing
 
 RESOLVERS = ("pip-tools", "uv")
 DEFAULT_INDEX = "https://pypi.org/simple"
@@ -68,23 +69,15 @@ def probe(url: str, timeout: float = PROBE_TIMEOUT_S, *, artifact: bool = False)
     scheme = urllib.parse.urlparse(url).scheme
     if scheme not in ("http", "https"):
         return f"unsupported URL scheme {scheme!r}"
-    req = urllib.request.Request(url, method="HEAD", headers={"User-Agent": "stackbuild-lock"})
+    from stackbuild.net import NetError, head
+
     try:
-        with urllib.request.urlopen(req, timeout=timeout):
-            return None
-    except urllib.error.HTTPError as e:
-        if artifact and e.code in (404, 410):
-            return f"HTTP {e.code} (no such file)"
+        head(url, timeout=timeout)
         return None
-    except urllib.error.URLError as e:
-        reason = e.reason
-        if isinstance(reason, TimeoutError) or "timed out" in str(reason):
-            return f"no answer within {timeout:g} s"
-        return f"{getattr(reason, 'strerror', None) or reason}"
-    except TimeoutError:
-        return f"no answer within {timeout:g} s"
-    except OSError as e:
-        return e.strerror or str(e)
+    except NetError as e:
+        if e.status is not None:  # the host answered
+            return f"HTTP {e.status} (no such file)" if artifact and e.status in (404, 410) else None
+        return e.message.removeprefix("unreachable: ")
 
 
 def probe_all(urls: list[tuple[str, bool]], timeout: float = PROBE_TIMEOUT_S) -> dict[str, str | None]:
@@ -147,13 +140,49 @@ def uv_version(exe: str) -> str:
         return "?"
 
 
-def run_resolver(resolver: str, req: ResolveRequest, timeout_s: float = 1800) -> ResolveRun:
+def resolve_timeout() -> float:
+    """Seconds one resolver run may take in all (`STACKBUILD_RESOLVE_TIMEOUT`, default
+    1800: pip-compile with hashes takes 50-70 s for transformers here)."""
+    raw = os.environ.get("STACKBUILD_RESOLVE_TIMEOUT", "")
+    try:
+        value = float(raw) if raw else 1800.0
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise LockError(f"STACKBUILD_RESOLVE_TIMEOUT={raw!r} must be a positive number of seconds",
+                        key="STACKBUILD_RESOLVE_TIMEOUT")
+    return value
+
+
+def _run_bounded(argv: list[str], env: dict[str, str], cwd: Path, timeout_s: float) -> subprocess.CompletedProcess[str]:
+    """Run the resolver in its own process group, so that a timeout or Ctrl-C ends it
+    and everything it started (pip's build subprocesses), not only the first process."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def run_resolver(resolver: str, req: ResolveRequest, timeout_s: float | None = None) -> ResolveRun:
+    """Run `resolver` on `req` within `timeout_s` seconds in all (default
+    `resolve_timeout()`); each of its network reads is limited by STACKBUILD_NET_TIMEOUT."""
+    from stackbuild.net import request_timeout
+
+    timeout_s = timeout_s if timeout_s is not None else resolve_timeout()
+    read_s = request_timeout()
+    env = clean_env()
     if resolver == "pip-tools":
         argv = [sys.executable, "-m", "piptools", "compile", "--no-header", "--generate-hashes",
                 "--allow-unsafe", "--strip-extras", "--no-emit-index-url", "--no-emit-find-links",
                 "--no-emit-trusted-host", "--output-file", str(req.output)]
         # Retries belong to the probes; a dead mirror must not cost pip's 16 s of retries.
-        argv += ["--pip-args", "--retries 1 --timeout 30"]
+        argv += ["--pip-args", f"--retries 1 --timeout {read_s:g}"]
         version = pip_tools_version()
     elif resolver == "uv":
         exe = find_uv()
@@ -164,6 +193,7 @@ def run_resolver(resolver: str, req: ResolveRequest, timeout_s: float = 1800) ->
         if req.overrides is not None:
             argv += ["--overrides", str(req.overrides)]
         version = uv_version(exe)
+        env.setdefault("UV_HTTP_TIMEOUT", f"{max(1, round(read_s))}")
     else:
         raise ResolverMissing(f"unknown resolver {resolver!r} (one of: {', '.join(RESOLVERS)})",
                               key="--resolver")
@@ -177,12 +207,14 @@ def run_resolver(resolver: str, req: ResolveRequest, timeout_s: float = 1800) ->
         argv += ["--find-links", f]
     argv += [str(p) for p in req.inputs]
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, env=clean_env(),
-                              cwd=req.output.parent, timeout=timeout_s)
+        proc = _run_bounded(argv, env, req.output.parent, timeout_s)
     except FileNotFoundError as e:
         raise ResolverMissing(f"cannot run {resolver}: {e.strerror}", key="--resolver") from None
     except subprocess.TimeoutExpired:
-        raise ResolutionFailed(f"{resolver} did not finish within {timeout_s:g} s") from None
+        indexes = ([req.index_url] if req.index_url else ["no index"]) + list(req.extra_index_urls)
+        raise ResolutionFailed(
+            f"{resolver} did not finish within {timeout_s:g} s resolving against {', '.join(indexes)} "
+            "(stopped; STACKBUILD_RESOLVE_TIMEOUT sets the limit)") from None
     if proc.returncode == 0 and req.output.exists():
         return ResolveRun(True, req.output.read_text(encoding="utf-8"), proc.stderr, tuple(argv), version)
     if resolver == "pip-tools" and "No module named piptools" in proc.stderr:

@@ -5,29 +5,30 @@ into the cache, checked against the recipe's sha256 before use."""
 from __future__ import annotations
 
 import ast
-import hashlib
 import json
 import os
 import re
 import subprocess
 import sys
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from stackbuild.cache import atomic_file, cache_dir, locked, sha256_file
+from stackbuild import net
+from stackbuild.cache import cache_dir, locked, sha256_file
 from stackbuild.errors import SourceError
+
+if TYPE_CHECKING:
+    from stackbuild.sources.limits import ArchiveLimits
 
 DEFAULT_INDEX = "https://pypi.org/simple"
 JSON_ACCEPT = "application/vnd.pypi.simple.v1+json, text/html;q=0.1"
-TIMEOUT = float(os.environ.get("STACKBUILD_NET_TIMEOUT", "30"))
 
 Progress = Callable[[str], None]
 
@@ -84,43 +85,67 @@ class _Links(HTMLParser):
             self._href = None
 
 
-def _get(url: str) -> tuple[bytes, str]:
+def _page_url(url: str) -> str:
+    """A `file://` index is a directory per project holding index.json or index.html."""
     if url.startswith("file://"):
         path = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path))
-        if path.is_dir():
-            for name in ("index.json", "index.html"):
-                if (path / name).exists():
-                    path = path / name
-                    break
-        return path.read_bytes(), "application/json" if path.suffix == ".json" else "text/html"
-    req = urllib.request.Request(url, headers={"Accept": JSON_ACCEPT, "User-Agent": "stackbuild"})
-    with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
-        return r.read(), r.headers.get("Content-Type", "")
+        for name in ("index.json", "index.html"):
+            if (path / name).is_file():
+                return (path / name).as_uri()
+    return url
 
 
 def list_files(project: str, index: str | None = None) -> list[IndexFile]:
+    """The files the index lists for `project`. The answer is untrusted: anything that
+    is not a well-formed PEP 691 JSON or PEP 503 HTML page is refused, naming the URL."""
     index = (index or configured_index()).rstrip("/")
     url = f"{index}/{canonicalize_name(project)}/"
     try:
-        body, ctype = _get(url)
-    except urllib.error.HTTPError as e:
-        if e.code == 404:
+        r = net.get(_page_url(url), accept=JSON_ACCEPT)
+    except net.NetError as e:
+        if e.status == 404:
             raise SourceError(f"project {project!r} not found on the index", file=index) from None
-        raise SourceError(f"index answered HTTP {e.code} for {url}", file=index) from None
-    except (urllib.error.URLError, OSError, TimeoutError) as e:
-        reason = getattr(e, "reason", e)
-        raise SourceError(f"index unreachable: {reason}", file=index) from None
-    files: list[IndexFile] = []
-    if "json" in ctype:
-        for f in json.loads(body)["files"]:
-            files.append(IndexFile(f["filename"], urllib.parse.urljoin(url, f["url"]), f.get("hashes", {}).get("sha256")))
-        return files
+        if e.status is not None:
+            raise SourceError(f"index answered HTTP {e.status} for {url}", file=index) from None
+        raise SourceError(f"{e.message} (requesting {url})", file=index) from None
+    if "json" in r.content_type:
+        return _json_files(url, r.body)
     parser = _Links()
-    parser.feed(body.decode("utf-8", "replace"))
+    parser.feed(r.body.decode("utf-8", "replace"))
+    files: list[IndexFile] = []
     for text, href in parser.links:
         full = urllib.parse.urljoin(url, href)
         m = re.search(r"#sha256=([0-9a-f]{64})", full)
         files.append(IndexFile(text or Path(urllib.parse.urlparse(full).path).name, full.split("#")[0], m.group(1) if m else None))
+    return files
+
+
+def _json_files(url: str, body: bytes) -> list[IndexFile]:
+    def bad(why: str) -> SourceError:
+        return SourceError(f"malformed index answer (PEP 691 JSON): {why}", file=url)
+
+    try:
+        doc = json.loads(body)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise bad(f"not valid JSON: {e}") from None
+    if not isinstance(doc, dict) or "files" not in doc:
+        raise bad("no 'files' list")
+    if not isinstance(doc["files"], list):
+        raise bad(f"'files' is {type(doc['files']).__name__}, not a list")
+    files: list[IndexFile] = []
+    for i, f in enumerate(doc["files"]):
+        if not isinstance(f, dict):
+            raise bad(f"files[{i}] is {type(f).__name__}, not an object")
+        for key in ("filename", "url"):
+            if not isinstance(f.get(key), str) or not f[key]:
+                raise bad(f"files[{i}] has no {key!r} string")
+        hashes = f.get("hashes", {})
+        if not isinstance(hashes, dict):
+            raise bad(f"files[{i}].hashes is {type(hashes).__name__}, not an object")
+        sha = hashes.get("sha256")
+        if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+            raise bad(f"files[{i}].hashes.sha256 is not 64 hex digits")
+        files.append(IndexFile(f["filename"], urllib.parse.urljoin(url, f["url"]), sha))
     return files
 
 
@@ -130,9 +155,11 @@ def sdist_filename_candidates(project: str, version: str) -> list[str]:
     return [f"{n}-{version}.tar.gz" for n in names]
 
 
-def fetch_sdist(requirement: str, sha256: str, progress: Progress | None = None, index: str | None = None) -> Path:
+def fetch_sdist(requirement: str, sha256: str, progress: Progress | None = None, index: str | None = None,
+                limits: ArchiveLimits | None = None) -> Path:
     """The sdist of an exactly pinned requirement, from the cache or the index,
-    verified against `sha256` before it is returned."""
+    verified against `sha256` before it is returned. A fresh download is also read to
+    the end of its compressed stream (within `limits`) before it is cached."""
     req = Requirement(requirement)
     version = next(iter(req.specifier)).version
     dest_dir = cache_dir() / "sdists" / sha256
@@ -157,26 +184,16 @@ def fetch_sdist(requirement: str, sha256: str, progress: Progress | None = None,
             return dest
         if progress:
             progress(f"downloading {match.filename}")
-        download_verified(match.url, dest, sha256)
+        from stackbuild.sources.archive import DEFAULT_LIMITS, verify_compressed
+
+        # a corrupt stream (bad CRC, truncated) is never cached, even when its hash is pinned
+        download_verified(match.url, dest, sha256, label=match.filename,
+                          check=lambda f: verify_compressed(f, match.url, limits or DEFAULT_LIMITS))
     return dest
 
 
-def download_verified(url: str, dest: Path, sha256: str) -> None:
-    h = hashlib.sha256()
-    try:
-        with atomic_file(dest) as out:
-            if url.startswith("file://"):
-                src = open(urllib.parse.unquote(urllib.parse.urlparse(url).path), "rb")  # noqa: SIM115
-            else:
-                req = urllib.request.Request(url, headers={"User-Agent": "stackbuild"})
-                src = urllib.request.urlopen(req, timeout=TIMEOUT)  # noqa: SIM115
-            with src:
-                for chunk in iter(lambda: src.read(1 << 20), b""):
-                    h.update(chunk)
-                    out.write(chunk)
-            if h.hexdigest() != sha256:
-                raise SourceError(
-                    f"sha256 mismatch: recipe pins {sha256}, downloaded file has {h.hexdigest()}", file=url
-                )
-    except (urllib.error.URLError, OSError, TimeoutError) as e:
-        raise SourceError(f"download failed: {getattr(e, 'reason', e)}", file=url) from None
+def download_verified(url: str, dest: Path, sha256: str, check: Callable[[BinaryIO], None] | None = None,
+                      label: str | None = None) -> None:
+    """Download `url` to `dest` through the network door (deadline, size limit,
+    progress), which keeps `dest` only if its sha256 matches (and `check` passes)."""
+    net.download(url, dest, sha256=sha256, check=check, label=label)

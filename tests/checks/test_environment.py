@@ -7,6 +7,7 @@ import base64
 import hashlib
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -39,13 +40,19 @@ def build_wheel(dest: Path, name: str, version: str, files: dict[str, str]) -> P
     return whl
 
 
-def make_venv(path: Path, wheels: list[Path], *, system_site_packages: bool = False) -> Path:
-    """A real venv (python -m venv) with the wheels installed by pip, offline."""
-    args = [sys.executable, "-m", "venv", "--without-pip"]
-    if system_site_packages:
-        args.append("--system-site-packages")
-    subprocess.run([*args, str(path)], check=True)
+def make_venv(path: Path, wheels: list[Path], *, see_test_env: bool = False) -> Path:
+    """A real venv (python -m venv) with the wheels installed by pip, offline.
+
+    `see_test_env` lets it import the test environment's packages (the project venv,
+    where the dev extras put CPU torch) after its own, through a .pth file. Never the
+    base interpreter's site-packages: what is installed there by hand differs per machine.
+    """
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
     python = path / "bin" / "python"
+    if see_test_env:
+        own = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+        Path(own, "zz-test-env.pth").write_text(sysconfig.get_path("purelib") + "\n")
     if wheels:
         subprocess.run(
             [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index",

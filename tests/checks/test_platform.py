@@ -55,8 +55,8 @@ def fake_kernels_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def torch_venv(tmp_path_factory: pytest.TempPathFactory, fake_kernels_wheel: Path) -> Path:
-    """A venv that sees the host's CPU torch, with the fake kernel wheel installed."""
-    return make_venv(tmp_path_factory.mktemp("tv") / "venv", [fake_kernels_wheel], system_site_packages=True)
+    """A venv that sees the test environment's CPU torch, with the fake kernel wheel installed."""
+    return make_venv(tmp_path_factory.mktemp("tv") / "venv", [fake_kernels_wheel], see_test_env=True)
 
 
 def test_cpu_torch_skips_the_device_part_and_reads_installed_kernels(tmp_path: Path, torch_venv: Path) -> None:

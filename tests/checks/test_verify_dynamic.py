@@ -1,6 +1,7 @@
 """The dynamic registry check against a real target environment: the patched vLLM
 0.19.0 built as a pure-Python wheel, installed with its import-time dependencies
-(transformers 5.5.0, torch 2.13.0 CPU) into a venv of its own, no system packages."""
+(transformers 5.5.0; the test environment's CPU torch 2.13.0 linked in) into a venv of its own,
+no system packages."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.network]
 
 # What importing 0.19.0's model registry and gemma4_mm on CPU needs (found by importing
 # until nothing was missing), plus what building the wheel without isolation needs.
-RUNTIME = ["torch==2.13.0", "transformers==5.5.0", "psutil", "pyzmq", "urllib3", "cbor2", "gguf",
+RUNTIME = ["transformers==5.5.0", "psutil", "pyzmq", "urllib3", "cbor2", "gguf",
            "aiohttp", "pillow", "einops", "pybase64", "cachetools"]
 BUILD = ["setuptools>=77,<81", "setuptools-scm>=8", "wheel", "jinja2"]
 ARCHS = ("Gemma4ForConditionalGeneration", "Gemma4UnifiedForConditionalGeneration")
@@ -35,9 +36,40 @@ def _run(cmd: list[str], **kw: object) -> None:
     assert proc.returncode == 0, f"{cmd[:4]} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
 
 
+def _link_torch(venv: Path) -> None:
+    """The venv imports the test environment's CPU torch 2.13.0 (the dev extras pin it)
+    instead of a 750 MB copy in the test cache: a .pth names a folder of links to torch
+    and the distributions it requires, nothing else of the test environment."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    links = venv / "torch-from-test-env"
+    links.mkdir(exist_ok=True)
+    todo, seen = ["torch"], set()
+    while todo:
+        dist = metadata.distribution(todo.pop())
+        name = dist.metadata["Name"].lower()
+        if name in seen:
+            continue
+        seen.add(name)
+        for f in dist.files or ():
+            top = f.parts[0]
+            if top.endswith(".dist-info") or not top.startswith(("..", "__pycache__")):
+                src = Path(str(dist.locate_file(top)))
+                if src.exists() and not (links / top).exists():
+                    (links / top).symlink_to(src)
+        for req in dist.requires or ():
+            r = Requirement(req)
+            if r.marker is None or r.marker.evaluate({"extra": ""}):
+                todo.append(r.name)
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    (site / "zz-torch-from-test-env.pth").write_text(f"{links}\n")
+
+
 def target_venv() -> Path:
     """A venv with the runtime and build requirements, made once and cached."""
-    key = hashlib.sha256("\n".join([sys.version, *RUNTIME, *BUILD]).encode()).hexdigest()[:12]
+    key = hashlib.sha256("\n".join([sys.version, "torch-linked", *RUNTIME, *BUILD]).encode()).hexdigest()[:12]
     venv = fixtures.test_cache_dir() / "venvs" / f"vllm-0.19.0-cpu-{key}"
     if (venv / ".complete").exists():
         return venv
@@ -45,7 +77,9 @@ def target_venv() -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(venv, ignore_errors=True)
     _run([sys.executable, "-m", "venv", str(venv)])  # venvs do not survive a rename: build in place
+    _link_torch(venv)
     _run([str(venv / "bin/python"), "-m", "pip", "install", "-q", *RUNTIME, *BUILD])
+    _run([str(venv / "bin/python"), "-c", "import torch; assert torch.__version__.startswith('2.13.0')"])
     (venv / ".complete").write_text("\n".join(RUNTIME + BUILD))
     return venv
 

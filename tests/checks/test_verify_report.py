@@ -11,6 +11,8 @@ from stackbuild import verify
 from stackbuild.checks import CheckStatus
 from stackbuild.errors import StackbuildError
 
+NETWORK_FIXTURES = frozenset({"workspace"})  # built from the real vLLM 0.19.0 release
+
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -18,6 +18,9 @@ PY310 = Path("/root/.pyenv/versions/3.10.13/bin/python")
 MM = "vllm/model_executor/models/gemma4_mm.py"
 
 
+NETWORK_FIXTURES = frozenset({"workspace"})  # built from the real vLLM 0.19.0 release
+
+
 @pytest.fixture(scope="session")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ws = tmp_path_factory.mktemp("verify-ws")
