@@ -88,6 +88,8 @@ def diagnose_write_failure(e: BaseException, *paths: Path) -> StackbuildError | 
     if isinstance(e, OSError):
         if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
             return not_writable(Path(e.filename) if isinstance(e.filename, str) else paths[0], e)
+        if e.errno not in (errno.EPIPE, errno.EIO):  # what a writer sees when its git died of a full disk
+            return None
         full = disk_full(*paths, _cache_or(paths[0]))
         return DiskFullError(f"no space left on device: {full}") if full is not None else None
     if isinstance(e, StackbuildError):

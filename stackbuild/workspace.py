@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from stackbuild import __version__
-from stackbuild.cache import atomic_file, cache_dir, disk_guard, locked
+from stackbuild.cache import atomic_file, cache_dir, diagnose_write_failure, disk_guard, locked
 from stackbuild.errors import PatchError, SourceError, StackbuildError, WorkspaceError
 from stackbuild.manifest import Manifest, PatchRecord, SourceRecord, read_manifest
 from stackbuild.recipe import (
@@ -312,6 +312,9 @@ def _materialise(ctx: _Ctx, src: Source, dest: Path) -> None:
         base = _base_repo(ctx, src)
         r = _clone_base(base, dest)
         if r.returncode != 0:
+            full = diagnose_write_failure(StackbuildError(f"git clone failed: {r.stderr}"), dest)
+            if full is not None:  # the workspace's disk, not the cache, is the problem
+                raise full
             ctx.progress(f"the cached base of {src.requirement} is damaged ({_tail(r.stderr)}); "
                          "importing the verified sdist again")
             shutil.rmtree(dest, ignore_errors=True)

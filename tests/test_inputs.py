@@ -43,3 +43,15 @@ def test_damaged_manifest_is_one_error_naming_it(tmp_path: Path, data: bytes) ->
     with pytest.raises(StackbuildError) as ei:
         read_manifest(tmp_path)
     assert ei.value.file == str(tmp_path / "manifest.json")
+
+
+def test_non_utf8_mirror_map_names_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from stackbuild.errors import SourceError
+    from stackbuild.sources.git import mirror_map
+
+    f = tmp_path / "mirrors.toml"
+    f.write_bytes(b'[mirrors]\n"https://github.com/" = "/srv/\xe9"\n')
+    monkeypatch.setenv("STACKBUILD_MIRRORS_FILE", str(f))
+    with pytest.raises(SourceError) as ei:
+        mirror_map()
+    assert ei.value.file == str(f) and "not UTF-8" in ei.value.message

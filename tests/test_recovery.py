@@ -294,6 +294,14 @@ def test_real_release_cache_damage_read_only_cache_and_another_filesystem(tmp_pa
     r = _in_ns(setup, ["apply", "rel", "--workdir", str(other / "w")], proj.root, env)
     assert r.returncode == 0, r.stderr
 
+    # a full workdir filesystem while cloning: one line, and the cache is not blamed
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    r = _in_ns(f"mount -t tmpfs -o size=12m tmpfs {tiny}", ["apply", "rel", "--workdir", str(tiny / "w")], proj.root, env)
+    assert r.returncode == 2, r.stderr
+    _one_clean_line(r.stderr, "no space left on device")
+    assert "damaged" not in r.stderr and len(r.stderr.splitlines()) < 10, r.stderr
+
     # a full cache filesystem while importing a release: one line, not a broken pipe
     small = tmp_path / "smallcache"
     small.mkdir()
