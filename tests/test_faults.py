@@ -165,6 +165,7 @@ def test_sigkill_at_random_moments_over_repeated_runs(two_states: tuple[Project,
     assert seen["old"] + seen["new"] == 16
 
 
+@pytest.mark.network  # the real vLLM sdists (cached once under STACKBUILD_TEST_CACHE)
 @pytest.mark.slow
 def test_real_vllm_release_killed_around_the_swap(tmp_path: Path) -> None:
     """vLLM 0.19.0 (4,400 files): killed while materialising, at the exchange and while

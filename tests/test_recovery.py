@@ -236,6 +236,7 @@ def test_read_only_cache_without_the_entry_is_one_clear_error(proj: Project, tmp
     _one_clean_line(r.stderr, "read-only", str(cache))
 
 
+@pytest.mark.network  # the real vLLM sdists (cached once under STACKBUILD_TEST_CACHE)
 @needs_mounts
 @pytest.mark.slow
 def test_real_release_cache_damage_read_only_cache_and_another_filesystem(tmp_path: Path) -> None:
