@@ -152,6 +152,11 @@ def atomic_file(dest: Path) -> Iterator[BinaryIO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, dest)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise not_writable(dest, e) from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

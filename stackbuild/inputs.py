@@ -15,10 +15,11 @@ def decode_user_bytes(
     """`data` as UTF-8 text; a byte that is not UTF-8 is an error naming `path` and the
     byte's offset (the place to look in a hex editor)."""
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         bad = data[e.start:e.start + 1].hex()
         raise error(f"{what} is not UTF-8 text: byte 0x{bad} at offset {e.start} ({e.reason})", file=path) from None
+    return text.removeprefix("\ufeff")  # a byte-order mark some editors write: not content
 
 
 def read_user_text(path: Path, what: str = "file", error: type[StackbuildError] = StackbuildError) -> str:

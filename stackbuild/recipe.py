@@ -279,6 +279,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"not valid TOML: {e}", file=path) from None
+    except RecursionError:
+        raise RecipeError("not a recipe: arrays or tables nested too deeply", file=path) from None
 
 
 Origins = dict[str, Path]  # dotted key ("sources.vllm.sha256") -> the file that set it

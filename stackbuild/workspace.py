@@ -547,6 +547,7 @@ def apply_recipe(
         workdir.parent.mkdir(parents=True, exist_ok=True)
         with locked(workdir.parent / f".{workdir.name}.lock", f"workspace {workdir}"):
             remove_litter(workdir, ctx.progress)
+            _refuse_foreign(workdir)
             digest, idents, patch_shas = _inputs_digest(ctx)
             if force or not os.path.lexists(workdir):
                 return _build(ctx, workdir, digest, idents, patch_shas)
@@ -561,6 +562,20 @@ def apply_recipe(
             if damage:
                 ctx.progress(f"the workspace is damaged ({damage}); rebuilding it")
             return _build(ctx, workdir, digest, idents, patch_shas)
+
+
+def _refuse_foreign(workdir: Path) -> None:
+    """Never replace what stackbuild did not make (a `--workdir` pointing at a user's
+    folder or file), not even with --force: only an empty folder, or one holding a
+    manifest or source trees (damaged or not), is a workspace to rebuild."""
+    if not os.path.lexists(workdir):
+        return
+    if workdir.is_dir() and not workdir.is_symlink():
+        children = list(workdir.iterdir())
+        if not children or (workdir / "manifest.json").exists() or any((c / ".git").exists() for c in children):
+            return
+    raise WorkspaceError("exists and is not a stackbuild workspace (no manifest.json, no source trees); "
+                         "refusing to replace it: give another --workdir, or move it away", file=workdir)
 
 
 def _inspect(workdir: Path) -> tuple[Manifest | None, str]:

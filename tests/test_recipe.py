@@ -472,3 +472,15 @@ def test_local_source_path_is_relative_to_the_project_root(tmp_path: Path) -> No
     assert local_source_dir(r, r.source("vllm")) == (tmp_path / "forks" / "vllm").resolve()
     q = write(tmp_path, "q", 'platform = "b70"\n[sources.vllm]\npath = "../my-vllm-fork"\n')
     assert "outside the project" in load_error(q).message
+
+
+def test_deeply_nested_toml_is_a_recipe_error(tmp_path: Path) -> None:
+    p = write(tmp_path, "r", 'platform = "b70"\n')
+    p.write_text('platform = "b70"\nx = ' + "[" * 5000 + "]" * 5000 + "\n")
+    assert "nested too deeply" in load_error(p).message
+
+
+def test_a_byte_order_mark_is_not_content(tmp_path: Path) -> None:
+    p = write(tmp_path, "r", 'platform = "b70"\n')
+    p.write_bytes(b"\xef\xbb\xbf" + p.read_bytes())
+    assert load_recipe(p).platform is B70

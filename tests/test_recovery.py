@@ -71,12 +71,27 @@ def test_garbage_head_gets_advice_that_works_and_force_rebuilds(proj: Project, c
     assert main(["apply", "r"]) == 0 and "unchanged" in capsys.readouterr().out
 
 
-def test_force_rebuilds_whatever_is_at_the_path(proj: Project) -> None:
-    work = proj.root / "work/r"
-    work.parent.mkdir(parents=True)
-    work.write_text("not a workspace\n")  # a file where the workspace should be
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_what_stackbuild_did_not_make_is_never_replaced(proj: Project, tmp_path: Path, force: list[str],
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    mine = tmp_path / "my-folder"
+    (mine / "notes").mkdir(parents=True)
+    (mine / "notes" / "todo.txt").write_text("keep me\n")
+    afile = tmp_path / "afile"
+    afile.write_text("keep me too\n")
+    for target in (mine, afile):
+        assert main(["apply", "r", "--workdir", str(target), *force]) == 2
+        _one_clean_line(capsys.readouterr().err, "not a stackbuild workspace", str(target))
+    assert (mine / "notes" / "todo.txt").read_text() == "keep me\n" and afile.read_text() == "keep me too\n"
+
+
+def test_force_rebuilds_a_workspace_without_its_manifest(proj: Project) -> None:
+    assert main(["apply", "r"]) == 0
+    (proj.root / "work/r/manifest.json").unlink()
+    (proj.root / "work/r/pkg/.git/HEAD").write_text("junk\n")
+    assert main(["apply", "r"]) == 2  # git cannot say whether there are local edits
     assert main(["apply", "--force", "r"]) == 0
-    assert (work / "manifest.json").is_file()
+    assert (proj.root / "work/r/manifest.json").is_file()
 
 
 def test_local_edits_are_refused_then_kept_with_the_advised_snapshot(proj: Project, capsys: pytest.CaptureFixture[str]) -> None:
