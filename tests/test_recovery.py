@@ -4,6 +4,7 @@ Ctrl-C. Each is one clear error (exit 2, 130 for Ctrl-C) or recovers by itself."
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -421,3 +422,129 @@ def test_renamed_file_is_named_once(proj: Project, capsys: pytest.CaptureFixture
     assert main(["apply", "r"]) == 2
     err = capsys.readouterr().err
     assert "(pkg: pkg/renamed.py)" in err  # the old path of the rename is not a file of its own
+
+
+# ------------------------------------------------------------------ a damaged cache (a tiny release on a local index: fast)
+
+
+def _tiny_sdist(tmp_path: Path, index: Path, version: str) -> str:
+    import tarfile
+
+    src = tmp_path / f"tiny-{version}"
+    (src / "tiny").mkdir(parents=True)
+    for i in range(150):  # over git's unpack limit (100): the base is a pack, as a real release's is
+        (src / "tiny" / f"m{i}.py").write_text(f"# module {i} of {version}\n" + "".join(f"v{j} = {j * i}\n" for j in range(50)))
+    (index / "tiny").mkdir(parents=True, exist_ok=True)
+    sdist = index / "tiny" / f"tiny-{version}.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tf:
+        tf.add(src, arcname=f"tiny-{version}")
+    return sha256(sdist.read_bytes())
+
+
+def _tiny_release(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Project, Path]:
+    """Source releases tiny==1.0 and tiny==2.0 (sdists on a file:// index), and a recipe
+    `t` patching 1.0 and backporting tiny/m1.py from 2.0."""
+    index = tmp_path / "index"
+    shas = {v: _tiny_sdist(tmp_path, index, v) for v in ("1.0", "2.0")}
+    files = [{"filename": f"tiny-{v}.tar.gz", "url": f"tiny-{v}.tar.gz", "hashes": {"sha256": sha}} for v, sha in shas.items()]
+    (index / "tiny" / "index.json").write_text(json.dumps({"files": files}))
+    monkeypatch.setenv("STACKBUILD_INDEX_URL", index.as_uri())
+    monkeypatch.setenv("STACKBUILD_CACHE", str(tmp_path / "cache"))
+    proj = Project(tmp_path / "proj")
+    patch = "--- a/tiny/m0.py\n+++ b/tiny/m0.py\n@@ -1 +1 @@\n-# module 0 of 1.0\n+# module zero\n"
+    rel = proj.add_patch("zero.patch", patch)
+    proj.write_recipe("t", {"tiny": {"pypi": "tiny==1.0", "sha256": shas["1.0"]}},
+                      [{"file": rel, "source": "tiny", "sha256": sha256(patch)},
+                       {"backport": "tiny==2.0", "sha256": shas["2.0"], "files": ["tiny/m1.py"], "source": "tiny"}])
+    return proj, tmp_path / "cache" / "bases" / f"{shas['1.0']}.git"
+
+
+@pytest.mark.parametrize("how", ["truncated", "edited", "deleted", "index-garbage", "index-deleted", "replaced-by-link"])
+def test_damaged_backport_cache_is_read_again_from_the_verified_sdist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     how: str) -> None:
+    proj, _base = _tiny_release(tmp_path, monkeypatch)
+    recipe = load_recipe(proj.root / "recipes/t.toml")
+    first = workspace.apply_recipe(recipe, tmp_path / "ws1")
+    assert first.ok and first.manifest is not None
+    genuine = (tmp_path / "ws1/tiny/tiny/m1.py").read_bytes()
+    assert b"of 2.0" in genuine
+    root = next((tmp_path / "cache" / "backports").iterdir())
+    cached, index = root / "tiny" / "m1.py", root / workspace.BACKPORT_INDEX
+    if how == "truncated":
+        cached.write_bytes(genuine[:20])
+    elif how == "edited":
+        cached.write_bytes(genuine.replace(b"v1 = 1", b"v1 = 9"))
+    elif how == "deleted":
+        cached.unlink()
+    elif how == "index-garbage":
+        cached.write_bytes(b"evil = 1\n")
+        index.write_text("[not json")
+    elif how == "index-deleted":
+        cached.write_bytes(b"evil = 1\n")
+        index.unlink()
+    elif how == "replaced-by-link":
+        other = tmp_path / "other.py"
+        other.write_bytes(b"evil = 1\n")
+        cached.unlink()
+        cached.symlink_to(other)
+    second = workspace.apply_recipe(recipe, tmp_path / "ws2")
+    assert second.ok and second.manifest is not None
+    assert (tmp_path / "ws2/tiny/tiny/m1.py").read_bytes() == genuine
+    assert second.manifest.patches[1].sha256 == first.manifest.patches[1].sha256
+    assert cached.read_bytes() == genuine and not cached.is_symlink()
+
+
+def _damage_pack(base: Path, how: str) -> None:
+    packs = sorted((base / "objects" / "pack").glob("*.pack"))
+    assert packs
+    if how == "idx-missing":
+        for p in (base / "objects" / "pack").glob("*.idx"):
+            p.unlink()
+    elif how == "pack-missing":
+        for p in packs:
+            p.unlink()
+    elif how == "pack-bitflip":
+        data = bytearray(packs[0].read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        packs[0].chmod(0o644)
+        packs[0].write_bytes(bytes(data))
+    elif how == "pack-truncated":
+        packs[0].chmod(0o644)
+        packs[0].write_bytes(packs[0].read_bytes()[: packs[0].stat().st_size // 3])
+    elif how == "objects-gone":
+        shutil.rmtree(base / "objects")
+        (base / "objects").mkdir()
+    elif how == "ref-garbage":
+        (base / "refs" / "heads" / "stackbuild").write_text("0" * 40 + "\n")
+
+
+@pytest.mark.parametrize("how", ["idx-missing", "pack-missing", "pack-bitflip", "pack-truncated", "objects-gone", "ref-garbage"])
+def test_damaged_base_repo_is_rebuilt_from_the_verified_sdist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             how: str) -> None:
+    proj, base = _tiny_release(tmp_path, monkeypatch)
+    recipe = load_recipe(proj.root / "recipes/t.toml")
+    first = workspace.apply_recipe(recipe, tmp_path / "ws1")
+    assert first.ok and base.is_dir()
+    expected = snapshot(tmp_path / "ws1" / "tiny")
+    _damage_pack(base, how)
+    said: list[str] = []
+    second = workspace.apply_recipe(recipe, tmp_path / "ws2", progress=said.append)
+    assert second.ok
+    assert any("damaged" in m for m in said), said
+    got = snapshot(tmp_path / "ws2" / "tiny")
+    same = {k: v for k, v in got.items() if not k.startswith(".git/")}
+    assert same == {k: v for k, v in expected.items() if not k.startswith(".git/")}
+    assert second.manifest is not None and first.manifest is not None
+    assert second.manifest.sources[0].head_commit == first.manifest.sources[0].head_commit
+    fsck = subprocess.run(["git", "fsck", "--no-dangling"], cwd=tmp_path / "ws2" / "tiny", capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stderr
+    # and a workspace made before the damage never shared its objects with the cache
+    assert subprocess.run(["git", "fsck"], cwd=tmp_path / "ws1" / "tiny", capture_output=True).returncode == 0
+
+
+def test_workspace_shares_no_inode_with_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    proj, base = _tiny_release(tmp_path, monkeypatch)
+    assert workspace.apply_recipe(load_recipe(proj.root / "recipes/t.toml"), tmp_path / "ws").ok
+    cache_inodes = {(p.stat().st_dev, p.stat().st_ino) for p in (tmp_path / "cache").rglob("*") if p.is_file()}
+    ws_inodes = {(p.stat().st_dev, p.stat().st_ino) for p in (tmp_path / "ws").rglob("*") if p.is_file()}
+    assert cache_inodes and not cache_inodes & ws_inodes
