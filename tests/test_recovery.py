@@ -548,3 +548,28 @@ def test_workspace_shares_no_inode_with_the_cache(tmp_path: Path, monkeypatch: p
     cache_inodes = {(p.stat().st_dev, p.stat().st_ino) for p in (tmp_path / "cache").rglob("*") if p.is_file()}
     ws_inodes = {(p.stat().st_dev, p.stat().st_ino) for p in (tmp_path / "ws").rglob("*") if p.is_file()}
     assert cache_inodes and not cache_inodes & ws_inodes
+
+
+@needs_mounts
+def test_tiny_release_with_a_read_only_cache_and_a_workdir_on_another_filesystem(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    proj, _base = _tiny_release(tmp_path, monkeypatch)
+    assert workspace.apply_recipe(load_recipe(proj.root / "recipes/t.toml"), tmp_path / "ws1").ok  # fills the cache
+    cache, other = tmp_path / "cache", tmp_path / "other"
+    other.mkdir()
+    setup = (f"mount --bind {cache} {cache} && mount -o remount,ro,bind {cache} && "
+             f"mount -t tmpfs -o size=50m tmpfs {other}")
+    env = dict(os.environ)
+    script = (f"{setup} && {STACKBUILD} apply t --workdir {other / 'w'} && echo APPLIED && "
+              f"test \"$(stat -c %d {other / 'w'})\" != \"$(stat -c %d {cache})\" && echo OTHER-FS && "
+              f"! touch {cache}/x && echo CACHE-READ-ONLY")
+    r = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=proj.root, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.split()[-3:] == ["APPLIED", "OTHER-FS", "CACHE-READ-ONLY"], r.stdout + r.stderr
+    assert "stackbuild: error" not in r.stderr and "Traceback" not in r.stderr
+    # an empty read-only cache: one clear error
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = _in_ns(f"mount --bind {empty} {empty} && mount -o remount,ro,bind {empty}",
+               ["apply", "t", "--workdir", str(tmp_path / "ws3")], proj.root, {**env, "STACKBUILD_CACHE": str(empty)})
+    assert r.returncode == 2, r.stderr
+    _one_clean_line(r.stderr, "read-only file system", "STACKBUILD_CACHE")
