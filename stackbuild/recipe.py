@@ -17,7 +17,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from packaging.markers import InvalidMarker, Marker
 from packaging.requirements import InvalidRequirement, Requirement
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
 from stackbuild.errors import RecipeError
 from stackbuild.inputs import read_user_text
@@ -34,6 +36,9 @@ COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 # Recipe and source names reach file names, shell scripts and git refs: keep them plain.
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 NAME_RULE = "lowercase letters, digits, '.', '_' and '-', starting with a letter or digit"
+PIN_NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")  # PEP 508 names
+# patch names become file names (refresh writes patches/SOURCE/VERSION/NAME.patch) and git trailers
+PATCH_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # newlines and other control characters (C0, DEL, C1, Unicode line separators) end a
 # shell line or a heredoc wherever a value is rendered; no recipe value needs one
@@ -555,6 +560,7 @@ def _parse_patch(v: _V, i: int, t: Any, source_names: set[str]) -> PatchEntry:
         if sha is None:
             raise v.err(f"{key}.sha256", "missing: every patch file is pinned by its sha256")
         name = v.typed(t.get("name", Path(f).name.removesuffix(".patch")), str, f"{key}.name")
+        _patch_name(v, name, key)
         return PatchEntry(name, PatchKind.FILE, src, sha, strip, fuzz, file=f, description=desc, test=test)
     if kind == "from":
         frm = v.typed(t["from"], str, f"{key}.from")
@@ -564,6 +570,7 @@ def _parse_patch(v: _V, i: int, t: Any, source_names: set[str]) -> PatchEntry:
         if not path:
             raise v.err(f"{key}.path", "missing: the patch's path inside source " + repr(frm))
         name = v.typed(t.get("name", Path(path).name.removesuffix(".patch")), str, f"{key}.name")
+        _patch_name(v, name, key)
         return PatchEntry(name, PatchKind.FROM_SOURCE, src, sha, strip, fuzz,
                           from_source=frm, path=path, description=desc, test=test)
     release = v.typed(t["backport"], str, f"{key}.backport")
@@ -582,6 +589,7 @@ def _parse_patch(v: _V, i: int, t: Any, source_names: set[str]) -> PatchEntry:
         if f.startswith("/") or ".." in Path(f).parts:
             raise v.err(f"{key}.files[{j}]", f"must be a relative path inside the tree, got {f!r}")
     name = v.typed(t.get("name", f"backport-{req.name}-{next(iter(req.specifier)).version}"), str, f"{key}.name")
+    _patch_name(v, name, key)
     return PatchEntry(name, PatchKind.BACKPORT, src, sha, 0, 0, release=str(req), files=files,
                       description=desc, test=test)
 
@@ -598,6 +606,18 @@ def _parse_pin(v: _V, name: str, t: Any) -> Pin:
         raise v.err(key, "needs a version (\"==1.2.3\") or a url")
     if spec and url:
         raise v.err(key, "give either version or url, not both")
+    if not PIN_NAME_RE.match(name):
+        raise v.err(key, f"not a package name (letters, digits, '.', '_', '-'), got {name!r}")
+    if spec:
+        try:
+            SpecifierSet(spec)
+        except InvalidSpecifier:
+            raise v.err(f"{key}.version", f"not a version specifier such as '==1.2.3': {spec!r}") from None
+    if "markers" in t:
+        try:
+            Marker(v.typed(t["markers"], str, f"{key}.markers"))
+        except InvalidMarker as e:
+            raise v.err(f"{key}.markers", f"not an environment marker: {e}") from None
     if spec and not spec.lstrip().startswith(("==", ">=", "<=", "~=", "!=", "<", ">")):
         raise v.err(f"{key}.version", f"must be a version specifier such as '==1.2.3', got {spec!r}")
     sha = v.sha(t["sha256"], f"{key}.sha256") if "sha256" in t else None
@@ -732,6 +752,12 @@ def load_recipe(name_or_path: str | Path, root: Path | None = None) -> Recipe:
         lock=lock,
         raw=raw,
     )
+
+
+def _patch_name(v: _V, name: str, key: str) -> None:
+    if not PATCH_NAME_RE.match(name):
+        raise v.err(f"{key}.name", f"patch names are letters, digits, '.', '_', '+' and '-' (they become file names), "
+                                   f"got {name!r}; set name = \"...\"")
 
 
 def _env_name(v: _V, name: str, table: str) -> str:

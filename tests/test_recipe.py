@@ -484,3 +484,22 @@ def test_a_byte_order_mark_is_not_content(tmp_path: Path) -> None:
     p = write(tmp_path, "r", 'platform = "b70"\n')
     p.write_bytes(b"\xef\xbb\xbf" + p.read_bytes())
     assert load_recipe(p).platform is B70
+
+
+@pytest.mark.parametrize(("pin", "key"), [
+    ('"x; touch /tmp/p" = "==1.0"', "pins.x; touch /tmp/p"),
+    ('numpy = "==1.0; os_name == \'nt\'"', "pins.numpy.version"),
+    ('numpy = "==1.0 $(id)"', "pins.numpy.version"),
+    ('numpy = { version = "==1.0", markers = "python_version >= \'3.10\' and $(id)" }', "pins.numpy.markers"),
+    ('"-e" = "==1.0"', "pins.-e"),
+])
+def test_pins_are_package_names_specifiers_and_markers(tmp_path: Path, pin: str, key: str) -> None:
+    p = write(tmp_path, "r", f'platform = "b70"\n[pins]\n{pin}\n')
+    assert load_error(p).key == key
+
+
+@pytest.mark.parametrize("name", ["../../evil", "a/b", ".hidden", "with space", "-x"])
+def test_patch_names_cannot_become_paths(tmp_path: Path, name: str) -> None:
+    p = write(tmp_path, "r", f'platform = "b70"\n[sources.vllm]\npypi = "vllm==0.19.0"\nsha256 = "{SHA_A}"\n'
+                         f'[[patches]]\nname = "{name}"\nfile = "patches/x.patch"\nsource = "vllm"\nsha256 = "{SHA_A}"\n')
+    assert load_error(p).key == "patches[0].name"
