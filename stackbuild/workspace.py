@@ -3,7 +3,11 @@ with a verdict per patch, record a manifest.
 
 The new workspace is built beside the old one and swapped in only when every patch
 applied, so a failure (or Ctrl-C) leaves the previous workspace byte for byte as it
-was. Re-running with unchanged inputs changes nothing and says so.
+was. The swap is one atomic exchange (`_swap`): the workspace path holds a complete
+workspace, old or new, at every instant, even under `kill -9`; what a killed run leaves
+beside it is removed by the next (`remove_litter`, under the workspace lock). A
+workspace with local edits, or a folder stackbuild did not make, is never replaced
+silently. Re-running with unchanged inputs changes nothing and says so.
 """
 
 from __future__ import annotations
