@@ -24,7 +24,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -829,28 +830,44 @@ def _swap(staging: Path, workdir: Path) -> None:
     """Put `staging` in place of `workdir` so that the path always holds a complete
     workspace, old or new: one renameat2(RENAME_EXCHANGE). Where that is missing, two
     renames, and a run killed between them is repaired by the next (remove_litter)."""
-    if not os.path.lexists(workdir):
-        os.replace(staging, workdir)
-        SWAPPED_IN.append(workdir)
-        return
-    fault_point("swap-before")
-    if _exchange(staging, workdir):
-        SWAPPED_IN.append(workdir)
-        fault_point("swap-exchanged")
-        old = workdir.parent / f".{workdir.name}.old-{secrets.token_hex(4)}"
-        os.replace(staging, old)  # the old tree, under the name litter removal knows
-    else:
-        old = workdir.parent / f".{workdir.name}.old-{secrets.token_hex(4)}"
-        os.replace(workdir, old)
-        fault_point("swap-between-renames")
-        try:
+    with _ctrl_c_deferred():  # the rename and its record in SWAPPED_IN happen together
+        if not os.path.lexists(workdir):
             os.replace(staging, workdir)
-        except BaseException:
-            os.replace(old, workdir)
-            raise
-        SWAPPED_IN.append(workdir)
+            SWAPPED_IN.append(workdir)
+            return
+        fault_point("swap-before")
+        old = workdir.parent / f".{workdir.name}.old-{secrets.token_hex(4)}"
+        if _exchange(staging, workdir):
+            SWAPPED_IN.append(workdir)
+            fault_point("swap-exchanged")
+            os.replace(staging, old)  # the old tree, under the name litter removal knows
+        else:
+            os.replace(workdir, old)
+            fault_point("swap-between-renames")
+            try:
+                os.replace(staging, workdir)
+            except BaseException:
+                os.replace(old, workdir)
+                raise
+            SWAPPED_IN.append(workdir)
     fault_point("swap-renamed-old")
     _discard(old)
+
+
+@contextmanager
+def _ctrl_c_deferred() -> Iterator[None]:
+    """Hold SIGINT (it is delivered, as KeyboardInterrupt, on leaving) so that a Ctrl-C
+    cannot land between a rename and the record that says it happened."""
+    import signal
+
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _discard(old: Path) -> None:

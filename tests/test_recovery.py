@@ -573,3 +573,27 @@ def test_tiny_release_with_a_read_only_cache_and_a_workdir_on_another_filesystem
                ["apply", "t", "--workdir", str(tmp_path / "ws3")], proj.root, {**env, "STACKBUILD_CACHE": str(empty)})
     assert r.returncode == 2, r.stderr
     _one_clean_line(r.stderr, "read-only file system", "STACKBUILD_CACHE")
+
+
+def test_ctrl_c_at_the_exchange_itself_is_reported_truly(proj: Project, capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real SIGINT arriving while the exchange runs: it is held until the swap is
+    recorded, so the message matches what is on disk."""
+    import signal
+
+    assert main(["apply", "r"]) == 0
+    exchange = workspace._exchange
+
+    def sigint_then_exchange(a: Path, b: Path) -> bool:
+        os.kill(os.getpid(), signal.SIGINT)
+        return exchange(a, b)
+
+    monkeypatch.setattr(workspace, "_exchange", sigint_then_exchange)
+    capsys.readouterr()
+    assert main(["apply", "--force", "r"]) == 130
+    err = capsys.readouterr().err
+    assert "swapped in" in err, err
+    assert (proj.root / "work/r/manifest.json").is_file()
+    monkeypatch.setattr(workspace, "_exchange", exchange)
+    assert main(["apply", "r"]) == 0
+    assert [p.name for p in (proj.root / "work").iterdir() if p.name.startswith(".r.")] == [".r.lock"]
