@@ -163,6 +163,7 @@ def test_sigkill_at_random_moments_over_repeated_runs(two_states: tuple[Project,
     assert r.returncode == 0 and state(workdir) == b
     assert litter(workdir) == []
     assert seen["old"] + seen["new"] == 16
+    print(f"random kills: {seen['old']} left the old workspace, {seen['new']} the new one")
 
 
 @pytest.mark.network  # the real vLLM sdists (cached once under STACKBUILD_TEST_CACHE)
