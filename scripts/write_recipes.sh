@@ -80,8 +80,11 @@ patch gemma4-unified-prereqs "gemma4_mm: _SUPPORTED_SOFT_TOKENS and _get_max_sof
 patch gemma4-mm-embedder-prenorm "gemma4_mm: RMSNorm before the embedder projection, as gemma4_unified expects" "tests/patches/test_vllm_series.py"
 backport
 patch gemma4-unified-register "register Gemma4UnifiedForConditionalGeneration" "tests/patches/test_vllm_series.py"
+patch gemma4-bidirectional-vision "Gemma 4: image tokens attend bidirectionally (use_bidirectional_attention=vision); Triton attention on XPU" "tests/patches/test_gemma4_unified_fixes.py"
+patch gemma4-unified-audio "gemma4_mm: eoa_token_index fallback and dummy audio without fft_length (gemma4_unified)" "tests/patches/test_gemma4_unified_fixes.py"
 patch xpu-autoround-gptq-awq "AutoRound GPTQ/AWQ checkpoints on XPU" "tests/patches/test_vllm_series.py::test_every_touched_file_compiles"
 patch xpu-int4-linear "INT4 GPTQ/AWQ linear on XPU via int4_gemm_w4a16" "tests/patches/test_xpu_int4_layout.py"
+patch xpu-moe-kernel-layout "bf16/FP8 MoE weights transposed for vllm-xpu-kernels >= 0.1.5" "tests/patches/test_layers_numerics.py"
 } > recipes/b70-gemma4.toml
 
 { cat <<EOF
@@ -112,10 +115,11 @@ model_types = ["qwen3_5_moe"]
 numerics = ["int4-linear", "int4-moe"]
 EOF
 patch xpu-unified-memory-free-check "free-memory check from available system memory on iGPUs (VLLM_XPU_UNIFIED_MEMORY=1)" "tests/patches/test_xpu_free_memory.py"
-patch hybrid-kv-page-size-lcm "hybrid attention+Mamba page sizes unified by least common multiple" "tests/patches/test_kv_page_size_lcm.py"
+patch hybrid-kv-page-size-lcm "hybrid attention+Mamba page sizes: the largest page padded to a multiple of the attention pages" "tests/patches/test_kv_page_size_lcm.py"
 patch xpu-autoround-gptq-awq "AutoRound GPTQ/AWQ checkpoints on XPU" "tests/patches/test_vllm_series.py::test_every_touched_file_compiles"
 patch xpu-int4-linear "INT4 GPTQ/AWQ linear on XPU via int4_gemm_w4a16" "tests/patches/test_xpu_int4_layout.py"
 patch xpu-int4-moe "INT4 MoE on XPU (GPTQ, AWQ, compressed-tensors)" "tests/patches/test_xpu_int4_layout.py"
+patch xpu-moe-kernel-layout "bf16/FP8 MoE weights transposed for vllm-xpu-kernels >= 0.1.5" "tests/patches/test_layers_numerics.py"
 } > recipes/lunar-lake-moe.toml
 
 { cat <<EOF

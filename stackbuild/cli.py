@@ -183,7 +183,7 @@ def verify(
     adapter: list[str] | None = typer.Option(None, "--adapter", help="numerics: extra adapter module:function."),
     threshold: list[str] | None = typer.Option(None, "--threshold", help="numerics: override a threshold, e.g. bf16.rel=2e-2."),
     lockfile: Path | None = typer.Option(None, "--lockfile", help="environment: the lockfile to compare with (default lockfiles/RECIPE.txt)."),
-    kernel_wheel: Path | None = typer.Option(None, "--kernel-wheel", help="platform: read this vllm-xpu-kernels wheel instead of the installed package."),
+    kernel_wheel: Path | None = typer.Option(None, "--kernel-wheel", help="platform, api: read this vllm-xpu-kernels wheel instead of the installed package or the pinned release."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Check the applied workspace (and with --python, a target environment)."""
@@ -202,7 +202,7 @@ def verify(
     if device is not None and device not in ("xpu", "cuda", "cpu"):
         raise _E(f"must be xpu, cuda or cpu, got {device!r}", key="--device")
     manifest = read_manifest(wd)
-    needs_tree = checks is None or any(c in ("compile", "registry", "imports", "numerics") for c in checks)
+    needs_tree = checks is None or any(c in ("compile", "registry", "imports", "api", "numerics") for c in checks)
     if manifest is None and needs_tree:
         raise _E(f"no applied workspace at {wd}; run `stackbuild apply {r.name}` first", file=r.path)
     if manifest is not None and manifest.recipe_sha256 != r.sha256 and not as_json:

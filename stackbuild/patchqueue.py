@@ -45,10 +45,14 @@ from stackbuild.series import (
     ParsedPatch,
     PatchVerdict,
     apply_parsed,
+    check_safe_path,
     decode_patch_bytes,
     parse_patch,
+    quote_git_path,
+    resolve_paths,
     split_mbox,
 )
+from stackbuild.treewrite import Tree, TreeWriteError
 from stackbuild.workspace import BASE_TAG, apply_recipe, default_workdir, git_process, run_git
 
 EDIT_BRANCH = "stackbuild-edit"
@@ -121,19 +125,25 @@ def render_file_patch(fp: FilePatch) -> str:
     """One parsed file change as a git-style diff (a/ b/ headers)."""
     old = fp.old_path
     new = fp.new_path
+    for p in (old, new):
+        if p is not None:
+            check_safe_path(p)  # never write a patch whose paths git or the tree door would refuse
     a = old or new or ""
     b = new or old or ""
-    out = [f"diff --git a/{a} b/{b}"]
+    q = quote_git_path
+    out = [f"diff --git {q('a/' + a)} {q('b/' + b)}"]
     if old is None:
         out.append(f"new file mode {fp.new_mode or '100644'}")
     elif new is None:
         out.append("deleted file mode 100644")
     elif fp.is_rename and old != new:
-        out += [f"rename from {old}", f"rename to {new}"]
+        out += [f"rename from {q(old)}", f"rename to {q(new)}"]
+    elif fp.is_copy and old != new:
+        out += [f"copy from {q(old)}", f"copy to {q(new)}"]
     elif fp.new_mode:
         out.append(f"new mode {fp.new_mode}")
-    out.append(f"--- {'a/' + old if old else '/dev/null'}")
-    out.append(f"+++ {'b/' + new if new else '/dev/null'}")
+    out.append(f"--- {q('a/' + old) if old else '/dev/null'}")
+    out.append(f"+++ {q('b/' + new) if new else '/dev/null'}")
     for h in fp.hunks:
         out.extend(_render_hunk(h))
     return "\n".join(out) + "\n"
@@ -557,9 +567,18 @@ def detect_strip(paths: list[str], exists: Any = None) -> int:
         return 1
     absolute = 1 if cands[0].startswith("/") else 0
     if exists is not None:
-        for k in range(0, len([c for c in cands[0].split("/") if c])):
-            if all(_cut(c, k) and exists(_cut(c, k)) for c in cands):
-                return k + absolute
+        # all the names, else all the `---` names, else all the `+++` names (a diff
+        # between a checkout and an installed copy has one side laid out like the tree)
+        sides = [cands, cands[0::2], cands[1::2]] if len(cands) % 2 == 0 else [cands]
+        for side in sides:
+            if not side:
+                continue
+            for k in range(0, len([c for c in side[0].split("/") if c])):
+                try:
+                    if all(_cut(c, k) and exists(_cut(c, k)) for c in side):
+                        return k + absolute
+                except ValueError:  # a NUL in a name: the parser refuses it next
+                    break
     for c in cands:
         parts = [x for x in c.split("/") if x]
         for marker in ("site-packages", "dist-packages"):
@@ -582,11 +601,16 @@ def _raw_paths(text: str) -> list[str]:
 
 
 def _tree_reader(tree: Path) -> Any:
+    """Reads through the tree door: a path into git metadata or out of the tree
+    through a link reads as absent."""
+    door = Tree(tree)
+
     def read(rel: str) -> str | None:
-        p = tree / rel
-        if not p.is_file():
+        try:
+            data = door.read(rel)
+        except TreeWriteError:
             return None
-        return p.read_bytes().decode("utf-8", "replace")
+        return None if data is None else data.decode("utf-8", "replace")
 
     return read
 
@@ -630,15 +654,18 @@ def import_patch(
         dest = root / "patches" / source / (version or "unversioned")
     form = ("gzip+base64 " if "base64-decoded" in notes else "gzip " if "gunzipped" in notes else "")
     form += "mbox series" if len(parts) > 1 else ("git diff" if "diff --git " in text else "plain diff")
-    exists = (lambda p: (tree / p).exists()) if tree is not None else None
+    exists = Tree(tree).exists if tree is not None else None
     stem = re.sub(r"(\.patch|\.diff)?(\.gz)?(\.b64)?$", "", file.name)
     outputs: list[tuple[str, str, ParsedPatch, int, list[str]]] = []  # (name, text, parsed, strip, notes)
     for n, part in enumerate(parts, 1):
         level = strip if strip is not None else detect_strip(_raw_paths(part), exists)
         try:
             parsed = parse_patch(part, level, notes if n == 1 else [])
+            # which file each change is for (the existing one of two names), said in the notes
+            parsed, repaired = resolve_paths(parsed, exists or (lambda _p: False))
         except MalformedPatch as e:
             raise PatchError((f"mail {n}: " if len(parts) > 1 else "") + str(e), file=file) from None
+        parsed = ParsedPatch(parsed.header, parsed.description, parsed.files, (*parsed.notes, *repaired))
         header_text, _ = split_header(part)
         desc = parsed.description or (f"imported from {file.name}" + (f" (part {n})" if len(parts) > 1 else ""))
         base_name = slug(parsed.header.get("Subject", "") and desc) if len(parts) > 1 else stem
@@ -647,7 +674,10 @@ def import_patch(
             name = base_name if not split_per_file else f"{base_name}-{slug(fps[0].path.rsplit('/', 1)[-1].rsplit('.', 1)[0], 40)}"
             d = desc if not split_per_file else f"{desc} ({fps[0].path})"
             header = _import_header(parsed, d, file.name)
-            body = "".join(render_file_patch(fp) for fp in fps)
+            try:
+                body = "".join(render_file_patch(fp) for fp in fps)
+            except MalformedPatch as e:
+                raise PatchError((f"mail {n}: " if len(parts) > 1 else "") + str(e), file=file) from None
             sub = ParsedPatch(parsed.header, d, tuple(fps), parsed.notes)
             outputs.append((name, join_patch(header, body), sub, level, list(parsed.notes)))
     # unique file names

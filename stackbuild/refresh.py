@@ -73,6 +73,7 @@ from stackbuild.sources.pypi import (
     list_files,
     sdist_filename_candidates,
 )
+from stackbuild.treewrite import Tree, TreeWriteError
 from stackbuild.workspace import BASE_TAG, apply_recipe, default_workdir, run_git
 
 Progress = Callable[[str], None]
@@ -300,10 +301,11 @@ class _Engine:
         return git_out(self.tree, *args, check=check, stdin=stdin)
 
     def read(self, rel: str) -> str | None:
-        p = self.tree / rel
-        if not p.is_file():
-            return None
-        return p.read_bytes().decode("utf-8", "replace")
+        try:
+            data = Tree(self.tree).read(rel)
+        except TreeWriteError:
+            return None  # a path the door refuses is not in the tree
+        return None if data is None else data.decode("utf-8", "replace")
 
     # -- series
     def run(self) -> None:
@@ -443,10 +445,12 @@ class _Engine:
                                 Evidence.DIFFERENT_FILES)
         theirs = read_members(fetch_sdist(e["release"], e["sha256"], self.progress), files)
         pre = self.git("rev-parse", "HEAD").stdout.strip()
+        door = Tree(self.tree)  # the one guarded writer into a tree
         for f in files:
-            p = self.tree / f
-            p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_bytes(theirs[f])
+            try:
+                door.write(f, theirs[f])
+            except TreeWriteError as ex:
+                raise StackbuildError(f"backport {e['name']}: {ex}", file=self.tree) from None
         self.git("add", "-A", "-f", "--", *files)
         self.git("commit", "-q", "--no-verify", "--allow-empty", "-m",
                  f"{e.get('description') or 'backport'}\n\nBackport of {', '.join(files)} from {e['release']}\nstackbuild-patch: {e['name']}\n")

@@ -24,14 +24,16 @@ CHECKS: dict[str, str] = {
     "compile": "stackbuild.checks.compile:run",
     "registry": "stackbuild.checks.registry:run",
     "imports": "stackbuild.checks.imports:run",
+    "api": "stackbuild.checks.api_closure:run",
     "transformers": "stackbuild.checks.transformers_support:run",
     "registry-dynamic": "stackbuild.checks.registry:run_dynamic",
     "numerics": "stackbuild.checks.numerics.runner:run_numerics",
+    "layers": "stackbuild.checks.numerics.layers_check:run_layers",
     "environment": "stackbuild.checks.environment:run_environment",
     "platform": "stackbuild.checks.platform:run_platform",
 }
-# Static checks read the tree (and the cached transformers wheel) only: any machine.
-STATIC_CHECKS = ("compile", "registry", "imports", "transformers")
+# Static checks read the tree (and the pinned transformers and kernel wheels) only: any machine.
+STATIC_CHECKS = ("compile", "registry", "imports", "api", "transformers")
 
 
 @dataclass(frozen=True)

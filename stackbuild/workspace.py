@@ -33,6 +33,9 @@ from typing import Any
 from stackbuild import __version__
 from stackbuild.cache import atomic_file, cache_dir, diagnose_write_failure, disk_guard, locked
 from stackbuild.errors import PatchError, SourceError, StackbuildError, WorkspaceError
+from stackbuild.gitrun import GIT_ENV as GIT_ENV  # re-exported: the one git runner lives in gitrun
+from stackbuild.gitrun import git_env, run_git
+from stackbuild.gitrun import git_process as git_process
 from stackbuild.manifest import Manifest, PatchRecord, SourceRecord, read_manifest
 from stackbuild.recipe import (
     PatchEntry,
@@ -54,25 +57,13 @@ from stackbuild.series import (
     split_mbox,
 )
 from stackbuild.sources.git import GitCheckout, export_tree, fetch_git, read_file_at
+from stackbuild.treewrite import Tree, TreeWriteError, UnsafePath, mode_bits
 
 # sources.pypi (urllib, http) and sources.archive (tarfile) are imported where they are
 # used: a re-apply with unchanged inputs needs neither, and it should take a blink.
 
 Progress = Callable[[str], None]
 BASE_TAG = "stackbuild/base"
-
-# Workspace commits are deterministic: same inputs, same commit ids.
-GIT_ENV = {
-    "GIT_AUTHOR_NAME": "stackbuild",
-    "GIT_AUTHOR_EMAIL": "stackbuild@localhost",
-    "GIT_COMMITTER_NAME": "stackbuild",
-    "GIT_COMMITTER_EMAIL": "stackbuild@localhost",
-    "GIT_AUTHOR_DATE": "2000-01-01T00:00:00Z",
-    "GIT_COMMITTER_DATE": "2000-01-01T00:00:00Z",
-    "GIT_CONFIG_NOSYSTEM": "1",
-    "GIT_CONFIG_GLOBAL": os.devnull,
-}
-
 
 @dataclass(frozen=True)
 class PatchResult:
@@ -84,13 +75,19 @@ class PatchResult:
     sha256: str = ""
     files: tuple[str, ...] = ()
     commit: str | None = None
+    failures: tuple[str, ...] = ()  # a conflict: every hunk (or file) that did not apply
+    applied: tuple[str, ...] = ()  # a conflict: the files that did apply
+    hints: tuple[str, ...] = ()  # a conflict: what would make it apply (fuzz, whitespace)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "name": self.name, "kind": self.kind, "source": self.source,
             "verdict": self.verdict.value, "detail": self.detail, "sha256": self.sha256,
             "files": list(self.files), "commit": self.commit,
         }
+        if self.failures or self.applied or self.hints:
+            d.update(failures=list(self.failures), applied=list(self.applied), hints=list(self.hints))
+        return d
 
 
 @dataclass(frozen=True)
@@ -107,7 +104,14 @@ class ApplyResult:
 
     @property
     def exit_code(self) -> int:
-        return 0 if self.ok else 2
+        """0 applied; 2 bad input (a malformed or unsafe patch: the input is wrong, as
+        with a broken recipe); 1 any other verdict that stopped the series (a conflict,
+        a missing file: a verdict about the world, like a failed check)."""
+        if self.ok:
+            return 0
+        if self.failed is not None and self.failed.verdict is not PatchVerdict.MALFORMED:
+            return 1
+        return 2
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -138,24 +142,6 @@ class _Ctx:
 
 def default_workdir(recipe: Recipe) -> Path:
     return recipe.root / "work" / recipe.name
-
-
-def git_process(
-    cwd: Path, *args: str, env: Mapping[str, str] | None = None, stdin: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    """Run git with stackbuild's fixed identity and dates (plus `env`); never raises."""
-    return subprocess.run(["git", *args], cwd=cwd, env={**os.environ, **GIT_ENV, **(env or {})},
-                          capture_output=True, text=True, input=stdin)
-
-
-def run_git(
-    cwd: Path, *args: str, env: Mapping[str, str] | None = None, error: type[StackbuildError] = StackbuildError
-) -> str:
-    """`git_process`, raising `error` naming the command on failure; stdout stripped."""
-    r = git_process(cwd, *args, env=env)
-    if r.returncode != 0:
-        raise error(f"git {' '.join(args[:3])} failed: {r.stderr.strip() or r.stdout.strip()}", file=cwd)
-    return r.stdout.strip()
 
 
 # ------------------------------------------------------------------ inputs (no side effects on the workspace)
@@ -292,7 +278,7 @@ def _base_repo(ctx: _Ctx, src: Source, rebuild: bool = False) -> Path:
                 run_git(tmp, "init", "-q", "--bare", "-b", "stackbuild")
                 # the ref appears only after the whole archive was read and checked (CRC included)
                 import_tarball_to_git(_sdist(ctx, src), tmp, "stackbuild", f"base: {src.describe()}",
-                                      {**os.environ, **GIT_ENV}, checkout=False, limits=src.limits or DEFAULT_LIMITS)
+                                      git_env(), checkout=False, limits=src.limits or DEFAULT_LIMITS)
             shutil.rmtree(base, ignore_errors=True)
             os.replace(tmp, base)
         finally:
@@ -352,45 +338,54 @@ def _exclude_bytecode(tree: Path) -> None:
         f.write("__pycache__/\n*.py[co]\n")
 
 
-def _tree_reader(tree: Path) -> Callable[[str], str | None]:
-    root = tree.resolve()
+class _TreeText:
+    """A tree's files as text, read and written only through the tree door (links
+    followed only inside the tree; a path into git metadata or outside is refused with
+    UnsafePath). A file that is not UTF-8 is read as latin-1, like patch text, and
+    written back the same way, so its other bytes survive."""
 
-    def read(rel: str) -> str | None:
-        p = (tree / rel)
-        try:
-            rp = p.resolve()
-        except OSError:
+    def __init__(self, tree: Path):
+        self.door = Tree(tree)
+        self.latin1: set[str] = set()
+
+    def read(self, rel: str) -> str | None:
+        data = self.door.read(rel)
+        if data is None:
             return None
-        if root not in rp.parents and rp != root:
-            raise MalformedPatch(f"path {rel!r} resolves outside the tree (through a symlink)")
-        if not p.is_file():
-            return None
-        data = p.read_bytes()
         try:
             return data.decode("utf-8")
         except UnicodeDecodeError:
+            self.latin1.add(rel)
             return data.decode("latin-1")
 
-    return read
+    def encode(self, rel: str, text: str) -> bytes:
+        if rel in self.latin1:
+            try:
+                return text.encode("latin-1")
+            except UnicodeEncodeError:
+                pass
+        return text.encode("utf-8")
 
-
-def _write_outcome(tree: Path, contents: dict[str, str | None], modes: dict[str, str]) -> None:
-    root = tree.resolve()
-    for rel, text in contents.items():
-        p = tree / rel
-        if root not in p.resolve().parents:
-            raise MalformedPatch(f"path {rel!r} resolves outside the tree")
-        if text is None:
-            p.unlink(missing_ok=True)
-            continue
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(text.encode("utf-8"))
-        if modes.get(rel, "").endswith("755"):
-            p.chmod(0o755)
+    def write_outcome(self, contents: Mapping[str, str | None], modes: Mapping[str, str]) -> list[str]:
+        """Every file a patch changes goes through the door: the final paths, after
+        strip, quoting and path repair. Returns the real paths changed (for git)."""
+        changed = []
+        for rel, text in contents.items():
+            if text is None:
+                changed.append(self.door.delete(rel))
+            else:
+                changed.append(self.door.write(rel, self.encode(rel, text), mode_bits(modes.get(rel))))
+        for rel, mode in modes.items():
+            bits = mode_bits(mode)
+            if rel not in contents and bits is not None:
+                self.door.chmod(rel, bits)
+                changed.append(self.door.real_path(rel))
+        return changed
 
 
 def _commit(tree: Path, files: Sequence[str], message: str) -> str:
-    run_git(tree, "add", "-A", "-f", "--", *files)
+    # literal: a file named `*.py` or `:(top)x` is that file, not a pattern
+    run_git(tree, "--literal-pathspecs", "add", "-A", "-f", "--", *files)
     run_git(tree, "commit", "-q", "--no-verify", "--allow-empty", "-m", message)
     return run_git(tree, "rev-parse", "HEAD")
 
@@ -403,7 +398,7 @@ def _apply_text_patch(ctx: _Ctx, entry: PatchEntry, data: bytes, tree: Path) -> 
         parts = split_mbox(text)
     except MalformedPatch as e:
         return _replace(base, detail=str(e))
-    read = _tree_reader(tree)
+    text_tree = _TreeText(tree)
     verdicts: list[PatchVerdict] = []
     details: list[str] = []
     files: list[str] = []
@@ -412,24 +407,30 @@ def _apply_text_patch(ctx: _Ctx, entry: PatchEntry, data: bytes, tree: Path) -> 
         label = f"part {n}/{len(parts)}: " if len(parts) > 1 else ""
         try:
             parsed = parse_patch(part, entry.strip, notes if n == 1 else [])
-            outcome = apply_parsed(parsed, read, entry.fuzz)
-        except MalformedPatch as e:
+            outcome = apply_parsed(parsed, text_tree.read, entry.fuzz)
+        except (MalformedPatch, UnsafePath) as e:
             return _replace(base, verdict=PatchVerdict.MALFORMED, detail=f"{label}{e}", files=tuple(files))
+        except TreeWriteError as e:  # a file the patch reads cannot be read
+            return _replace(base, verdict=PatchVerdict.CONFLICT, detail=f"{label}{e}", files=tuple(files))
         files.extend(f for f in outcome.files if f not in files)
         verdicts.append(outcome.verdict)
         if outcome.detail:
             details.append(label + outcome.detail)
         if not outcome.verdict.ok:
-            return _replace(base, verdict=outcome.verdict, detail="; ".join(details), files=tuple(files))
+            return _replace(base, verdict=outcome.verdict, detail="; ".join(details), files=tuple(files),
+                            failures=tuple(label + f for f in outcome.failures), applied=outcome.applied,
+                            hints=outcome.hints)
         if outcome.verdict is PatchVerdict.ALREADY_APPLIED:
             continue
         try:
-            _write_outcome(tree, outcome.new_contents, outcome.modes)
-        except MalformedPatch as e:
+            changed = text_tree.write_outcome(outcome.new_contents, outcome.modes)
+        except UnsafePath as e:
             return _replace(base, verdict=PatchVerdict.MALFORMED, detail=f"{label}{e}", files=tuple(files))
+        except TreeWriteError as e:
+            return _replace(base, verdict=PatchVerdict.CONFLICT, detail=f"{label}{e}", files=tuple(files))
         subject = parsed.description or entry.description or entry.name
         msg = f"{subject}\n\nstackbuild-patch: {entry.name}\nstackbuild-sha256: {sha}\n"
-        commit = _commit(tree, list(outcome.new_contents), msg)
+        commit = _commit(tree, changed, msg)
     if all(v is PatchVerdict.ALREADY_APPLIED for v in verdicts):
         verdict = PatchVerdict.ALREADY_APPLIED
     elif PatchVerdict.APPLIED_FUZZ in verdicts:
@@ -491,27 +492,34 @@ def _backport_files(ctx: _Ctx, entry: PatchEntry) -> dict[str, bytes]:
 def _apply_backport(ctx: _Ctx, entry: PatchEntry, tree: Path) -> PatchResult:
     assert entry.release and entry.sha256
     members = _backport_files(ctx, entry)
+    door = Tree(tree)
     digest = hashlib.sha256()
     replaced = []
     same = 0
+    base = PatchResult(entry.name, entry.kind.value, entry.source, PatchVerdict.MALFORMED, "", "", entry.files)
+    written: list[str] = []
     for rel in entry.files:
         data = members[rel]
         digest.update(rel.encode() + b"\0" + data)
-        dest = tree / rel
-        if dest.exists():
-            if dest.read_bytes() == data:
-                same += 1
-                continue
-            replaced.append(rel)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(data)
+        try:
+            have = door.read(rel)
+            if have is not None:
+                if have == data:
+                    same += 1
+                    continue
+                replaced.append(rel)
+            written.append(door.write(rel, data))
+        except UnsafePath as e:
+            return _replace(base, detail=f"{rel} from {entry.release}: {e}")
+        except TreeWriteError as e:
+            return _replace(base, verdict=PatchVerdict.CONFLICT, detail=f"{rel} from {entry.release}: {e}")
     sha = digest.hexdigest()
     if same == len(entry.files):
         return PatchResult(entry.name, entry.kind.value, entry.source, PatchVerdict.ALREADY_APPLIED,
                            f"files from {entry.release} already identical in the tree", sha, entry.files)
     msg = (f"{entry.description or 'backport'}\n\nBackport of {', '.join(entry.files)} from {entry.release}\n"
            f"stackbuild-patch: {entry.name}\n")
-    commit = _commit(tree, entry.files, msg)
+    commit = _commit(tree, written, msg)
     detail = f"{len(entry.files)} file(s) from {entry.release}"
     if replaced:
         detail += f"; replaced existing {', '.join(replaced)}"
@@ -716,7 +724,10 @@ def _build_in(ctx: _Ctx, staging: Path, workdir: Path, digest: str, idents: dict
             failed = r
     if failed is not None:
         where = entry_file(recipe, failed.name)
-        msg = f"{failed.name} ({where}): {failed.verdict.value}; the workspace was left as it was"
+        cause = failed.detail.split("; ")[0]
+        cause = cause if len(cause) <= 300 else cause[:297] + "..."
+        msg = (f"{failed.name} ({where}): {failed.verdict.value}" + (f": {cause}" if cause else "")
+               + "; the workspace was left as it was")
         return ApplyResult(recipe.name, workdir, False, False, msg, tuple(results), failed)
     manifest = Manifest(
         recipe=recipe.name,

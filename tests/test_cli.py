@@ -93,9 +93,11 @@ def test_apply_dry_run(proj: Project, capsys: pytest.CaptureFixture[str]) -> Non
     assert not (proj.root / "work").exists()
 
 
-def test_apply_failing_patch_exits_2_naming_it(proj: Project, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_apply_conflict_exits_1_naming_it(proj: Project, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A conflict is a verdict about the world (exit 1, like a failed check); exit 2
+    stays for bad input (a malformed patch, a broken recipe)."""
     (proj.root / "upstream/pkg/pkg/a.py").write_text(edit(ORIG, "line 5\n", "line 5 changed upstream\n"))
-    assert main(["apply", "base"]) == 2
+    assert main(["apply", "base"]) == 1
     captured = capsys.readouterr()
     assert "conflict" in captured.out
     err = captured.err.strip().splitlines()[-1]

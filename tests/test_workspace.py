@@ -294,7 +294,7 @@ def test_failing_patch_leaves_previous_workspace_byte_for_byte(two_patch_project
     text = recipe.path.read_text() + f'\n[[patches]]\nfile = "{rel}"\nsource = "pkg"\nsha256 = "{sha256(bad)}"\n'
     recipe.path.write_text(text)
     r = proj.apply(load_recipe(recipe.path))
-    assert not r.ok and not r.changed and r.exit_code == 2
+    assert not r.ok and not r.changed and r.exit_code == 1  # a conflict is a verdict about the world, not bad input
     assert r.failed is not None and r.failed.name == "third"
     assert r.failed.verdict is PatchVerdict.CONFLICT
     assert "third" in r.message and rel in r.message and "left as it was" in r.message

@@ -2,6 +2,10 @@
 nothing the recipe forbids, and imports vllm from site-packages rather than from a
 vllm/ source folder in the working directory.
 
+Versions are compared with the lockfile and, independently, with every pin of the
+recipe (a pin the lockfile does not carry is still checked, local labels included:
+`2.13.0` does not satisfy `==2.10.0+xpu`).
+
 Everything about the target is asked in one subprocess of that interpreter (stdlib
 only there: a fresh venv has no `packaging`); comparing happens here.
 
@@ -21,14 +25,14 @@ from urllib.parse import unquote, urlparse
 
 from packaging.markers import InvalidMarker, Marker
 from packaging.requirements import InvalidRequirement, Requirement
-from packaging.specifiers import SpecifierSet
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.utils import canonicalize_name
 
 from stackbuild.checks import CheckContext, CheckResult, CheckStatus
 from stackbuild.checks.probe import run_probe
 from stackbuild.errors import StackbuildError
 from stackbuild.lock.api import default_lockfile
-from stackbuild.recipe import Recipe
+from stackbuild.recipe import Pin, Recipe
 
 CHECK = "environment"
 PROBE_TIMEOUT_S = 120
@@ -142,49 +146,95 @@ def _matches(locked: str, installed: str) -> bool:
 
 
 def check_versions(recipe: Recipe, info: dict[str, Any], lockfile: Path) -> list[CheckResult]:
+    """Installed versions against the lockfile (when there is one) AND against every
+    pin of the recipe: the shipped lockfiles leave out torch, triton-xpu and the
+    kernel wheel, so a CPU torch 2.13.0 must still fail against `==2.10.0+xpu`."""
     installed = _installed(info)
     results: list[CheckResult] = []
+    matched = 0
     if lockfile.exists():
-        wanted = read_locked_versions(lockfile)
         source = str(lockfile)
+        for w in read_locked_versions(lockfile):
+            if not _applies(w.marker, info):
+                continue  # not for this interpreter or platform
+            have = installed.get(w.name)
+            where = f"{source} line {w.line}"
+            if have is None:
+                results.append(CheckResult(CHECK, CheckStatus.FAIL,
+                                           f"{w.name} is not installed; {where} wants {w.version or w.requirement}",
+                                           subject=w.name, data={"locked": w.version, "installed": None}))
+            elif w.version is not None and not _matches(w.version, have):
+                results.append(CheckResult(CHECK, CheckStatus.FAIL,
+                                           f"{w.name} {have} is installed; {where} wants {w.version}",
+                                           subject=w.name, data={"locked": w.version, "installed": have}))
+            else:
+                matched += 1
     else:
-        wanted = [
-            LockedVersion(canonicalize_name(p.name), p.requirement(), p.spec[2:].strip(), p.markers, 0)
-            for p in recipe.pins
-            if p.spec.startswith("==") and not p.spec.startswith("===") and "*" not in p.spec
-        ]
-        source = f"the recipe's == pins ({recipe.path.name})"
+        source = ""
         results.append(CheckResult(
             CHECK, CheckStatus.SKIP,
-            f"no lockfile {lockfile} (run `stackbuild lock {recipe.name}`); compared {len(wanted)} "
-            "== pins from the recipe instead",
+            f"no lockfile {lockfile} (run `stackbuild lock {recipe.name}`); compared the recipe's pins only",
             subject="lockfile",
         ))
-    matched = 0
-    for w in wanted:
-        if w.marker:
-            try:
-                if not Marker(w.marker).evaluate(info["markers"]):
-                    continue  # not for this interpreter or platform
-            except InvalidMarker:
-                pass
-        have = installed.get(w.name)
-        where = f"{source} line {w.line}" if w.line else source
-        if have is None:
-            results.append(CheckResult(CHECK, CheckStatus.FAIL,
-                                       f"{w.name} is not installed; {where} wants {w.version or w.requirement}",
-                                       subject=w.name, data={"locked": w.version, "installed": None}))
-        elif w.version is not None and not _matches(w.version, have):
-            results.append(CheckResult(CHECK, CheckStatus.FAIL,
-                                       f"{w.name} {have} is installed; {where} wants {w.version}",
-                                       subject=w.name, data={"locked": w.version, "installed": have}))
-        else:
-            matched += 1
+    pins_ok, pin_results = check_pins(recipe, info, installed)
+    results += pin_results
     if not any(r.status is CheckStatus.FAIL for r in results):
         # mismatches are reported one per package; the summary line is for a clean run
-        results.append(CheckResult(CHECK, CheckStatus.PASS, f"{matched} packages match {source}",
-                                   subject="versions", data={"matched": matched, "source": source}))
+        parts = [f"{matched} packages match {source}"] if source else []
+        if pins_ok or not source:
+            parts.append(f"{pins_ok} pins of recipe {recipe.name} match")
+        results.append(CheckResult(CHECK, CheckStatus.PASS, "; ".join(parts), subject="versions",
+                                   data={"matched": matched, "source": source, "pins_matched": pins_ok}))
     return results
+
+
+def pin_specifier(pin: Pin) -> str | None:
+    """What a pin requires of the installed version: its specifier, or for a URL pin
+    `==VERSION` read from the wheel's file name; None when it names no version."""
+    if pin.spec.strip():
+        return pin.spec.strip()
+    if pin.url:
+        version = _version_from_url(pin.url)
+        return f"=={version}" if version else None
+    return None
+
+
+def check_pins(recipe: Recipe, info: dict[str, Any], installed: dict[str, str]) -> tuple[int, list[CheckResult]]:
+    """(pins matched, one fail per pin the installed version breaks or is missing for)."""
+    results: list[CheckResult] = []
+    ok = 0
+    for pin in recipe.pins:
+        spec = pin_specifier(pin)
+        if spec is None or not _applies(pin.markers, info):
+            continue
+        name = canonicalize_name(pin.name)
+        have = installed.get(name)
+        where = f"recipe {recipe.name} pins {pin.name}{spec} (pins.{pin.name})"
+        data = {"pinned": spec, "installed": have, "recipe": str(recipe.path)}
+        try:
+            wanted = SpecifierSet(spec)
+        except InvalidSpecifier:
+            results.append(CheckResult(CHECK, CheckStatus.FAIL, f"{where}: not a version specifier",
+                                       subject=name, data=data))
+            continue
+        if have is None:
+            results.append(CheckResult(CHECK, CheckStatus.FAIL, f"{name} is not installed; {where}",
+                                       subject=name, data=data))
+        elif not wanted.contains(have, prereleases=True):
+            results.append(CheckResult(CHECK, CheckStatus.FAIL, f"{name} {have} is installed; {where}",
+                                       subject=name, data=data))
+        else:
+            ok += 1
+    return ok, results
+
+
+def _applies(marker: str | None, info: dict[str, Any]) -> bool:
+    if not marker:
+        return True
+    try:
+        return bool(Marker(marker).evaluate(info["markers"]))
+    except InvalidMarker:
+        return True
 
 
 def check_python_window(recipe: Recipe, info: dict[str, Any]) -> CheckResult:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stackbuild.checks import CheckContext, CheckResult, CheckStatus
+from stackbuild.checks.treefile import Unparsable, parse_python, present
 
 CHECK = "imports"
 
@@ -45,6 +46,8 @@ class Binding:
             return f"star import from {self.source_module} (line {self.line}), not in the tree"
         if self.kind == "extension":
             return "made by the build (compiled extension or a file .gitignore lists), not in the source tree"
+        if self.kind == "unparsable":
+            return f"not checked: {self.source_name}"
         return ""
 
 
@@ -132,9 +135,9 @@ class ModuleIndex:
         parts = name.split(".")
         if all(p.isidentifier() for p in parts):
             base = self.root.joinpath(*parts)
-            if (base / "__init__.py").is_file():
+            if present(base / "__init__.py"):
                 found = Module(name, base / "__init__.py", True)
-            elif base.with_suffix(".py").is_file():
+            elif present(base.with_suffix(".py")):
                 found = Module(name, base.with_suffix(".py"), False)
             elif base.is_dir():
                 found = Module(name, None, True)  # namespace package
@@ -166,6 +169,8 @@ class ModuleIndex:
             return Binding("extension", 0)
         seen = _seen | {module_name}
         table = self.table(mod)
+        if table.syntax_error is not None:  # a broken file: nothing can be said about its names
+            return Binding("unparsable", 0, source_module=module_name, source_name=table.syntax_error)
         if name in table.bindings:
             return table.bindings[name]
         if mod.is_package and self.module(f"{module_name}.{name}") is not None:
@@ -210,10 +215,9 @@ class ModuleIndex:
 
     def imports_of(self, path: Path, rel: str) -> tuple[list[ImportRef], str | None]:
         """Every import of an in-tree module in a file (functions included)."""
-        try:
-            tree = ast.parse(path.read_bytes(), filename=rel)
-        except SyntaxError as e:
-            return [], f"{rel}:{e.lineno}: cannot parse: {e.msg}"
+        tree = parse_python(path, rel)
+        if isinstance(tree, Unparsable):
+            return [], tree.render()
         this = self.file_module(rel)
         is_pkg = Path(rel).name == "__init__.py"
         refs: list[ImportRef] = []
@@ -309,12 +313,13 @@ def check_files(tree: Path, files: list[str], index: ModuleIndex | None = None) 
     results: list[CheckResult] = []
     for rel in files:
         path = tree / rel
-        if not path.is_file():
+        if not present(path):
             results.append(CheckResult(CHECK, CheckStatus.SKIP, "file deleted by the series", subject=rel))
             continue
         count, unresolved, notes, error = resolve_file(index, path, rel)
         if error:
-            results.append(CheckResult(CHECK, CheckStatus.FAIL, error, subject=rel))
+            results.append(CheckResult(CHECK, CheckStatus.SKIP, f"not checked: {error} (see the compile check)",
+                                       subject=rel))
             continue
         hard = [u for u in unresolved if not u.guard]
         data = {
@@ -347,7 +352,10 @@ def run(ctx: CheckContext) -> list[CheckResult]:
 
 
 def module_table(path: Path, module_name: str, is_package: bool) -> ModuleTable:
-    st = path.stat()
+    try:
+        st = path.stat()
+    except OSError:  # a dangling symlink: parse_python says why, nothing to cache by
+        return _build_table(path, module_name, is_package)
     key = (str(path), st.st_mtime_ns, st.st_size)
     table = _TABLE_CACHE.get(key)
     if table is None:
@@ -358,10 +366,9 @@ def module_table(path: Path, module_name: str, is_package: bool) -> ModuleTable:
 
 def _build_table(path: Path, module_name: str, is_package: bool) -> ModuleTable:
     table = ModuleTable()
-    try:
-        tree = ast.parse(path.read_bytes(), filename=str(path))
-    except SyntaxError as e:
-        table.syntax_error = f"line {e.lineno}: {e.msg}"
+    tree = parse_python(path, str(path))
+    if isinstance(tree, Unparsable):
+        table.syntax_error = tree.render()
         return table
     def bind(name: str, b: Binding) -> None:
         table.bindings.setdefault(name, b)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from stackbuild.checks import CheckContext, CheckResult, CheckStatus
 from stackbuild.checks.imports import ModuleIndex
+from stackbuild.checks.treefile import Unparsable, parse_python, present
 
 CHECK = "registry"
 CHECK_DYNAMIC = "registry-dynamic"
@@ -47,9 +48,20 @@ class RegistryDicts:
     composed: tuple[str, ...]  # the dicts _VLLM_MODELS merges, in order
 
 
-def read_registry(path: Path) -> RegistryDicts:
-    """The registry dicts of one registry.py, by AST."""
-    tree = ast.parse(path.read_bytes(), filename=str(path))
+class RegistryUnreadable(Exception):
+    """registry.py cannot be read or parsed (the compile check names file:line)."""
+
+    def __init__(self, problem: Unparsable):
+        self.problem = problem
+        super().__init__(problem.render())
+
+
+def read_registry(path: Path, rel: str = REGISTRY_FILE) -> RegistryDicts:
+    """The registry dicts of one registry.py, by AST; RegistryUnreadable when it does
+    not parse or cannot be read."""
+    tree = parse_python(path, rel)
+    if isinstance(tree, Unparsable):
+        raise RegistryUnreadable(tree)
     dicts: dict[str, dict[str, RegistryEntry]] = {}
     merges: dict[str, list[str]] = {}
     other: dict[str, tuple[str, str]] = {}
@@ -130,6 +142,10 @@ def check_architecture(index: ModuleIndex, reg: RegistryDicts, arch: str) -> Che
                            subject=arch, data=data)
     origin_mod, b = found
     data["defined_in"] = origin_mod
+    if b.kind == "unparsable":
+        return CheckResult(CHECK, CheckStatus.SKIP,
+                           f"{arch}: {where}; not checked: {b.source_name} (see the compile check)",
+                           subject=arch, data=data)
     if b.kind == "def":
         return CheckResult(CHECK, CheckStatus.FAIL,
                            f"{arch}: {entry.class_name} in {origin_mod} (line {b.line}) is a function, not a class",
@@ -148,9 +164,13 @@ def run(ctx: CheckContext) -> list[CheckResult]:
         return [CheckResult(CHECK, CheckStatus.SKIP, "the recipe lists no architectures ([checks] registry)")]
     tree = ctx.tree(ctx.recipe.checks.registry_source)
     path = tree / REGISTRY_FILE
-    if not path.is_file():
+    if not present(path):
         return [CheckResult(CHECK, CheckStatus.FAIL, f"{path} does not exist", subject=arch) for arch in archs]
-    reg = read_registry(path)
+    try:
+        reg = read_registry(path)
+    except RegistryUnreadable as e:
+        return [CheckResult(CHECK, CheckStatus.SKIP, f"not checked: {e.problem.render()} (see the compile check)",
+                            subject=arch) for arch in archs]
     index = ModuleIndex(tree)
     return [check_architecture(index, reg, arch) for arch in archs]
 
@@ -249,7 +269,12 @@ def run_dynamic(ctx: CheckContext, timeout: float = 600) -> list[CheckResult]:
     path = tree / REGISTRY_FILE
     expected: dict[str, tuple[str, str]] = {}
     results: list[CheckResult] = []
-    reg = read_registry(path) if path.is_file() else None
+    try:
+        reg = read_registry(path) if present(path) else None
+    except RegistryUnreadable as bad:
+        why = f"not checked: {bad.problem.render()} (see the compile check)"
+        return [CheckResult(CHECK_DYNAMIC, CheckStatus.SKIP, why, subject=arch) for arch in archs] \
+            or [CheckResult(CHECK_DYNAMIC, CheckStatus.SKIP, why)]
     for arch in archs:
         entry = reg.entries.get(arch) if reg else None
         if entry is None:

@@ -11,23 +11,21 @@ from __future__ import annotations
 import ast
 import posixpath
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from packaging.requirements import Requirement
-from packaging.utils import InvalidWheelFilename, parse_wheel_filename
-from packaging.version import Version
 
-from stackbuild.cache import cache_dir, locked
-from stackbuild.checks import CheckContext, CheckResult, CheckStatus
+from stackbuild.checks import CheckContext, CheckResult, CheckStatus, pinned_wheel
+from stackbuild.checks.wheel_api import WheelAPI
 from stackbuild.errors import SourceError
 from stackbuild.recipe import Pin
-from stackbuild.sources.pypi import configured_index, download_verified, list_files
 
 CHECK = "transformers"
 PROJECT = "transformers"
 AUTO_FILE = "transformers/models/auto/configuration_auto.py"
 MAPPING = "CONFIG_MAPPING_NAMES"
+SPECIAL = "SPECIAL_MODEL_TYPE_TO_MODULE_NAME"
 
 
 @dataclass(frozen=True)
@@ -36,6 +34,7 @@ class ReleaseModelTypes:
     wheel: Path
     config_mapping: dict[str, str]  # model type -> config class name
     defined_in: str  # the file whose statements built the mapping
+    special_modules: dict[str, str] = field(default_factory=dict)  # model type -> models/ package
 
 
 def pinned_version(pin: Pin) -> str | None:
@@ -51,43 +50,20 @@ def pinned_version(pin: Pin) -> str | None:
 def fetch_wheel(version: str, index: str | None = None) -> Path:
     """The transformers wheel of `version`, from the cache or the index (sha256 checked
     against what the index publishes)."""
-    dest_dir = cache_dir() / "wheels" / PROJECT / version
-    cached = sorted(dest_dir.glob("*.whl")) if dest_dir.is_dir() else []
-    if cached:
-        return cached[0]
-    idx = index or configured_index()
-    files = list_files(PROJECT, idx)
-    wheels = []
-    for f in files:
-        try:
-            _, v, _, tags = parse_wheel_filename(f.filename)
-        except InvalidWheelFilename:
-            continue
-        if v == Version(version):
-            pure = any(t.abi == "none" and t.platform == "any" for t in tags)
-            wheels.append((not pure, f.filename, f))
-    if not wheels:
-        raise SourceError(f"no wheel of {PROJECT}=={version} on the index", file=idx)
-    _, _, match = min(wheels, key=lambda w: (w[0], w[1]))
-    if not match.sha256:
-        raise SourceError(f"the index publishes no sha256 for {match.filename}; refusing an unverified wheel", file=idx)
-    dest = dest_dir / match.filename
-    with locked(cache_dir() / "locks" / f"{match.sha256}.lock", f"cache entry {match.filename}", timeout=600):
-        if not dest.exists():
-            download_verified(match.url, dest, match.sha256)
-    return dest
+    return pinned_wheel.fetch_wheel(PROJECT, version, index)
 
 
 def release_model_types(wheel: Path, version: str) -> ReleaseModelTypes:
     try:
         with zipfile.ZipFile(wheel) as z:
             mapping, where = _evaluate_mapping(z, AUTO_FILE, MAPPING, set())
+            special, _ = _evaluate_mapping(z, AUTO_FILE, SPECIAL, set())
     except zipfile.BadZipFile:
         wheel.unlink(missing_ok=True)  # a damaged cache entry is fetched again next time
         raise SourceError("not a valid wheel (removed from the cache)", file=wheel) from None
     if mapping is None:
         raise SourceError(f"cannot find {MAPPING} in {AUTO_FILE}: the layout of this release is unknown", file=wheel)
-    return ReleaseModelTypes(version, wheel, mapping, where)
+    return ReleaseModelTypes(version, wheel, mapping, where, special or {})
 
 
 def run(ctx: CheckContext) -> list[CheckResult]:
@@ -105,20 +81,74 @@ def run(ctx: CheckContext) -> list[CheckResult]:
                             subject=mt) for mt in model_types]
     wheel = fetch_wheel(version, pin.index)
     release = release_model_types(wheel, version)
+    api = WheelAPI(wheel)
     results = []
     for mt in model_types:
         cls = release.config_mapping.get(mt)
         if cls:
+            # AutoConfig imports the class from transformers.models.<module>: it must be there
+            module = f"transformers.models.{model_type_module(release, mt)}"
+            if api.module(module) is None and api.module(module.replace(".models.", ".models.deprecated.")):
+                module = module.replace(".models.", ".models.deprecated.")
+            found = api.resolve(f"{module}.{cls}")
+            if found is None or found.kind != "class":
+                results.append(CheckResult(CHECK, CheckStatus.FAIL,
+                                           f"transformers {version}: {mt} -> {cls} ({release.defined_in}), but "
+                                           f"{module} defines no class {cls}",
+                                           subject=mt, data={"version": version, "config_class": cls}))
+                continue
             results.append(CheckResult(CHECK, CheckStatus.PASS,
-                                       f"transformers {version}: {mt} -> {cls} ({release.defined_in})",
-                                       subject=mt, data={"version": version, "config_class": cls}))
+                                       f"transformers {version}: {mt} -> {cls} (class at {found.where})",
+                                       subject=mt, data={"version": version, "config_class": cls,
+                                                         "defined_at": found.where}))
         else:
             near = sorted(k for k in release.config_mapping if k.split("_")[0] == mt.split("_")[0])[:6]
             hint = f" (it has: {', '.join(near)})" if near else ""
             results.append(CheckResult(CHECK, CheckStatus.FAIL,
                                        f"transformers {version} has no model type {mt!r} in {MAPPING}{hint}",
                                        subject=mt, data={"version": version, "similar": near}))
-    return results
+    return results + check_model_imports(ctx, api)
+
+
+def model_type_module(release: ReleaseModelTypes, model_type: str) -> str:
+    """transformers' `model_type_to_module_name`: the models/ package of a model type
+    (a few types live in another's package: SPECIAL_MODEL_TYPE_TO_MODULE_NAME)."""
+    special = release.special_modules.get(model_type)
+    return special if special else model_type.replace("-", "_")
+
+
+def check_model_imports(ctx: CheckContext, api: WheelAPI) -> list[CheckResult]:
+    """The transformers names the registered architectures' model files (and the files the
+    series touches) import exist in the pinned release."""
+    from stackbuild.checks.api_closure import check_tree
+    from stackbuild.checks.registry import (
+        MODELS_PACKAGE,
+        REGISTRY_FILE,
+        RegistryUnreadable,
+        read_registry,
+    )
+
+    source = ctx.recipe.checks.registry_source
+    tree = ctx.tree(source)
+    files: list[str] = []
+    registry = tree / REGISTRY_FILE
+    if ctx.recipe.checks.registry and registry.is_file():
+        try:
+            reg = read_registry(registry)
+        except RegistryUnreadable:
+            reg = None  # the compile and registry checks say why
+        for arch in ctx.recipe.checks.registry:
+            entry = reg.entries.get(arch) if reg else None
+            if entry is not None:
+                rel = f"{MODELS_PACKAGE.replace('.', '/')}/{entry.module.replace('.', '/')}.py"
+                if (tree / rel).is_file() and rel not in files:
+                    files.append(rel)
+    touched = [t for t in ctx.touched.get(source, ()) if t.endswith(".py")]
+    files += [t for t in touched if t not in files]
+    if not files:
+        return []
+    return check_tree(api, tree, files, set(touched), package=PROJECT, dist=PROJECT, check=CHECK,
+                      check_calls=False)
 
 
 # ---------------------------------------------------------------- reading the mapping

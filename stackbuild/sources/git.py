@@ -135,15 +135,13 @@ def read_file_at(checkout: GitCheckout, path: str) -> bytes:
 def export_tree(checkout: GitCheckout, dest: Path) -> None:
     """Write the pinned commit's files into `dest` (no .git). A private index file keeps
     the shared bare mirror untouched."""
-    import subprocess
     import tempfile
+
+    from stackbuild.gitrun import git_process
 
     dest.mkdir(parents=True)
     with tempfile.TemporaryDirectory(prefix="stackbuild-index-") as tmp:
-        env = {**os.environ, "GIT_INDEX_FILE": str(Path(tmp) / "index")}
-        r = subprocess.run(
-            ["git", f"--git-dir={checkout.repo}", f"--work-tree={dest}", "checkout", "-f", checkout.commit, "--", "."],
-            env=env, capture_output=True, text=True,
-        )
+        r = git_process(dest, f"--git-dir={checkout.repo}", f"--work-tree={dest}", "checkout", "-f", checkout.commit,
+                        "--", ".", env={"GIT_INDEX_FILE": str(Path(tmp) / "index")})
     if r.returncode != 0:
         raise SourceError(f"exporting {checkout.commit[:12]} failed: {r.stderr.strip()}", file=checkout.url)

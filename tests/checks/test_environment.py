@@ -17,6 +17,7 @@ from stackbuild.checks import CheckContext, CheckResult, CheckStatus
 from stackbuild.checks.environment import read_locked_versions, run_environment
 from stackbuild.recipe import Recipe, load_recipe
 
+REPO = Path(__file__).resolve().parents[2]
 FORBID_REASON = "archived; left installed it silently changed benchmark results on vLLM 0.19"
 
 
@@ -148,10 +149,66 @@ def test_without_lockfile_the_recipe_pins_are_compared(tmp_path: Path, venv: Pat
     results = run_environment(_ctx(recipe, venv, lockfile=str(missing), cwd=str(neutral)))
     lock_note = _by_subject(results, "lockfile")
     assert lock_note.status is CheckStatus.SKIP
-    assert f"no lockfile {missing}" in lock_note.detail and "compared 2 == pins" in lock_note.detail
+    assert f"no lockfile {missing}" in lock_note.detail and "compared the recipe's pins only" in lock_note.detail
     assert [(r.subject, r.detail) for r in _fails(results)] == [
-        ("vllm", "vllm 0.19.0 is installed; the recipe's == pins (env-pins.toml) wants 0.23.0"),
+        ("vllm", "vllm 0.19.0 is installed; recipe env-pins pins vllm==0.23.0 (pins.vllm)"),
+        ("other", "other is not installed; recipe env-pins pins other>=1 (pins.other)"),
     ]
+
+
+@pytest.fixture(scope="module")
+def cpu_torch_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A venv (no system site-packages) with a CPU-like torch 2.13.0, the 0.1.16.2 kernels and
+    transformers 5.5.0: tiny stand-ins with the real names and versions."""
+    d = tmp_path_factory.mktemp("cputorch")
+    wheels = [
+        build_wheel(d, "torch", "2.13.0", {"torch/__init__.py": "__version__ = '2.13.0'\n"}),
+        build_wheel(d, "triton-xpu", "3.6.0", {"triton/__init__.py": ""}),
+        build_wheel(d, "vllm-xpu-kernels", "0.1.16.2", {"vllm_xpu_kernels/__init__.py": ""}),
+        build_wheel(d, "transformers", "5.5.0", {"transformers/__init__.py": ""}),
+        build_wheel(d, "tinypkg", "1.0", {"tinypkg/__init__.py": ""}),
+    ]
+    return make_venv(d / "venv", wheels)
+
+
+def test_a_pin_the_lockfile_does_not_carry_is_still_checked(tmp_path: Path, cpu_torch_venv: Path,
+                                                            neutral: Path) -> None:
+    # the shipped recipe with the shipped lockfile: the lockfile body has no torch line
+    recipe = load_recipe(REPO / "recipes" / "lunar-lake-moe.toml")
+    lock = REPO / "lockfiles" / "lunar-lake-moe.txt"
+    assert not any(v.name == "torch" for v in read_locked_versions(lock))
+    results = run_environment(_ctx(recipe, cpu_torch_venv, lockfile=str(lock), cwd=str(neutral)))
+    torch = [r for r in _fails(results) if r.subject == "torch"]
+    assert [r.detail for r in torch] == [
+        "torch 2.13.0 is installed; recipe lunar-lake-moe pins torch==2.10.0+xpu (pins.torch)"]
+    kernels = [r.detail for r in _fails(results) if r.subject == "vllm-xpu-kernels"]
+    assert kernels == ["vllm-xpu-kernels 0.1.16.2 is installed; recipe lunar-lake-moe pins "
+                       "vllm-xpu-kernels==0.1.5 (pins.vllm-xpu-kernels)"]  # the version of the URL pin's wheel
+    assert not [r for r in _fails(results) if r.subject in ("triton-xpu", "transformers")]
+
+
+def test_pins_alone_a_cpu_torch_fails_and_the_xpu_build_passes(tmp_path: Path, cpu_torch_venv: Path,
+                                                               neutral: Path) -> None:
+    body = PLAIN + '[pins]\ntorch = { version = "==2.10.0+xpu", index = "https://download.pytorch.org/whl/xpu" }\n'
+    recipe = write_recipe(tmp_path, "env-torch", body)
+    lock = tmp_path / "env-torch.txt"
+    lock.write_text("tinypkg==1.0\n")  # a lockfile that does not carry torch
+    results = run_environment(_ctx(recipe, cpu_torch_venv, lockfile=str(lock), cwd=str(neutral)))
+    assert [(r.subject, r.detail) for r in _fails(results)] == [
+        ("torch", "torch 2.13.0 is installed; recipe env-torch pins torch==2.10.0+xpu (pins.torch)")]
+    d = tmp_path / "xpu"
+    d.mkdir()
+    xpu = make_venv(d / "venv", [build_wheel(d, "torch", "2.10.0+xpu", {"torch/__init__.py": ""}),
+                                 build_wheel(d, "tinypkg", "1.0", {"tinypkg/__init__.py": ""})])
+    ok = run_environment(_ctx(recipe, xpu, lockfile=str(lock), cwd=str(neutral)))
+    assert _fails(ok) == []
+    assert _by_subject(ok, "versions").detail == f"1 packages match {lock}; 1 pins of recipe env-torch match"
+    cpu_label = tmp_path / "cpu"
+    cpu_label.mkdir()
+    cpu = make_venv(cpu_label / "venv", [build_wheel(cpu_label, "torch", "2.10.0+cpu", {"torch/__init__.py": ""}),
+                                         build_wheel(cpu_label, "tinypkg", "1.0", {"tinypkg/__init__.py": ""})])
+    [bad] = _fails(run_environment(_ctx(recipe, cpu, lockfile=str(lock), cwd=str(neutral))))
+    assert bad.detail == "torch 2.10.0+cpu is installed; recipe env-torch pins torch==2.10.0+xpu (pins.torch)"
 
 
 def test_forbidden_package_fails_with_the_reason(tmp_path: Path, venv: Path, neutral: Path) -> None:

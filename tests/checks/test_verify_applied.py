@@ -42,11 +42,20 @@ def test_all_static_checks_pass_on_the_applied_tree(applied: tuple[Path, list[st
     assert imp[vb.BACKPORT].data["imports"] >= 20 and imp[vb.BACKPORT].data["unresolved"] == []
 
 
-def test_with_transformers_5_10_2_the_recipe_checks_pass(applied: tuple[Path, list[str]]) -> None:
+def test_with_transformers_5_10_2_the_recipe_checks_pass(applied: tuple[Path, list[str]], seeded_cache: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_api_closure import seed_kernel_wheel
+
+    monkeypatch.setenv("STACKBUILD_CACHE", str(seeded_cache))
+    seed_kernel_wheel(seeded_cache, "0.1.3.1")
     ws, touched = applied
-    ctx = vb.context(ws, touched, registry=ARCHS, model_types=("gemma4", "gemma4_unified"), transformers="==5.10.2")
+    # 0.1.3.1: the kernel release on the index whose API vLLM 0.19.0's own imports need
+    ctx = vb.context(ws, touched, registry=ARCHS, model_types=("gemma4", "gemma4_unified"), transformers="==5.10.2",
+                     kernels="==0.1.3.1")
     report = verify.run_verify(ctx, list(verify.STATIC_CHECKS))
     assert report.failed == 0 and report.skipped == 0, report.tables()[0].render()
+    api = {r.subject for r in report.results if r.check == "api"}
+    assert {"vllm/_xpu_ops.py", "vllm/model_executor/layers/fused_moe/xpu_fused_moe.py"} <= api
 
 
 def test_dropping_the_helper_patch_fails_the_import_closure(tmp_path: Path) -> None:

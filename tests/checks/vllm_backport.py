@@ -62,8 +62,9 @@ def apply_series(tree: Path, patches: list[Path]) -> list[str]:
 
 
 def recipe(registry: tuple[str, ...] = (), model_types: tuple[str, ...] = (),
-           transformers: str | None = None) -> Recipe:
+           transformers: str | None = None, kernels: str | None = None) -> Recipe:
     pins = (Pin("transformers", transformers),) if transformers else ()
+    pins += (Pin("vllm-xpu-kernels", kernels),) if kernels else ()
     return Recipe(name="test-gemma4", path=REPO / "recipes" / "test-gemma4.toml", platform=PLATFORMS["b70"],
                   pins=pins, checks=Checks(registry=registry, model_types=model_types))
 

@@ -16,11 +16,14 @@ SERIES = (
     "gemma4-unified-prereqs.patch",
     "gemma4-mm-embedder-prenorm.patch",
     "gemma4-unified-register.patch",
+    "gemma4-bidirectional-vision.patch",
+    "gemma4-unified-audio.patch",
     "xpu-unified-memory-free-check.patch",
     "hybrid-kv-page-size-lcm.patch",
     "xpu-autoround-gptq-awq.patch",
     "xpu-int4-linear.patch",
     "xpu-int4-moe.patch",
+    "xpu-moe-kernel-layout.patch",
 )
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,6 +196,12 @@ def _xpu_int4_gemm(layout: ModuleType | None) -> AdapterFn:
         qweight, zeros = case.qweight, case.zeros
         assert qweight is not None and case.scales is not None
         if "xpu-gemm" not in case.scratch:
+            g_idx = None
+            if case.g_idx is not None:
+                if layout is None:
+                    raise NotImplementedError("act-order needs the patch layout module (give the workspace)")
+                qweight, perm = _patch_act_order(layout, qweight, case)
+                g_idx = perm.to("xpu")
             if layout is not None:
                 b, b_scale, b_zp = layout.gptq_linear_to_xpu(qweight, case.scales, zeros)
                 b, b_scale = b.to("xpu"), b_scale.to("xpu")
@@ -209,7 +214,6 @@ def _xpu_int4_gemm(layout: ModuleType | None) -> AdapterFn:
                 b = qweight.to("xpu").t().contiguous().t()
                 b_scale = case.scales.to("xpu")
                 b_zp = torch.tensor([8], dtype=torch.int8, device="xpu")
-            g_idx = case.g_idx.to("xpu") if case.g_idx is not None else None
             case.scratch["xpu-gemm"] = (b, b_scale, b_zp, g_idx)
         b, b_scale, b_zp, g_idx = case.scratch["xpu-gemm"]
         out = torch.ops._xpu_C.int4_gemm_w4a16(
@@ -220,14 +224,10 @@ def _xpu_int4_gemm(layout: ModuleType | None) -> AdapterFn:
     return fn
 
 
-def _filtered_kwargs(target: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
-    params = inspect.signature(target).parameters
-    return {k: v for k, v in kwargs.items() if k in params}
-
-
 def _xpu_fused_moe(layout: ModuleType | None) -> AdapterFn:
-    """vllm_xpu_kernels' fused MoE with is_int4=True. 0.1.3 - 0.1.5 expose
-    `fused_moe_interface.xpu_fused_moe(...)`; 0.1.16 `XpuFusedMoe(...).apply(...)`.
+    """vllm_xpu_kernels' fused MoE, INT4. 0.1.3 - 0.1.11 expose
+    `fused_moe_interface.xpu_fused_moe(..., is_int4=True)`; >= 0.1.11 `XpuFusedMoe(...).apply(...)`
+    (see emulators.py for the version map).
     Weights [E, 2N, K/2] uint8 (low nibble = lower K), scales [E, 2N, K/G]; the int4 path
     assumes zero point 8 (symmetric only)."""
 
@@ -270,7 +270,6 @@ def _xpu_fused_moe(layout: ModuleType | None) -> AdapterFn:
             "n_experts_per_token": case.topk,
             "activation": "silu",
             "num_experts": case.num_experts,
-            "is_int4": True,
         }
         call: dict[str, Any] = {
             "output": out,
@@ -278,25 +277,35 @@ def _xpu_fused_moe(layout: ModuleType | None) -> AdapterFn:
             "topk_weights": case.topk_weights.to("xpu"),
             "topk_ids": case.topk_ids.to("xpu"),
         }
-        if hasattr(fmi, "XpuFusedMoe"):
-            # later versions infer is_int4 from the weight dtypes and drop the argument
-            init = _filtered_kwargs(fmi.XpuFusedMoe.__init__, common)
-            impl = fmi.XpuFusedMoe(**init)
-            impl.apply(**_filtered_kwargs(impl.apply, call))
-            return out
+        # each API called with its own signature, no keyword filtering (filtering hid a
+        # TypeError the patched vLLM would hit): 0.1.3-0.1.11 the function with is_int4;
+        # >= 0.1.11 the class, which takes no is_int4 (uint8 weights mean INT4)
         if hasattr(fmi, "xpu_fused_moe"):
-            kwargs = _filtered_kwargs(fmi.xpu_fused_moe, {**common, **call})
-            if "is_int4" not in kwargs:
-                raise NotImplementedError(
-                    f"vllm_xpu_kernels {kernels_version()}: xpu_fused_moe has no is_int4"
-                )
-            result = fmi.xpu_fused_moe(**kwargs)
+            result = fmi.xpu_fused_moe(**common, **call, is_int4=True)
             return out if result is None else result
+        if hasattr(fmi, "XpuFusedMoe"):
+            fmi.XpuFusedMoe(**common).apply(**call)
+            return out
         raise NotImplementedError(
-            f"vllm_xpu_kernels {kernels_version()}: neither XpuFusedMoe nor xpu_fused_moe"
+            f"vllm_xpu_kernels {kernels_version()}: neither xpu_fused_moe nor XpuFusedMoe"
         )
 
     return fn
+
+
+def _patch_act_order(layout: ModuleType, qweight: torch.Tensor, case: Int4Case) -> tuple[torch.Tensor, torch.Tensor]:
+    """Act-order through the patch's own shuffle_act_order_rows -> (shuffled qweight, the
+    permutation the kernel gets as g_idx). A layout module without it leaves act-order
+    weights unshuffled: RuntimeError, so the row fails rather than passes by our sorting."""
+    shuffle = getattr(layout, "shuffle_act_order_rows", None)
+    if shuffle is None:
+        raise RuntimeError(
+            "the patch's xpu_int4_layout has no shuffle_act_order_rows: act-order weights "
+            "reach int4_gemm_w4a16 unshuffled (its g_idx must be a column permutation)"
+        )
+    assert case.g_idx is not None
+    q, perm = shuffle(qweight, case.g_idx, case.group_size)
+    return q, perm
 
 
 # ---------------------------------------------------------------- our patch's layout module
@@ -326,11 +335,9 @@ def _patch_layout(layout: ModuleType) -> AdapterFn:
             if case.fmt == "awq":
                 qweight, zeros = layout.awq_to_gptq(case.awq_qweight, case.awq_qzeros)
             if case.g_idx is not None:
-                # act-order: sort rows by group with the module's own (un)packing
-                perm = _sorted_by_group(ref.unpack_gptq(qweight), case)
-                assert perm is not None
-                qweight = layout.pack_int4_rows(layout.unpack_int4_rows(qweight)[perm])
-                x = x[:, perm]
+                # act-order: the patch's shuffle; the kernel applies g_idx to x's columns
+                qweight, perm = _patch_act_order(layout, qweight, case)
+                x = x.index_select(-1, perm.to(torch.int64))
             b, b_scale, b_zp = layout.gptq_linear_to_xpu(qweight, case.scales, zeros)
             w = layout.xpu_linear_dequant(b, b_scale, b_zp, case.group_size)
             if tuple(w.shape) != (case.K, case.N):

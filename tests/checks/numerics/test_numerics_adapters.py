@@ -128,6 +128,20 @@ def test_patch_layout_adapter_passes_our_real_layout_module(tmp_path: Path) -> N
     assert {r.case for r in run.rows} == {s.name for s in DEFAULT_SPECS}  # AWQ, g_idx, MoE too
 
 
+def test_patch_layout_adapter_fails_act_order_without_the_patch_s_shuffle(tmp_path: Path) -> None:
+    """The adapter used to sort act-order rows itself, so it passed a patch that handed
+    the checkpoint's g_idx to the kernel. Now act-order goes through the patch's own
+    shuffle_act_order_rows; a layout module without it (the pre-fix patch) fails."""
+    source = real_layout_source()
+    if source is None or "def shuffle_act_order_rows" not in source:
+        pytest.skip("the xpu-int4-linear patch with the act-order shuffle is not in this tree")
+    ws = workspace_with(tmp_path, source + "\ndel shuffle_act_order_rows\n")
+    run = run_suite([by_name("patch-layout", workspace=ws)], repeats=0)
+    act_order = [r for r in run.rows if "actorder" in r.case]
+    assert act_order and all(r.status == FAIL and "shuffle_act_order_rows" in r.detail for r in act_order)
+    assert all(r.status == PASS for r in run.rows if "actorder" not in r.case)
+
+
 def test_patch_layout_adapter_catches_a_broken_layout_module(tmp_path: Path) -> None:
     ws = workspace_with(tmp_path, BROKEN_LAYOUT)
     run = run_suite([by_name("patch-layout", workspace=ws)], repeats=0)
