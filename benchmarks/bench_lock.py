@@ -14,7 +14,6 @@ rendering) for each backend. Exit 1 when missed. The pip-tools/uv ratio is repor
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,15 @@ from stackbuild.lock.backends import clean_env, find_uv  # noqa: E402
 from stackbuild.recipe import load_recipe  # noqa: E402
 
 INPUT = os.environ.get("BENCH_LOCK_INPUT", "transformers==5.5.0")
+
+
+def _has_uv() -> bool:
+    """uv as stackbuild finds it (the venv's uv first), not only on PATH."""
+    try:
+        find_uv()
+    except Exception:  # noqa: BLE001 - ResolverMissing
+        return False
+    return True
 
 
 def raw(resolver: str, req_file: Path, out: Path, index: str) -> float:
@@ -67,7 +75,7 @@ def main() -> int:
         req_file = tmp / "in.txt"
         req_file.write_text("\n".join(p.requirement() for p in recipe.pins) + "\n")
 
-        backends = ["pip-tools"] + (["uv"] if shutil.which("uv") else [])
+        backends = ["pip-tools"] + (["uv"] if _has_uv() else [])
         figures: dict[str, tuple[float, float, int]] = {}
         print(f"lock input: {what}")
         for b in backends:

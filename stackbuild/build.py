@@ -619,6 +619,35 @@ def build(
 
 
 @dataclass(frozen=True)
+class CachedBuild:
+    """What `stackbuild build` would return now, looked up without building."""
+
+    key: str | None  # None: the key cannot be computed (no applied workspace)
+    entry: CacheEntry | None
+    why: str  # how it was found, or why not
+
+
+def cached_build(recipe: Recipe, workdir: Path | None = None, target_device: str | None = None) -> CachedBuild:
+    """The build cache entry for the recipe's build key as `build` computes it from the
+    applied workspace (the same `_plan`), verified against its bill of materials. No
+    apply, no build, nothing written (the entry is not marked as used)."""
+    target = target_device or recipe.build.target_device
+    workdir = (workdir or default_workdir(recipe)).resolve()
+    manifest = read_manifest(workdir) if workdir.is_dir() else None
+    if manifest is None:
+        return CachedBuild(None, None, f"no applied workspace at {workdir}")
+    if manifest.recipe_sha256 != recipe.sha256:
+        return CachedBuild(None, None, f"the workspace {workdir} was applied from another version of the recipe")
+    kernels = recipe.build.kernels_from_source and target == "xpu"
+    jobs_plan = plan_jobs(None, recipe.build.max_jobs, None, None)  # MAX_JOBS is not in the key
+    plan = _plan(recipe, workdir, manifest, target, kernels, jobs_plan)
+    entry = lookup(plan.key, verify=True, touch=False)
+    if entry is None:
+        return CachedBuild(plan.key, None, f"the build cache has no entry for build key {plan.key[:12]}")
+    return CachedBuild(plan.key, entry, f"build key {plan.key[:12]} in {entry.path}")
+
+
+@dataclass(frozen=True)
 class _Plan:
     key: str
     inputs: dict[str, Any]

@@ -241,18 +241,21 @@ def install_script(
     recipe: str = typer.Argument(..., help="Recipe name or path."),
     output: Path | None = typer.Option(None, "-o", "--output", help="Where to write the script."),
     lockfile: Path | None = typer.Option(None, "--lockfile", help="Default: lockfiles/RECIPE.txt."),
-    wheel: list[Path] | None = typer.Option(None, "--wheel", help="A built wheel to install (repeatable)."),
+    wheel: list[Path] | None = typer.Option(None, "--wheel", help="A built wheel to install (repeatable). Default: the build cache's wheel for the recipe's build key (run `stackbuild build` first)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; write nothing."),
+    workdir: Path | None = WorkdirOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Render a bash script that installs the recipe's stack on a fresh host."""
     from stackbuild.errors import StackbuildError as _E
-    from stackbuild.installer import render_install_script
+    from stackbuild.installer import find_wheels, render_install_script
     from stackbuild.lock import default_lockfile
 
     r = _load(recipe)
     lock = lockfile or default_lockfile(r)
-    script = render_install_script(r, lock if (lock.exists() or lockfile) else None, list(wheel or []), dry_run=dry_run)
+    wheels, origin = find_wheels(r, list(wheel or []), workdir)
+    script = render_install_script(r, lock if (lock.exists() or lockfile) else None, wheels, dry_run=dry_run,
+                                   wheels_origin=origin)
     if dry_run:
         _emit(script, as_json)
         return
@@ -263,6 +266,18 @@ def install_script(
         print(to_json({**script.to_dict(), "written": str(output)}))
     else:
         print(f"wrote {output} ({len(script.text.splitlines())} lines); run it on the target host as the user who will serve models")
+
+
+@app.command("doctor")
+def doctor_cmd(
+    recipe: str | None = typer.Argument(None, help="Recipe name or path (its Python window, oneAPI need and indexes); default: the generic checks."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Check this host: the install script's own preflight (user, render node and group, Python window, oneAPI), git, disk, cache, indexes."""
+    from stackbuild.doctor import doctor
+    from stackbuild.recipe import load_recipe
+
+    _finish(doctor(load_recipe(recipe) if recipe else None), as_json)
 
 
 @app.command("build")
@@ -347,12 +362,16 @@ def lock_cmd(
     output: Path | None = typer.Option(None, "--output", "-o", help="Default: lockfiles/RECIPE.txt."),
     lockfile: Path | None = typer.Option(None, "--lockfile", help="--check: the lockfile to check."),
     record_first_use: bool = typer.Option(False, "--record-first-use", help="Write the sha256 of trust-on-first-use artifacts this lock downloaded into the recipe."),
+    force: bool = typer.Option(False, "--force", help="Replace the lockfile even with a less complete one."),
+    partial: bool = typer.Option(False, "--partial", help="Lock what the reachable indexes give; name what needs an unreachable index or URL in the header as not resolved (instead of failing)."),
+    index_map: list[str] | None = typer.Option(None, "--index-map", help="REAL=LOCAL: read the index (or URL prefix) REAL from the local mirror LOCAL; the lockfile keeps REAL (repeatable; adds to STACKBUILD_INDEX_MAP)."),
     workdir: Path | None = WorkdirOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Write lockfiles/RECIPE.txt with pip-tools (or uv): every package pinned with sha256 hashes."""
     from stackbuild.errors import StackbuildError as _E
     from stackbuild.lock import check_lock, default_lockfile, lock
+    from stackbuild.lock.indexmap import IndexMap
     from stackbuild.manifest import read_manifest
     from stackbuild.workspace import default_workdir
 
@@ -374,7 +393,8 @@ def lock_cmd(
         raise _E(f"must be pip-tools or uv, got {chosen!r}", key="--resolver")
     if not as_json:
         _progress(f"locking {r.name} with {chosen}{' (offline)' if offline else ''}")
-    result = lock(r, requirements_from=req_tree, resolver=chosen, offline=offline, output=output, index_url=index_url)
+    result = lock(r, requirements_from=req_tree, resolver=chosen, offline=offline, output=output, index_url=index_url,
+                  force=force, index_map=IndexMap.parse(index_map or []), partial=partial)
     _emit(result, as_json)
     if record_first_use:
         from stackbuild.lock import record_first_use as _record
@@ -391,7 +411,8 @@ def lock_cmd(
 @app.command()
 def refresh(
     recipe: str = typer.Argument(..., help="Recipe name or path."),
-    to: str | None = typer.Option(None, "--to", help="The new upstream: vllm==0.20.0 (or NAME@tag for a git source)."),
+    to: str | None = typer.Option(None, "--to", help="The new upstream: vllm==0.20.0; NAME@REF (a git source, or a git "
+                                  "ref of a local source's checkout); NAME=PATH (a local source: another tree)."),
     sha256: str | None = typer.Option(None, "--sha256", help="The new release's sdist sha256 (default: from the index)."),
     matrix: str | None = typer.Option(None, "--matrix", help="Try several releases: vllm==0.19.0,0.20.0,0.21.0"),
     jobs: int = typer.Option(2, "--jobs", help="--matrix: releases tried at once."),
@@ -475,6 +496,14 @@ def export(recipe: str = typer.Argument(..., help="Recipe name or path."), as_js
 
     result = _export(_load(recipe))
     _finish(result, as_json)
+
+
+@app.command()
+def rehash(recipes: list[str] = typer.Argument(..., help="Recipe names or paths."), as_json: bool = JsonOpt) -> None:
+    """Rewrite the recipes' patch sha256 lines to the patch files' current hashes (in place, comments kept)."""
+    from stackbuild.patchqueue import rehash as _rehash
+
+    _finish(_rehash(recipes), as_json)
 
 
 @app.command("import")

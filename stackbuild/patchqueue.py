@@ -10,18 +10,22 @@
   (the commit's `stackbuild-patch:` trailer, else a slug of its subject), DEP-3 header
   kept from the old file, Last-Update bumped only when the diff changed, and edits the
   recipe TOML surgically (only the sha256 lines of matching [[patches]] entries; new
-  commits appended as new entries; comments kept).
+  commits appended as new entries; comments kept), and the sha256 lines of every other
+  recipe that names a rewritten file. Refused during an unfinished refresh or git
+  operation.
+- `rehash` sets recipes' patch sha256 lines to the files' hashes, in place.
 - `import_patch` normalises the forms patches travel in (format-patch mbox series,
   plain `diff -u` against a site-packages, gzip+base64 artifacts) into git-style
   patches with a DEP-3 header.
 - `snapshot` turns a dirty workspace tree into a patch against HEAD or the pinned base.
 
 The text helpers here (DEP-3 header handling, rendering a parsed patch, the surgical
-recipe edits) are shared with refresh.py.
+recipe edits) are shared with the refresh package.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import os
@@ -35,7 +39,7 @@ from typing import Any
 from stackbuild.cache import atomic_write_text
 from stackbuild.errors import PatchError, RecipeError, StackbuildError
 from stackbuild.inputs import read_user_text
-from stackbuild.recipe import PatchEntry, PatchKind, Recipe
+from stackbuild.recipe import PatchEntry, PatchKind, Recipe, find_recipe, recipes_dir
 from stackbuild.report import Table
 from stackbuild.series import (
     DEP3_FIELDS,
@@ -411,10 +415,23 @@ def _message_parts(msg: str) -> tuple[str, str]:
 
 
 def export(recipe: Recipe, workdir: Path | None = None) -> ExportResult:
-    """Edit-branch commits back to patch files and the recipe's sha256 lines."""
+    """Edit-branch commits back to patch files and the sha256 lines of every recipe
+    that names them. Refused while a refresh of the recipe is unfinished, or while an
+    edit tree is in the middle of a rebase, cherry-pick or merge."""
+    from stackbuild.refresh import refresh_in_progress
+
     ws = (workdir or default_workdir(recipe)).resolve()
     root = recipe.root
     droot = edit_dir(recipe, ws)
+    busy = refresh_in_progress(recipe)
+    if busy:
+        raise StackbuildError(f"{busy}; finish it (refresh --continue) or drop it (refresh --abort) before exporting",
+                              file=recipe.path)
+    for source in recipe.patched_sources:
+        unfinished = _unfinished_git_operation(droot / source)
+        if unfinished:
+            raise StackbuildError(f"the edit tree is in the middle of a {unfinished}; finish or abort it first",
+                                  file=droot / source)
     text = read_user_text(recipe.path, "recipe", RecipeError)
     lines = text.split("\n")
     results: list[ExportedPatch] = []
@@ -478,7 +495,7 @@ def export(recipe: Recipe, workdir: Path | None = None) -> ExportResult:
             if entry is not None and entry.kind is PatchKind.FILE:
                 block = find_block(lines, entry)
                 if block is None:
-                    detail = "entry lives in a recipe this one extends; its sha256 there is not updated"
+                    detail = "entry lives in a recipe this one extends"
                 else:
                     set_key(lines, block, "sha256", new_sha)
                     detail = ""
@@ -497,6 +514,11 @@ def export(recipe: Recipe, workdir: Path | None = None) -> ExportResult:
     new_text = append_entries("\n".join(lines), appended)
     if new_text != text:
         atomic_write_text(recipe.path, new_text)
+    shared = rehash_references(root, {_rel(p, root) for p in writes}, skip=recipe.path)
+    if shared:
+        results = [dataclasses.replace(r, detail="; ".join(x for x in (
+            r.detail, f"also updated in {', '.join(shared[r.file])}" if r.file in shared else "") if x))
+            for r in results]
     counts: dict[str, int] = {}
     for r in results:
         counts[r.action] = counts.get(r.action, 0) + 1
@@ -517,6 +539,114 @@ def _rel(path: Path, root: Path) -> str:
         return str(path.resolve().relative_to(root.resolve()))
     except ValueError:
         return str(path)
+
+
+def _unfinished_git_operation(tree: Path) -> str | None:
+    git_dir = tree / ".git"
+    if not git_dir.is_dir():
+        return None
+    for name, what in (("rebase-merge", "rebase"), ("rebase-apply", "rebase"), ("CHERRY_PICK_HEAD", "cherry-pick"),
+                       ("MERGE_HEAD", "merge"), ("REVERT_HEAD", "revert")):
+        if (git_dir / name).exists():
+            return what
+    return None
+
+
+def rehash_references(root: Path, files: set[str], skip: Path | None = None) -> dict[str, list[str]]:
+    """Set the sha256 of every [[patches]] entry naming one of `files` (relative to
+    the project root) in every recipe of the project, to the file's current sha256.
+    Returns file -> the recipes changed."""
+    changed: dict[str, list[str]] = {}
+    d = recipes_dir(root)
+    if not files or not d.is_dir():
+        return changed
+    for path in sorted(d.glob("*.toml")):
+        if skip is not None and path.resolve() == skip.resolve():
+            continue
+        text = read_user_text(path, "recipe", RecipeError)
+        lines = text.split("\n")
+        for block in patch_blocks(lines):
+            f = block.values.get("file")
+            if f in files and (root / f).is_file():
+                new_sha = hashlib.sha256((root / f).read_bytes()).hexdigest()
+                if block.values.get("sha256") != new_sha:
+                    set_key(lines, block, "sha256", new_sha)
+                    changed.setdefault(f, []).append(path.name)
+        new_text = "\n".join(lines)
+        if new_text != text:
+            atomic_write_text(path, new_text)
+    return changed
+
+
+# ------------------------------------------------------------------ rehash
+
+
+@dataclass(frozen=True)
+class RehashedEntry:
+    recipe: str
+    file: str
+    old_sha256: str
+    sha256: str
+
+    @property
+    def action(self) -> str:
+        return "unchanged" if self.old_sha256 == self.sha256 else "updated"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"recipe": self.recipe, "file": self.file, "old_sha256": self.old_sha256, "sha256": self.sha256,
+                "action": self.action}
+
+
+@dataclass(frozen=True)
+class RehashResult:
+    entries: tuple[RehashedEntry, ...]
+    message: str
+
+    @property
+    def exit_code(self) -> int:
+        return 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"entries": [e.to_dict() for e in self.entries], "message": self.message}
+
+    def tables(self) -> list[Table]:
+        rows = tuple((e.recipe, e.file, e.action, e.sha256[:12]) for e in self.entries)
+        return [Table("rehash", ("recipe", "patch file", "action", "sha256"), rows, self.message)]
+
+
+def rehash(recipes: list[str], root: Path | None = None) -> RehashResult:
+    """Rewrite, in place, the sha256 line of each [[patches]] entry with a `file` in
+    the given recipe files to the patch file's current sha256; every other line
+    (comments, order, formatting) stays. Every file is checked before any recipe is
+    written: a missing patch file changes nothing."""
+    plans: list[tuple[Path, str, list[str], list[RehashedEntry]]] = []
+    for name in recipes:
+        path = find_recipe(name, root)
+        proj = path.parent.parent
+        text = read_user_text(path, "recipe", RecipeError)
+        lines = text.split("\n")
+        done: list[RehashedEntry] = []
+        for block in patch_blocks(lines):
+            f = block.values.get("file")
+            if f is None:
+                continue
+            p = proj / f
+            if not p.is_file():
+                raise PatchError(f"[[patches]] names {f}, which does not exist", file=path)
+            new_sha = hashlib.sha256(p.read_bytes()).hexdigest()
+            done.append(RehashedEntry(path.name, f, block.values.get("sha256", ""), new_sha))
+            if block.values.get("sha256") != new_sha:
+                set_key(lines, block, "sha256", new_sha)
+        plans.append((path, text, lines, done))
+    entries: list[RehashedEntry] = []
+    for path, text, lines, done in plans:
+        new_text = "\n".join(lines)
+        if new_text != text:
+            atomic_write_text(path, new_text)
+        entries.extend(done)
+    n = sum(e.action == "updated" for e in entries)
+    return RehashResult(tuple(entries), f"{n} sha256 line(s) updated in {len(plans)} recipe(s); "
+                                        f"{len(entries) - n} already right")
 
 
 # ------------------------------------------------------------------ import

@@ -235,3 +235,15 @@ def test_tables_fit_the_terminal_width() -> None:
     assert max(len(ln) for ln in text.splitlines()) <= 80
     assert " ".join(text.split()).count("a detail that goes on") == 12  # wrapped, nothing lost
     assert t.render(width=None).splitlines()[3].endswith(long.rstrip())  # a pipe gets whole lines
+
+
+def test_rehash_command_updates_the_sha_line_and_reports_json(proj: Project, capsys: pytest.CaptureFixture[str]) -> None:
+    patch = next((proj.root / "patches").rglob("five.patch"))
+    patch.write_text(patch.read_text().replace("Spell out five", "Spell out the number five"))
+    assert main(["rehash", "base", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [e["action"] for e in out["entries"]] == ["updated"]
+    assert f'sha256 = "{sha256(patch.read_text())}"' in (proj.root / "recipes/base.toml").read_text()
+    assert main(["rehash", "base"]) == 0 and "already right" in capsys.readouterr().out
+    patch.unlink()
+    assert main(["rehash", "base"]) == 2

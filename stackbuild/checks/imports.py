@@ -238,6 +238,10 @@ class ModuleIndex:
                 for child in node.orelse + node.finalbody:
                     visit(child, guarded)
                 return
+            if isinstance(node, ast.With | ast.AsyncWith) and any(_suppresses_import_error(i) for i in node.items):
+                for child in node.body:
+                    visit(child, guarded or "with suppress(ImportError)")
+                return
             if isinstance(node, ast.Import):
                 for a in node.names:
                     if self.is_local(a.name):
@@ -494,6 +498,19 @@ def _catches_import_error(h: ast.ExceptHandler) -> bool:
     names = [h.type] if not isinstance(h.type, ast.Tuple) else list(h.type.elts)
     return any(isinstance(n, ast.Name) and n.id in ("ImportError", "ModuleNotFoundError", "Exception", "BaseException")
                for n in names)
+
+
+def _suppresses_import_error(item: ast.withitem) -> bool:
+    """`with contextlib.suppress(ImportError):` (or `suppress(...)` imported by name)
+    guards its body as `try/except ImportError` does (vLLM 0.33.0 platforms/xpu.py:136)."""
+    call = item.context_expr
+    if not isinstance(call, ast.Call):
+        return False
+    f = call.func
+    name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
+    return name == "suppress" and any(
+        isinstance(a, ast.Name) and a.id in ("ImportError", "ModuleNotFoundError", "Exception", "BaseException")
+        for a in call.args)
 
 
 def _from_text(node: ast.ImportFrom) -> str:

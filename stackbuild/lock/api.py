@@ -9,14 +9,19 @@ cannot be resolved here) is separate from running the resolver and writing the f
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform as _platform
 import re
+import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +32,15 @@ from packaging.utils import canonicalize_name
 from stackbuild.cache import atomic_write_text
 from stackbuild.lock import backends
 from stackbuild.lock.errors import IndexUnreachable, LockError, ResolutionFailed
+from stackbuild.lock.indexmap import IndexMap
 from stackbuild.lock.lockfile import (
+    COMPLETE_PREFIX,
+    CONTENT_PREFIX,
     FIRST_LINE,
     UNRESOLVED_PREFIX,
     LockedPackage,
+    incomplete_message,
+    incompleteness,
     inputs_digest,
     parse_resolver_output,
     patch_record,
@@ -38,6 +48,7 @@ from stackbuild.lock.lockfile import (
     read_header,
     record_line,
     render_packages,
+    seal,
 )
 from stackbuild.lock.requirements import (
     DeclaredRequirement,
@@ -204,9 +215,11 @@ class LockCheckResult:
                 "command": self.command, "exit_code": self.exit_code}
 
     def tables(self) -> list[Table]:
-        summary = ("up to date: pins, overrides and patch series match the lockfile"
-                   if self.up_to_date else
-                   f"{len(self.changes)} change(s) since the lockfile was written; run: {self.command}")
+        drift = [c for c in self.changes if c.change != "incomplete"]
+        parts = [f"{len(drift)} change(s) since the lockfile was written; run: {self.command}"] if drift else []
+        parts += [c.detail for c in self.changes if c.change == "incomplete"]
+        summary = ("up to date: pins, overrides and patch series match the lockfile, its content matches its "
+                   "sha256, and it is complete" if self.up_to_date else "\n".join(parts))
         if self.notes:
             summary += "\n" + "\n".join(self.notes)
         return [Table(f"Lock check {self.lockfile.name}", ("what", "name", "change", "detail"),
@@ -225,6 +238,21 @@ class _Input:
     pin: Pin | None = None
     constraint: bool = False
     remote_urls: tuple[str, ...] = ()  # indexes / URLs this input needs
+    shown: str = ""  # the requirement as the lockfile records it, when an index map changed `requirement`
+
+    def mapped(self, imap: IndexMap) -> _Input:
+        """This input with its URLs fetched through the index map."""
+        if not imap or not self.remote_urls:
+            return self
+        req = self.requirement
+        for u in self.remote_urls:
+            req = req.replace(u, imap.local(u))
+        return replace(self, requirement=req, remote_urls=tuple(imap.local(u) for u in self.remote_urls),
+                       shown=self.requirement)
+
+    @property
+    def recorded(self) -> str:
+        return self.shown or self.requirement
 
 
 @dataclass(frozen=True)
@@ -363,12 +391,14 @@ def default_lockfile(recipe: Recipe) -> Path:
 
 
 def regenerate_command(recipe: Recipe, *, resolver: str, offline: bool, pins_only: bool,
-                       index_url: str | None) -> str:
+                       index_url: str | None, partial: bool = False) -> str:
     parts = ["stackbuild", "lock", recipe.name]
     if resolver != "pip-tools":
         parts += ["--resolver", resolver]
     if offline:
         parts.append("--offline")
+    if partial:
+        parts.append("--partial")
     if pins_only:
         parts.append("--pins-only")
     if index_url and not backends.is_local(index_url):
@@ -406,13 +436,22 @@ def lock(
     output: Path | None = None,
     index_url: str | None = None,
     probe_timeout: float = backends.PROBE_TIMEOUT_S,
+    force: bool = False,
+    index_map: IndexMap | None = None,
+    partial: bool = False,
 ) -> LockResult:
     """Resolve the recipe's pins plus the source's own requirements into a lockfile.
 
     `index_url`: the primary index (default: PIP_INDEX_URL if set, else PyPI). Extra
     indexes come only from the recipe's pins and the source's requirement files.
-    On any failure the previous lockfile is left byte-for-byte as it was."""
+    `index_map`: local mirrors that stand in for real index URLs (default: from
+    STACKBUILD_INDEX_MAP); the lockfile records only the real URLs.
+    `partial`: online, but what needs an unreachable extra index or URL (and what
+    depends on it) is left unresolved and named in the header, instead of failing.
+    On any failure the previous lockfile is left byte-for-byte as it was, and so it is
+    when the new lock would be less complete than it (unless `force`)."""
     started = time.monotonic()
+    imap = index_map if index_map is not None else IndexMap.parse()
     if resolver not in backends.RESOLVERS:
         raise LockError(f"unknown resolver {resolver!r} (one of: {', '.join(backends.RESOLVERS)})",
                         key="--resolver")
@@ -425,28 +464,48 @@ def lock(
     # ---- reachability: fail fast, naming what does not answer
     unresolved: list[Unresolved] = []
     first_use: list[FirstUse] = []
-    inputs = list(plan.inputs)
-    index_urls = [(primary, "--index-url" if index_url else "the default index"), *plan.indexes]
+    inputs = [i.mapped(imap) for i in plan.inputs]
+    index_urls = [(imap.local(u), o) for u, o in
+                  [(primary, "--index-url" if index_url else "the default index"), *plan.indexes]]
+    find_links = [(imap.local(u), o) for u, o in plan.find_links]
     if not offline:
-        probes = [(u, False) for u, _ in index_urls] + [(u, False) for u, _ in plan.find_links]
-        probes += [(i.pin.url, True) for i in inputs if i.pin is not None and i.pin.url]
+        probes = [(u, False) for u, _ in index_urls] + [(u, False) for u, _ in find_links]
+        probes += [(u, True) for i in inputs if i.pin is not None and i.pin.url for u in i.remote_urls
+                   if u == imap.local(i.pin.url)]
         probes += [(u, True) for i in inputs if i.pin is None for u in i.remote_urls]
         results = backends.probe_all(list(dict.fromkeys(probes)), probe_timeout)
         failed: list[tuple[str, str, str]] = []
-        origins = {u: o for u, o in (*index_urls, *plan.find_links)}
+        origins = {u: o for u, o in (*index_urls, *find_links)}
         origins.update({u: i.origin for i in inputs for u in i.remote_urls})
         for url, why in results.items():
             if why is not None:
                 failed.append((url, origins.get(url, "?"), why))
+        dead = {url: why for url, _, why in failed}
+        if failed and partial and index_urls[0][0] not in dead:
+            kept_inputs: list[_Input] = []
+            for i in inputs:
+                bad = [u for u in i.remote_urls if u in dead]
+                if bad:
+                    unresolved.append(Unresolved(i.name, i.recorded, i.origin,
+                                                 f"partial: {imap.real(bad[0])} unreachable ({dead[bad[0]]})",
+                                                 i.pin.sha256 if i.pin else None))
+                else:
+                    kept_inputs.append(i)
+            inputs = kept_inputs
+            index_urls = [(u, o) for u, o in index_urls if u not in dead]
+            find_links = [(u, o) for u, o in find_links if u not in dead]
+            failed = []
         if failed:
-            index_set = {u for u, _ in (*index_urls, *plan.find_links)}
+            index_set = {u for u, _ in (*index_urls, *find_links)}
             what = "; ".join(f"{'index' if url in index_set else 'URL'} {url} ({origin}) unreachable: {why}"
                              for url, origin, why in failed)
-            raise IndexUnreachable(f"{what}; nothing was resolved (use --offline to lock the rest and mark "
-                                   "these as pinned by the recipe)", file=recipe.path, key=failed[0][1])
-        active_indexes = [u for u, _ in plan.indexes]
-        links = [u for u, _ in plan.find_links]
-        resolver_primary: str | None = primary
+            raise IndexUnreachable(f"{what}; nothing was resolved (use --partial to lock the rest from the "
+                                   "reachable indexes, or --offline to lock without the network; both mark "
+                                   "these as not resolved)", file=recipe.path,
+                                   key=failed[0][1])
+        active_indexes = [u for u, _ in index_urls[1:]]
+        links = [u for u, _ in find_links]
+        resolver_primary: str | None = index_urls[0][0]
     else:
         # Offline: nothing remote is contacted. Pins that need a remote index or URL are
         # recorded as pinned by the recipe; the rest comes from local indexes (and uv's cache).
@@ -454,17 +513,17 @@ def lock(
         for i in inputs:
             remote = [u for u in i.remote_urls if not backends.is_local(u)]
             if remote:
-                unresolved.append(Unresolved(i.name, i.requirement, i.origin,
+                unresolved.append(Unresolved(i.name, i.recorded, i.origin,
                                              f"offline: {remote[0]} not contacted",
                                              i.pin.sha256 if i.pin else None))
             else:
                 kept.append(i)
         inputs = kept
         local_ix = [u for u, _ in index_urls if backends.is_local(u)]
-        links = [u for u, _ in plan.find_links if backends.is_local(u)]
+        links = [u for u, _ in find_links if backends.is_local(u)]
         if resolver == "uv":
-            resolver_primary = primary
-            active_indexes = [u for u, _ in plan.indexes]
+            resolver_primary = index_urls[0][0]
+            active_indexes = [u for u, _ in index_urls[1:]]
         else:
             resolver_primary = local_ix[0] if local_ix else None
             active_indexes = local_ix[1:]
@@ -473,20 +532,23 @@ def lock(
                 if i.pin is not None and i.pin.url or _available_locally(i.name, local_ix, links):
                     kept.append(i)
                 else:
-                    unresolved.append(Unresolved(i.name, i.requirement, i.origin,
+                    unresolved.append(Unresolved(i.name, i.recorded, i.origin,
                                                  "offline: in no local index",
                                                  i.pin.sha256 if i.pin else None))
             inputs = kept
 
+    kept_names = {(i.name, i.origin) for i in inputs}
     for i in plan.inputs:
-        if i.pin is not None and i.pin.trust_on_first_use and i not in inputs:
+        if i.pin is not None and i.pin.trust_on_first_use and (i.name, i.origin) not in kept_names:
             first_use.append(FirstUse(i.pin.name, i.pin.url or "", None))
 
     # ---- resolve
+    mode = "offline" if offline else "partial"
     packages: list[LockedPackage] = []
     runs = 0
     version = backends.pip_tools_version() if resolver == "pip-tools" else backends.uv_version(backends.find_uv())
-    with tempfile.TemporaryDirectory(prefix="stackbuild-lock-") as tmp_s:
+    _remove_stale_tempdirs()
+    with _term_as_interrupt(), tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}{os.getpid()}-") as tmp_s:
         tmp = Path(tmp_s)
         labels = {"recipe-pins.in": RECIPE_LABEL, f"{plan.label}.in": plan.label,
                   f"{plan.label}-constraints.in": f"{plan.label} constraints", "overrides.txt": RECIPE_LABEL}
@@ -499,7 +561,7 @@ def lock(
                                 resolver == "uv")
             run = backends.run_resolver(resolver, req)
             if run.ok:
-                packages = parse_resolver_output(run.output, labels)
+                packages = [_unmap(p, imap) for p in parse_resolver_output(run.output, labels)]
                 version = run.version
                 clash = _pulled_in_unresolved(packages, inputs, unresolved)
                 if not clash:
@@ -508,8 +570,8 @@ def lock(
                 # resolved (torchvision on the XPU torch); locking it would pull another
                 # build of that pin in. Leave those inputs to the recipe too, and retry.
                 for i, needs in clash:
-                    unresolved.append(Unresolved(i.name, i.requirement, i.origin,
-                                                 f"offline: depends on {needs}, which is not resolved here",
+                    unresolved.append(Unresolved(i.name, i.recorded, i.origin,
+                                                 f"{mode}: depends on {needs}, which is not resolved here",
                                                  i.pin.sha256 if i.pin else None))
                 dropped = {i for i, _ in clash}
                 inputs = [i for i in inputs if i not in dropped]
@@ -517,10 +579,11 @@ def lock(
                 continue
             missing = {_req_name(n) for n in backends.unavailable_requirements(run.stderr)}
             top = [i for i in inputs if i.name in missing]
-            if offline and top:  # each retry drops at least one input, so this ends
+            if (offline or partial) and top:  # each retry drops at least one input, so this ends
                 for i in top:
-                    unresolved.append(Unresolved(i.name, i.requirement, i.origin,
-                                                 "offline: not resolvable from local indexes"
+                    unresolved.append(Unresolved(i.name, i.recorded, i.origin,
+                                                 "partial: not resolvable from the reachable indexes" if not offline
+                                                 else "offline: not resolvable from local indexes"
                                                  + (" or the uv cache" if resolver == "uv" else ""),
                                                  i.pin.sha256 if i.pin else None))
                 inputs = [i for i in inputs if i not in top]
@@ -535,7 +598,7 @@ def lock(
     pins_rec = [pin_record(p) for p in recipe.pins]
     patches_rec = [patch_record(n, p) for n, p in enumerate(recipe.patches, start=1)]
     digest = inputs_digest(pins_rec, patches_rec)
-    command = regenerate_command(recipe, resolver=resolver, offline=offline,
+    command = regenerate_command(recipe, resolver=resolver, offline=offline, partial=partial,
                                  pins_only=requirements_from is None, index_url=index_url)
     result = LockResult(
         recipe=recipe.name,
@@ -556,9 +619,77 @@ def lock(
         seconds=0.0,
         resolver_runs=runs,
     )
-    text = render_lockfile(result, plan, pins_rec, patches_rec, primary, notes)
+    text = render_lockfile(result, plan, pins_rec, patches_rec, primary, notes, mirrored=imap)
+    for local in imap.locals():
+        if local in text:
+            raise LockError(f"the lockfile would name the local mirror {local}; nothing was written",
+                            file=out_path)
+    if not force:
+        _refuse_less_complete(out_path, result)
     atomic_write_text(out_path, text)
     return _replace_seconds(result, time.monotonic() - started)
+
+
+TMP_PREFIX = "stackbuild-lock-"
+
+
+@contextlib.contextmanager
+def _term_as_interrupt() -> Iterator[None]:
+    """SIGTERM while the resolver runs unwinds like Ctrl-C (the resolver is killed, the
+    temp dir removed, nothing written) instead of ending the process on the spot."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _remove_stale_tempdirs() -> None:
+    """Temp dirs of lock runs that were killed (kill -9 skips every cleanup): named with
+    their process id, removed once that process is gone."""
+    for d in Path(tempfile.gettempdir()).glob(f"{TMP_PREFIX}*-*"):
+        pid_s = d.name[len(TMP_PREFIX):].split("-", 1)[0]
+        if not pid_s.isdigit() or int(pid_s) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid_s), 0)
+            continue  # still running
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except PermissionError:
+            continue  # another user's live process
+
+
+def _unmap(p: LockedPackage, imap: IndexMap) -> LockedPackage:
+    if not imap or not p.url:
+        return p
+    real = imap.real(p.url)
+    return p if real == p.url else replace(p, url=real, requirement=p.requirement.replace(p.url, real))
+
+
+def _refuse_less_complete(path: Path, new: LockResult) -> None:
+    """Never replace a lockfile with one that resolves less: a lock made where an index
+    is unreachable must not silently wipe out one made where it was reachable."""
+    try:
+        old = read_header(path)
+    except LockError:
+        return  # nothing there, or not a stackbuild lockfile: nothing to lose
+    now_missing = {u.name for u in new.unresolved}
+    lost = sorted(n for n in now_missing if n in set(old.packages))
+    if not lost and not (old.complete and new.unresolved):
+        return
+    what = (f"it resolves {', '.join(lost[:8])}{' and more' if len(lost) > 8 else ''}, which this lock could not"
+            if lost else "it is complete and this lock is not")
+    raise LockError(f"refusing to replace it with a less complete lockfile: {what} ({len(old.packages)} packages "
+                    f"there, {len(new.packages)} here, {len(now_missing)} not resolved here). Lock where the "
+                    "indexes are reachable, or pass --force to replace it anyway", file=path)
 
 
 def _pulled_in_unresolved(packages: list[LockedPackage], inputs: list[_Input],
@@ -581,8 +712,8 @@ def _pulled_in_unresolved(packages: list[LockedPackage], inputs: list[_Input],
                     todo.append(parent)
         culprits = [by_name[n] for n in sorted(seen) if n in by_name]
         if not culprits:
-            raise LockError(f"offline: {p.name} is pinned by the recipe but not resolved here, and the "
-                            f"resolver pulled in {p.requirement} for it; lock online instead")
+            raise LockError(f"{p.name} is pinned by the recipe but not resolved here, and the resolver pulled "
+                            f"in {p.requirement} for it; lock where the pin's index is reachable")
         out += [(c, p.name) for c in culprits if all(c is not o for o, _ in out)]
     return out
 
@@ -715,22 +846,33 @@ def _replace_seconds(r: LockResult, seconds: float) -> LockResult:
 
 
 def render_lockfile(result: LockResult, plan: _Plan, pins_rec: list[dict[str, Any]],
-                    patches_rec: list[dict[str, Any]], primary: str, notes: dict[str, str]) -> str:
+                    patches_rec: list[dict[str, Any]], primary: str, notes: dict[str, str],
+                    mirrored: IndexMap | None = None) -> str:
     import json
 
+    shown_primary = primary if not backends.is_local(primary) else "a local index (not recorded)"
+    missing = incompleteness(result.recipe, result.command, pins_rec, [u.to_dict() for u in result.unresolved],
+                             shown_primary)
     h: list[str] = [
         f"{FIRST_LINE}{result.recipe}. Do not edit; regenerate with:",
         f"#   {result.command}",
+        *([f"# (after `stackbuild apply {result.recipe}`: the source's requirements are read from its workspace)"]
+          if plan.source is not None else []),
         f"# recipe sha256: {result.recipe_sha256}",
         f"# inputs sha256: {result.inputs_sha256}  (pins, overrides, patch series: `--check` compares them)",
+        f"{CONTENT_PREFIX}(filled in by seal)",
+        COMPLETE_PREFIX + ("yes: every pin and every requirement is in this file, with hashes" if missing is None
+                           else f"NO: {missing}"),
         f"# resolver: {result.resolver} {result.resolver_version}, for Python "
         f"{sys.version_info.major}.{sys.version_info.minor} on {sys.platform} {_platform.machine()}"
         + (" (offline)" if result.offline else ""),
-        f"# primary index: {primary if not backends.is_local(primary) else 'a local index (not recorded)'}",
+        f"# primary index: {shown_primary}",
     ]
     for url, origin in plan.indexes:
         shown = url if not backends.is_local(url) else "a local index (not recorded)"
         h.append(f"# extra index: {shown} ({origin})")
+    for real, _local in (mirrored.pairs if mirrored else ()):
+        h.append(f"# index map: {real} was read from a local mirror (STACKBUILD_INDEX_MAP / --index-map)")
     if plan.source is not None:
         h.append(f"# requirements of {plan.label}: {', '.join(plan.source.files)} "
                  f"(sha256 {plan.source.sha256[:16]})")
@@ -767,11 +909,22 @@ def render_lockfile(result: LockResult, plan: _Plan, pins_rec: list[dict[str, An
                         + (f"; sha256 {u.sha256})" if u.sha256 else ")"))
         for u in result.unresolved:
             tail.append(UNRESOLVED_PREFIX + json.dumps(u.to_dict(), sort_keys=True, separators=(",", ":")))
+    # Each header and tail entry is one comment line; recipe text (URLs, reasons) with a
+    # control character must not start another line (a requirement, a fake record).
+    h = [_one_line(x) for x in h]
+    tail = [_one_line(x) for x in tail]
     text = "\n".join(h) + "\n" + body + ("\n".join(tail) + "\n" if tail else "")
     for line in text.splitlines():
         if line.startswith("-"):
             raise LockError(f"refusing to write a machine-local option line: {line!r}", file=result.lockfile)
-    return text
+    return seal(text)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
+
+
+def _one_line(line: str) -> str:
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", line)
 
 
 # ---------------------------------------------------------------- --check
@@ -828,12 +981,19 @@ def check_lock(recipe: Recipe, lockfile: Path) -> LockCheckResult:
     if digest_then != header.inputs_sha256:
         changes.append(LockChange("lockfile", str(lockfile), "changed",
                                   "its header records do not match its inputs sha256 (edited by hand?)"))
+    if header.content_sha256 is None:
+        changes.append(LockChange("lockfile", str(lockfile), "unverifiable",
+                                  "no content sha256 in its header (written by an older stackbuild): regenerate it"))
+    elif header.edited:
+        changes.append(LockChange("lockfile", str(lockfile), "changed",
+                                  f"its content does not match its content sha256 (edited by hand?): it is "
+                                  f"{header.content_actual[:16]}..., the header says {header.content_sha256[:16]}..."))
+    missing = incomplete_message(header)
+    if missing is not None:
+        changes.append(LockChange("lockfile", str(lockfile), "incomplete", missing))
     if not changes and header.recipe_sha256 != recipe.sha256:
         notes.append("the recipe changed elsewhere (its sha256 differs) but not in pins, overrides "
                      "or the patch series")
-    if header.unresolved:
-        notes.append(f"{len(header.unresolved)} pin(s) are pinned by the recipe but not resolved in this "
-                     "lockfile (written --offline)")
     command = header.command.replace(f"lock {header.recipe}", f"lock {recipe.name}", 1) \
         if header.command else f"stackbuild lock {recipe.name}"
     return LockCheckResult(recipe.name, Path(lockfile), not changes, tuple(changes), tuple(notes), command)

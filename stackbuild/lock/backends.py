@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from stackbuild.lock.errors import LockError, ResolutionFailed, ResolverMissing
+from stackbuild.lock.errors import IndexUnreachable, LockError, ResolutionFailed, ResolverMissing
 
 RESOLVERS = ("pip-tools", "uv")
 DEFAULT_INDEX = "https://pypi.org/simple"
@@ -119,17 +119,19 @@ def pip_tools_version() -> str:
 
 
 def find_uv() -> str:
-    exe = shutil.which("uv")
-    if exe:
-        return exe
+    """The uv installed beside stackbuild (the `uv` package) first, then one on PATH."""
     try:
         import uv
 
         return str(uv.find_uv_bin())
-    except Exception:  # noqa: BLE001
-        raise ResolverMissing(
-            "the uv resolver is not installed: `pip install uv` (or see https://docs.astral.sh/uv/), "
-            "or use --resolver pip-tools", key="--resolver") from None
+    except Exception:  # noqa: BLE001 - not installed as a package: try PATH
+        pass
+    exe = shutil.which("uv")
+    if exe:
+        return exe
+    raise ResolverMissing(
+        "the uv resolver is not installed: `pip install uv` (or see https://docs.astral.sh/uv/), "
+        "or use --resolver pip-tools", key="--resolver")
 
 
 def uv_version(exe: str) -> str:
@@ -177,6 +179,11 @@ def run_resolver(resolver: str, req: ResolveRequest, timeout_s: float | None = N
     timeout_s = timeout_s if timeout_s is not None else resolve_timeout()
     read_s = request_timeout()
     env = clean_env()
+    # The resolver's own temp files live in the lock's temp dir, so they go with it
+    # even when the resolver is killed.
+    own_tmp = req.output.parent / "tmp"
+    own_tmp.mkdir(exist_ok=True)
+    env.update(TMPDIR=str(own_tmp), TEMP=str(own_tmp), TMP=str(own_tmp))
     if resolver == "pip-tools":
         argv = [sys.executable, "-m", "piptools", "compile", "--no-header", "--generate-hashes",
                 "--allow-unsafe", "--strip-extras", "--no-emit-index-url", "--no-emit-find-links",
@@ -219,7 +226,15 @@ def run_resolver(resolver: str, req: ResolveRequest, timeout_s: float | None = N
         return ResolveRun(True, req.output.read_text(encoding="utf-8"), proc.stderr, tuple(argv), version)
     if resolver == "pip-tools" and "No module named piptools" in proc.stderr:
         raise ResolverMissing("pip-tools is not installed: `pip install pip-tools`", key="--resolver")
-    return ResolveRun(False, "", proc.stderr + proc.stdout, tuple(argv), version)
+    out = proc.stderr + proc.stdout
+    if _TIMEOUT_RE.search(out):
+        raise IndexUnreachable(f"{resolver}: an index did not answer within {read_s:g} s "
+                               f"(STACKBUILD_NET_TIMEOUT): {failure_summary(out, {})}; nothing was written",
+                               key="STACKBUILD_NET_TIMEOUT")
+    return ResolveRun(False, "", out, tuple(argv), version)
+
+
+_TIMEOUT_RE = re.compile(r"timed out|timeout|ReadTimeoutError", re.IGNORECASE)
 
 
 _NOT_FOUND_PATTERNS = (

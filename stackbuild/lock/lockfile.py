@@ -32,6 +32,9 @@ from stackbuild.lock.errors import LockError
 INPUT_PREFIX = "# stackbuild-input "
 UNRESOLVED_PREFIX = "# stackbuild-unresolved "
 FIRST_LINE = "# stackbuild lockfile for recipe "
+CONTENT_PREFIX = "# content sha256: "
+CONTENT_NOTE = "  (every other line of this file: `--check` catches hand edits)"
+COMPLETE_PREFIX = "# complete: "
 _HASH_RE = re.compile(r"--hash=sha256:([0-9a-f]{64})")
 
 
@@ -186,6 +189,24 @@ def record_line(kind: str, record: dict[str, Any]) -> str:
     return f"{INPUT_PREFIX}{kind} {json.dumps(record, sort_keys=True, separators=(',', ':'))}"
 
 
+def content_digest(text: str) -> str:
+    """sha256 of the lockfile's text without its own `# content sha256:` line: the whole
+    body (packages, versions, hashes) and the header records."""
+    kept = [ln for ln in text.splitlines(keepends=True) if not ln.startswith(CONTENT_PREFIX)]
+    return hashlib.sha256("".join(kept).encode()).hexdigest()
+
+
+def seal(text: str) -> str:
+    """Fill in the `# content sha256:` line (which must be there, once)."""
+    digest = content_digest(text)
+    lines = text.splitlines(keepends=True)
+    at = [n for n, ln in enumerate(lines) if ln.startswith(CONTENT_PREFIX)]
+    if len(at) != 1:
+        raise LockError("internal: a lockfile needs exactly one content sha256 line")
+    lines[at[0]] = f"{CONTENT_PREFIX}{digest}{CONTENT_NOTE}\n"
+    return "".join(lines)
+
+
 @dataclass(frozen=True)
 class LockfileHeader:
     recipe: str
@@ -196,6 +217,18 @@ class LockfileHeader:
     pins: tuple[dict[str, Any], ...]
     patches: tuple[dict[str, Any], ...]
     unresolved: tuple[dict[str, Any], ...]
+    content_sha256: str | None = None  # as recorded; None: written before stackbuild recorded it
+    content_actual: str = ""  # as computed from the file now
+    primary_index: str = ""
+    packages: tuple[str, ...] = ()  # names locked in the body
+
+    @property
+    def edited(self) -> bool:
+        return self.content_sha256 is not None and self.content_sha256 != self.content_actual
+
+    @property
+    def complete(self) -> bool:
+        return not self.unresolved
 
 
 def read_header(path: Path) -> LockfileHeader:
@@ -224,12 +257,44 @@ def read_header(path: Path) -> LockfileHeader:
                 raise LockError(f"line {n}: damaged stackbuild record", file=path)
             {"pin": pins, "patch": patches, "unresolved": unresolved}.get(kind, []).append(rec)
             continue
-        m = re.match(r"^# (recipe sha256|inputs sha256|resolver): (\S.*)$", line)
-        if m:
+        m = re.match(r"^# (recipe sha256|inputs sha256|content sha256|resolver|primary index): (\S.*)$", line)
+        if m and m.group(1) not in fields:
             fields[m.group(1)] = m.group(2).split()[0] if "sha256" in m.group(1) else m.group(2)
     for key in ("recipe sha256", "inputs sha256"):
         if key not in fields:
             raise LockError(f"header has no '{key}' line", file=path)
     command = lines[1].removeprefix("#").strip() if len(lines) > 1 and "stackbuild lock" in lines[1] else ""
+    try:
+        names = tuple(p.name for p in parse_resolver_output(text, {}))
+    except LockError:
+        names = ()
     return LockfileHeader(recipe, fields["recipe sha256"], fields["inputs sha256"],
-                          fields.get("resolver", ""), command, tuple(pins), tuple(patches), tuple(unresolved))
+                          fields.get("resolver", ""), command, tuple(pins), tuple(patches), tuple(unresolved),
+                          fields.get("content sha256"), content_digest(text), fields.get("primary index", ""),
+                          names)
+
+
+def incomplete_message(header: LockfileHeader) -> str | None:
+    """None for a complete lockfile; else one line: what is missing, and which host and
+    indexes can complete it, with the command. `lock --check` and `install-script` both
+    say exactly this."""
+    return incompleteness(header.recipe, header.command, header.pins, header.unresolved, header.primary_index)
+
+
+def incompleteness(recipe: str, command: str, pins: tuple[dict[str, Any], ...] | list[dict[str, Any]],
+                   unresolved: tuple[dict[str, Any], ...] | list[dict[str, Any]], primary: str) -> str | None:
+    if not unresolved:
+        return None
+    names = list(dict.fromkeys(str(u.get("name", "?")) for u in unresolved))
+    by_name = {str(p.get("name")): p for p in pins}
+    reach: list[str] = []
+    for u in unresolved:
+        origin = str(u.get("origin", ""))
+        pin = by_name.get(origin.removeprefix("pins.")) if origin.startswith("pins.") else None
+        for url in ((pin.get("index"), pin.get("url")) if pin else (primary,)):
+            if url and not str(url).startswith("a local index") and url not in reach:
+                reach.append(str(url))
+    complete_with = command.replace(" --offline", "").replace(" --partial", "") or f"stackbuild lock {recipe}"
+    shown = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
+    return (f"incomplete lockfile: {len(names)} requirement(s) not resolved in it ({shown}); complete it on a "
+            f"host that reaches {', '.join(reach) or 'the package index'} with: {complete_with}")

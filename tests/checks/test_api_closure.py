@@ -425,12 +425,44 @@ def test_kernels_0_1_16_2_from_the_index_name_the_removed_function_and_is_int4(
     assert moe.status is CheckStatus.FAIL and not moe.data["touched"]
     assert "xpu_fused_moe.py:24: cannot import name 'xpu_fused_moe' from vllm_xpu_kernels.fused_moe_interface " \
            "in vllm-xpu-kernels 0.1.16.2" in moe.detail
+    # the fixed series calls only xpu_fused_moe (0.1.5-0.1.11), so on 0.1.16.2 it cannot import either
     int4 = by["xpu_int4_moe.py"]
     assert int4.status is CheckStatus.FAIL and int4.data["touched"]
-    assert "XpuFusedMoe" in int4.detail and "unexpected keyword argument 'is_int4'" in int4.detail
+    assert "cannot import name 'xpu_fused_moe'" in int4.detail
     assert by["_xpu_ops.py"].status is CheckStatus.PASS and by["xpu.py"].status is CheckStatus.PASS
     wheel = seeded_cache / "wheels" / "vllm-xpu-kernels" / "0.1.16.2"
     assert len(list(wheel.glob("*.whl"))) == 1  # cached for the next run
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_the_pre_fix_moe_patch_s_is_int4_keyword_is_named_on_0_1_16_2(
+        lunar_lake_moe_ws, seeded_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """The series as it was before issue 15 called XpuFusedMoe(..., is_int4=True) on
+    kernels >= 0.1.11: the check must name that keyword (planted from git history)."""
+    import os
+    import subprocess
+
+    from test_wheelarch import KERNEL_WHEELS
+
+    old = subprocess.run(["git", "show", "89b51dc:patches/vllm/0.19.0/xpu-int4-moe.patch"], cwd=REPO,
+                         capture_output=True, text=True)
+    if old.returncode != 0:
+        pytest.skip("the pre-fix patch is not in this clone's history")
+    rel = "vllm/model_executor/layers/fused_moe/xpu_int4_moe.py"
+    body = old.stdout.split(f"+++ b/{rel}\n", 1)[1].split("\ndiff --git", 1)[0]
+    text = "".join(ln[1:] + "\n" for ln in body.splitlines() if ln.startswith("+"))
+    ws = tmp_path / "ws"
+    shutil.copytree(lunar_lake_moe_ws.workdir, ws, symlinks=True, copy_function=os.link)
+    [target] = [p for p in ws.rglob("xpu_int4_moe.py") if p.as_posix().endswith(rel)]
+    target.unlink()
+    target.write_text(text)
+    monkeypatch.setenv("STACKBUILD_CACHE", str(seeded_cache))
+    pin = Pin("vllm-xpu-kernels", "==0.1.16.2", sha256=KERNEL_WHEELS["0.1.16.2"])
+    ctx = dataclasses.replace(_ctx(lunar_lake_moe_ws, pin), workspace=ws)
+    int4 = _by_file(api_closure.run(ctx))["xpu_int4_moe.py"]
+    assert int4.status is CheckStatus.FAIL
+    assert "XpuFusedMoe" in int4.detail and "unexpected keyword argument 'is_int4'" in int4.detail
 
 
 @pytest.mark.network

@@ -101,6 +101,11 @@ def test_reexports_star_imports_getattr_and_submodules(tmp_path: Path) -> None:
             "def f():\n"
             "    from ..outside import y\n"       # line 17: climbs out of the tree
             "    from pkg.core import Missing\n"  # line 18: inside a function still counts
+            "import contextlib\n"
+            "with contextlib.suppress(ImportError):\n"
+            "    import pkg._ext_gone\n"          # line 21: guarded as try/except is
+            "with open('x') as fh:\n"
+            "    import pkg.not_guarded\n"        # line 23: any other with guards nothing
         ),
     })
     [r] = check_files(tmp_path, ["pkg/user.py"], ModuleIndex(tmp_path))
@@ -111,9 +116,10 @@ def test_reexports_star_imports_getattr_and_submodules(tmp_path: Path) -> None:
         (8, "module pkg.nowhere does not exist (no pkg/nowhere.py or pkg/nowhere/__init__.py)"),
         (17, "relative import climbs out of the tree: from ..outside import y"),
         (18, "name 'Missing' is not defined in pkg.core"),
+        (23, "module pkg.not_guarded does not exist (no pkg/not_guarded.py or pkg/not_guarded/__init__.py)"),
     ]
     soft = sorted((u["line"], u["guard"]) for u in r.data["unresolved"] if u["guard"])
-    assert soft == [(11, "if TYPE_CHECKING"), (13, "try/except ImportError")]
+    assert soft == [(11, "if TYPE_CHECKING"), (13, "try/except ImportError"), (21, "with suppress(ImportError)")]
     assert any("__getattr__" in n for n in r.data["notes"])
 
 

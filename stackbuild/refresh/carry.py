@@ -1,0 +1,497 @@
+"""Carrying a patch onto the new base, one at a time, in the refresh worktree
+(the target release itself comes from target.py; the evidence from verdict.py).
+
+The series, applied to its own (old) base, is cloned into work/<recipe>.refresh/<source>;
+the new release is committed there as a new root commit (tag `stackbuild/base`; the
+old base keeps `stackbuild/old-base`), and each patch's commits are cherry-picked onto
+it: a three-way merge against the old base, so context that moved or changed around a
+patch does not stop it. The order in which a verdict is decided:
+
+1. already upstream, proven: the same `git patch-id` as an upstream commit (git
+   sources), the reverse applies, the same code in substance (verdict.normalised_upstream),
+   the three-way merge changes nothing, or the added lines are present;
+2. a file it changes is gone: the rest of the patch is applied when it applies, and
+   the gone files' code is looked for by content (verdict.rank_moved): needs porting
+   (moved: where, how similar), conflict (some files gone, not found), obsolete (every
+   file gone and its code found nowhere: nothing replaced it);
+3. clean / offset / merged (3-way);
+4. when it does not apply: possibly upstream when the names it adds (absent from the
+   whole old release) are in the new one (verdict.possibly_upstream), else conflict:
+   the cherry-pick is left in progress for `refresh --continue` (or recorded and
+   skipped in a matrix run).
+Backports: already upstream when the new base ships identical files, or is at or past
+the backport's release; otherwise carried (replacing the new base's older version).
+
+The refresh's state is a JSON file, so that --continue picks it up in another process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from packaging.requirements import Requirement
+from packaging.version import InvalidVersion, Version
+
+from stackbuild.cache import atomic_write_text
+from stackbuild.errors import StackbuildError
+from stackbuild.patchqueue import commit_trailers, git_out
+from stackbuild.recipe import PatchKind, Recipe, SourceKind
+from stackbuild.refresh import verdict as V
+from stackbuild.refresh.results import Evidence, RefreshedPatch, RefreshVerdict
+from stackbuild.refresh.target import Progress, Target, materialise_new
+from stackbuild.series import MalformedPatch, ParsedPatch, PatchVerdict, apply_parsed, parse_patch
+from stackbuild.sources.archive import read_members
+from stackbuild.sources.git import GitCheckout, fetch_git
+from stackbuild.sources.pypi import fetch_sdist
+from stackbuild.treewrite import Tree, TreeWriteError
+from stackbuild.workspace import BASE_TAG, run_git
+
+OLD_BASE_TAG = "stackbuild/old-base"
+STATE_FILE = "refresh-state.json"
+
+
+def upstream_patch_ids(old: GitCheckout | None, new_commit: str | None) -> dict[str, str]:
+    if old is None or new_commit is None:
+        return {}
+    log = git_out(old.repo, "log", "-p", "--no-merges", "--no-color", "--full-index", f"{old.commit}..{new_commit}", check=False)
+    if log.returncode != 0 or not log.stdout:
+        return {}
+    ids = git_out(old.repo, "patch-id", "--stable", stdin=log.stdout).stdout
+    out: dict[str, str] = {}
+    for ln in ids.split("\n"):
+        parts = ln.split()
+        if len(parts) == 2:
+            out[parts[0]] = parts[1]
+    return out
+
+
+def write_tree_file(tree: Path, rel: str, data: bytes) -> None:
+    """The one place a refresh writes a file into its worktree (backports), through the
+    one guarded writer into a tree (no .git, no links out, no parents made through links)."""
+    try:
+        Tree(tree).write(rel, data)
+    except TreeWriteError as e:
+        raise StackbuildError(f"refresh cannot write {rel}: {e}", file=tree) from None
+
+
+# ------------------------------------------------------------------ the refresh worktree
+
+
+class Carrier:
+    """One refresh run in one refresh directory."""
+
+    def __init__(self, recipe: Recipe, state: dict[str, Any], rdir: Path, progress: Progress):
+        self.recipe = recipe
+        self.st = state
+        self.rdir = rdir
+        self.tree = rdir / state["source"]
+        self.progress = progress
+        self._sig: dict[str, frozenset[str]] | None = None
+
+    # -- state and git
+    def save(self) -> None:
+        atomic_write_text(self.rdir / STATE_FILE, json.dumps(self.st, indent=2) + "\n")
+
+    @property
+    def results(self) -> list[dict[str, Any]]:
+        return self.st["results"]
+
+    def git(self, *args: str, check: bool = True, stdin: str | None = None) -> Any:
+        return git_out(self.tree, *args, check=check, stdin=stdin)
+
+    def read(self, rel: str) -> str | None:
+        try:
+            data = Tree(self.tree).read(rel)
+        except TreeWriteError:
+            return None  # a path the door refuses is not in the tree
+        return None if data is None else data.decode("utf-8", "replace")
+
+    def show(self, rev: str, rel: str) -> str | None:
+        r = self.git("show", f"{rev}:{rel}", check=False)
+        return r.stdout if r.returncode == 0 else None
+
+    # -- the series
+    def run(self) -> None:
+        entries = self.st["entries"]
+        while self.st["position"] < len(entries):
+            i = self.st["position"]
+            e = entries[i]
+            self.progress(f"[{i + 1}/{len(entries)}] {e['name']}")
+            if not self._entry(e, e["commits"]):
+                self.save()
+                return
+            self.st["position"] = i + 1
+            self.save()
+
+    def _record(self, e: dict[str, Any], verdict: RefreshVerdict, detail: str = "", evidence: Evidence | None = None,
+                commits: tuple[str, ...] = (), hints: tuple[str, ...] = ()) -> bool:
+        self.results.append(RefreshedPatch(e["name"], e["kind"], verdict, detail, evidence, e.get("sha256"),
+                                           None, None, commits, hints).to_dict())
+        return True
+
+    def _entry(self, e: dict[str, Any], commits: list[str]) -> bool:
+        if e["kind"] == PatchKind.BACKPORT.value:
+            return self._backport(e)
+        if not commits:
+            return self._record(e, RefreshVerdict.ALREADY_UPSTREAM, e.get("old_detail") or "", Evidence.AT_OLD_BASE)
+        first, last = commits[0], commits[-1]
+        diff = self.git("diff", "--no-color", "--no-renames", "--full-index", f"{first}^", last).stdout
+        parsed: ParsedPatch | None
+        try:
+            parsed = parse_patch(diff)
+        except MalformedPatch as ex:
+            parsed = None
+            self.progress(f"{e['name']}: combined diff unparsable ({ex}); three-way only")
+        pre = self.git("rev-parse", "HEAD").stdout.strip()
+        ids: dict[str, str] = self.st.get("upstream_patch_ids") or {}
+        if ids:
+            pid = self.git("patch-id", "--stable", stdin=diff).stdout.split()
+            if pid and pid[0] in ids:
+                return self._record(e, RefreshVerdict.ALREADY_UPSTREAM, f"upstream commit {ids[pid[0]][:12]}", Evidence.PATCH_ID)
+        applies = None
+        gone: list[str] = []
+        if parsed is not None:
+            gone = [fp.old_path for fp in parsed.files if fp.old_path and self.read(fp.old_path) is None]
+            if not gone:
+                out = apply_parsed(parsed, self.read)
+                if out.verdict is PatchVerdict.ALREADY_APPLIED:
+                    return self._record(e, RefreshVerdict.ALREADY_UPSTREAM, "the reverse applies at the new base",
+                                        Evidence.REVERSE_APPLIES)
+                applies = {PatchVerdict.APPLIED: RefreshVerdict.CLEAN, PatchVerdict.APPLIED_OFFSET: RefreshVerdict.OFFSET,
+                           PatchVerdict.APPLIED_FUZZ: RefreshVerdict.OFFSET}.get(out.verdict)
+            proof = self._normalised(parsed, first, last)
+            if proof is not None:
+                return self._record(e, RefreshVerdict.ALREADY_UPSTREAM, proof, Evidence.NORMALISED)
+            if gone:
+                return self._some_files_gone(e, parsed, gone, first, last, pre)
+        for n, c in enumerate(commits):
+            r = self.git("cherry-pick", "--keep-redundant-commits", c, check=False)
+            if r.returncode == 0:
+                continue
+            unmerged = self.git("diff", "--name-only", "--diff-filter=U").stdout.split()
+            detail = f"conflict in {', '.join(unmerged) or 'the merge'}"
+            if parsed is not None:
+                lines = V.lines_evidence(parsed, lambda p: self.show("HEAD", p))
+                if lines is not None:
+                    self._drop_to(pre)
+                    return self._record(e, RefreshVerdict.ALREADY_UPSTREAM, lines, Evidence.LINES_PRESENT)
+                hint = self._possibly_upstream(parsed)
+                if hint is not None:
+                    self._drop_to(pre)
+                    return self._record(e, RefreshVerdict.POSSIBLY_UPSTREAM, f"{hint.describe()}; it does not apply: {detail}",
+                                        Evidence.NAMES_FOUND, hints=(f"{hint.path}:{hint.line}",))
+                similar = self._similar_upstream(parsed, first, last)
+                if similar is not None:
+                    self._drop_to(pre)
+                    return self._record(e, RefreshVerdict.NEEDS_PORTING, f"{similar.describe()}; it does not apply: {detail}",
+                                        Evidence.SIMILAR_CODE, hints=(f"{similar.path}:{similar.line}",))
+            if not self.st["stop_on_conflict"]:
+                self._drop_to(pre)
+                return self._record(e, RefreshVerdict.CONFLICT, detail + " (skipped; later patches tried without it)")
+            self.st["conflict"] = {"entry": e["name"], "pre": pre, "pending": commits[n + 1:], "detail": detail, "commit": c}
+            return False
+        if self.git("rev-parse", "HEAD^{tree}").stdout.strip() == self.git("rev-parse", f"{pre}^{{tree}}").stdout.strip():
+            self._drop_to(pre)
+            return self._record(e, RefreshVerdict.ALREADY_UPSTREAM, "cherry-picking it leaves the new base unchanged", Evidence.EMPTY_MERGE)
+        new_commits = tuple(self.git("rev-list", "--reverse", f"{pre}..HEAD").stdout.split())
+        verdict = applies or RefreshVerdict.MERGED
+        detail = {RefreshVerdict.CLEAN: "", RefreshVerdict.OFFSET: "hunks moved; regenerated",
+                  RefreshVerdict.MERGED: "context changed upstream; three-way merge; regenerated"}[verdict]
+        return self._record(e, verdict, detail, None, new_commits)
+
+    def _drop_to(self, pre: str) -> None:
+        self.git("cherry-pick", "--abort", check=False)
+        self.git("reset", "-q", "--hard", pre)
+
+    # -- evidence
+    def _normalised(self, parsed: ParsedPatch, first: str, last: str) -> str | None:
+        """The change is at the new base in substance (every file of it)."""
+        notes: list[str] = []
+        names: list[str] = []
+        for fp in parsed.files:
+            if not fp.path.endswith(".py"):
+                return None
+            pre = self.show(f"{first}^", fp.old_path) if fp.old_path else ""
+            post = self.show(last, fp.new_path) if fp.new_path else ""
+            new = self.show("HEAD", fp.path)
+            res = V.normalised_upstream(pre, post, new, fp, self._functions_elsewhere(fp.path))
+            if not res or not res[0]:
+                return None
+            notes.extend(res[1])
+            names.append(fp.path)
+        return (f"the code it changes in {', '.join(names)} is at the new base in substance (functions and statements "
+                "compared as ASTs, without comments, docstrings or formatting)" + (f"; {'; '.join(notes)}" if notes else ""))
+
+    def _functions_elsewhere(self, path: str) -> V.FindFunction:
+        def find(qualname: str) -> Iterator[tuple[str, str]]:
+            simple = qualname.rsplit(".", 1)[-1]
+            r = self.git("grep", "-l", "-E", rf"def {re.escape(simple)}\b", "HEAD", "--", "*.py", check=False)
+            for ln in r.stdout.split("\n")[:30]:
+                other = ln.partition(":")[2]
+                if not other or other == path:
+                    continue
+                norm = V.function_index(self.show("HEAD", other) or "").get(qualname)
+                if norm is not None:
+                    yield other, norm
+        return find
+
+    def _possibly_upstream(self, parsed: ParsedPatch) -> V.UpstreamHint | None:
+        return self._names_upstream(parsed) or V.file_novelty(
+            parsed, lambda p: self.show(OLD_BASE_TAG, p), lambda p: self.show(BASE_TAG, p))
+
+    def _similar_upstream(self, parsed: ParsedPatch, first: str, last: str) -> V.SimilarCode | None:
+        found = [V.similar_upstream_code(fp.path, self.show(f"{first}^", fp.path), self.show(last, fp.path),
+                                         self.show(OLD_BASE_TAG, fp.path), self.show(BASE_TAG, fp.path), fp)
+                 for fp in parsed.files if fp.path.endswith(".py") and fp.old_path and fp.new_path]
+        return max((f for f in found if f is not None), key=lambda f: f.similarity, default=None)
+
+    def _names_upstream(self, parsed: ParsedPatch) -> V.UpstreamHint | None:
+        names = V.added_names(parsed)[:200]
+        if not names:
+            return None
+        pats = [a for n in names for a in ("-e", n)]
+        old = self.git("grep", "-h", "-o", "-w", "-F", "-I", *pats, OLD_BASE_TAG, check=False).stdout
+        at_old = {ln.rsplit(":", 1)[-1] for ln in old.split("\n") if ln}
+        new_names = [n for n in names if n not in at_old]
+        if not new_names:
+            return None
+        pats = [a for n in new_names for a in ("-e", n)]
+        out = self.git("grep", "-n", "-w", "-F", "-I", *pats, BASE_TAG, check=False).stdout
+        hits: dict[str, list[tuple[str, int]]] = {}
+        for ln in out.split("\n"):
+            parts = ln.split(":", 3)
+            if len(parts) < 4 or not parts[2].isdigit():
+                continue
+            for n in new_names:
+                if re.search(rf"\b{re.escape(n)}\b", parts[3]):
+                    hits.setdefault(n, []).append((parts[1], int(parts[2])))
+        return V.possibly_upstream(new_names, hits)
+
+    def _signatures(self) -> dict[str, frozenset[str]]:
+        """Significant lines of every text file at the new base (read once per run)."""
+        if self._sig is None:
+            self._sig = {}
+            for rel in self.git("ls-tree", "-r", "--name-only", "-z", BASE_TAG).stdout.split("\0"):
+                p = self.tree / rel
+                if rel and p.suffix in (".py", ".pyi", ".cpp", ".cu", ".h", ".hpp", ".c", ".txt", ".md", ".toml", ".cmake"):
+                    try:
+                        self._sig[rel] = V.significant_lines(p.read_bytes().decode("utf-8", "replace"))
+                    except OSError:
+                        continue
+        return self._sig
+
+    # -- some files gone
+    def _some_files_gone(self, e: dict[str, Any], parsed: ParsedPatch, gone: list[str], first: str, last: str,
+                         pre: str) -> bool:
+        parts: list[str] = []
+        hints: list[str] = []
+        moved = 0
+        sigs = self._signatures()
+        for fp in parsed.files:
+            if fp.old_path not in gone:
+                continue
+            old_text = self.show(f"{first}^", fp.old_path) or ""
+            suffix = Path(fp.old_path).suffix
+            ranked = V.rank_moved(old_text, fp, ((p, s) for p, s in sigs.items() if Path(p).suffix == suffix))
+            best = ranked[0] if ranked else None
+            hints.extend(f"{fp.old_path} -> {c.describe()}" for c in ranked)
+            if V.is_moved(best):
+                assert best is not None
+                moved += 1
+                parts.append(f"{fp.old_path} is gone; its code moved to {best.describe()}")
+            else:
+                where = f" (best match {best.describe()})" if best else ""
+                parts.append(f"{fp.old_path} is gone and no file at the new base holds most of its code{where}")
+        present = [fp.path for fp in parsed.files if fp.old_path not in gone]
+        commits: tuple[str, ...] = ()
+        if present:
+            sub = self.git("diff", "--no-color", "--no-renames", "--full-index", f"{first}^", last, "--", *present).stdout
+            r = self.git("apply", "-3", "--index", "--whitespace=nowarn", check=False, stdin=sub)
+            if r.returncode == 0:
+                msg = self.git("log", "-1", "--format=%B", first).stdout
+                self.git("commit", "-q", "--no-verify", "--allow-empty", "-m", msg)
+                commits = tuple(self.git("rev-list", "--reverse", f"{pre}..HEAD").stdout.split())
+                parts.append(f"the rest applied ({', '.join(present)}; commit {commits[-1][:12]} in the refresh worktree)")
+            else:
+                self._drop_to(pre)
+                unmerged = [ln for ln in r.stderr.split("\n") if ln.startswith(("error:", "U "))][:3]
+                parts.append(f"the rest ({', '.join(present)}) does not apply either: {'; '.join(unmerged) or 'conflict'}")
+        hint = self._possibly_upstream(parsed)
+        detail = "; ".join(parts)
+        if hint is not None:
+            return self._record(e, RefreshVerdict.POSSIBLY_UPSTREAM, f"{hint.describe()}; {detail}", Evidence.NAMES_FOUND,
+                                commits, (f"{hint.path}:{hint.line}", *hints))
+        if moved:
+            return self._record(e, RefreshVerdict.NEEDS_PORTING, detail, Evidence.FILE_MOVED, commits, tuple(hints))
+        if present:
+            return self._record(e, RefreshVerdict.CONFLICT, detail, Evidence.FILE_GONE, commits, tuple(hints))
+        return self._record(e, RefreshVerdict.OBSOLETE, f"{detail}: the changed code is gone and nothing replaced it",
+                            Evidence.FILE_GONE, commits, tuple(hints))
+
+    # -- backports
+    def _backport(self, e: dict[str, Any]) -> bool:
+        files: list[str] = e["files"]
+        have = {f: (self.tree / f).read_bytes() for f in files if (self.tree / f).is_file()}
+        theirs = read_members(fetch_sdist(e["release"], e["sha256"], self.progress), files)
+        if len(have) == len(files):
+            same = [f for f in files if theirs[f] == have[f]]
+            if len(same) == len(files):
+                return self._record(e, RefreshVerdict.ALREADY_UPSTREAM,
+                                    f"the new base ships {', '.join(files)} identical to {e['release']}'s", Evidence.IDENTICAL_FILES)
+            newer = _at_or_past(self.st.get("new_version"), e["release"])
+            if newer:
+                return self._record(e, RefreshVerdict.ALREADY_UPSTREAM,
+                                    f"the new base ({self.st['new']}) is at or past {e['release']} and ships its own "
+                                    f"{', '.join(files)}", Evidence.NEWER_BASE)
+            if newer is None:  # no order between the two: a person decides which version to keep
+                differ = [f for f in files if f not in same]
+                return self._record(e, RefreshVerdict.CONFLICT,
+                                    f"the new base ships its own {', '.join(differ)}, different from {e['release']}'s; "
+                                    "keep the backport or drop it", Evidence.DIFFERENT_FILES)
+        pre = self.git("rev-parse", "HEAD").stdout.strip()
+        for f in files:
+            write_tree_file(self.tree, f, theirs[f])
+        self.git("add", "-A", "-f", "--", *files)
+        self.git("commit", "-q", "--no-verify", "--allow-empty", "-m",
+                 f"{e.get('description') or 'backport'}\n\nBackport of {', '.join(files)} from {e['release']}\nstackbuild-patch: {e['name']}\n")
+        shipped = [f for f in files if f in have]
+        detail = f"carried: {len(files)} file(s) from {e['release']}"
+        if shipped:
+            detail += f"; replaces the new base's older {', '.join(shipped)}"
+        commits = tuple(self.git("rev-list", "--reverse", f"{pre}..HEAD").stdout.split())
+        return self._record(e, RefreshVerdict.CLEAN, detail, None, commits)
+
+    # -- continue
+    def resume(self) -> None:
+        c = self.st.get("conflict")
+        if not c:
+            raise StackbuildError("no conflict in progress", file=self.rdir)
+        changed = self.git("diff", "--name-only", "HEAD").stdout.split()
+        marked = [f for f in changed if (self.tree / f).is_file()
+                  and re.search(r"^(<{7}|>{7}) ", (self.tree / f).read_text("utf-8", "replace"), re.M)]
+        if marked:
+            raise StackbuildError(f"conflict markers remain in {', '.join(marked)}; edit them away first", file=self.tree)
+        left_out = self._stage_resolution(c["commit"])
+        e = next(x for x in self.st["entries"] if x["name"] == c["entry"])
+        if self.git("diff", "--cached", "--quiet", "HEAD", check=False).returncode == 0 and not c["pending"]:
+            self.git("cherry-pick", "--skip", check=False)
+            self.git("reset", "-q", "--hard", "HEAD")
+            if self.git("rev-parse", "HEAD").stdout.strip() == c["pre"]:
+                self._record(e, RefreshVerdict.ALREADY_UPSTREAM, "the resolution left nothing to change", Evidence.EMPTY_MERGE)
+                self._next()
+                return
+        else:
+            r = self.git("-c", "core.editor=true", "cherry-pick", "--continue", check=False)
+            if r.returncode != 0 and self.git("rev-parse", "-q", "--verify", "CHERRY_PICK_HEAD", check=False).returncode == 0:
+                msg = self.git("log", "-1", "--format=%B", c["commit"]).stdout
+                self.git("commit", "-q", "--no-verify", "--allow-empty", "-m", msg)
+                self.git("cherry-pick", "--quit", check=False)
+        for pc in c["pending"]:
+            r = self.git("cherry-pick", "--keep-redundant-commits", pc, check=False)
+            if r.returncode != 0:
+                c["pending"] = c["pending"][c["pending"].index(pc) + 1:]
+                c["commit"] = pc
+                self.save()
+                return
+        new_commits = tuple(self.git("rev-list", "--reverse", f"{c['pre']}..HEAD").stdout.split())
+        detail = f"{c['detail']}; resolved by hand; regenerated"
+        if left_out:
+            shown = ", ".join(left_out[:5]) + (f" and {len(left_out) - 5} more" if len(left_out) > 5 else "")
+            detail += f"; left out (untracked, not files of the patch): {shown}"
+        self._record(e, RefreshVerdict.RESOLVED, detail, None, new_commits)
+        self._next()
+
+    def _stage_resolution(self, commit: str) -> list[str]:
+        """Stage the tracked changes and the files the patch is about; never untracked
+        build products (__pycache__, *.pyc, ...). Returns what was left out."""
+        self.git("add", "-u")
+        ours = set(self.git("diff-tree", "--no-commit-id", "--name-only", "-r", "--no-renames", commit).stdout.split("\n")) - {""}
+        untracked = [f for f in self.git("ls-files", "--others", "-z").stdout.split("\0") if f]
+        add = [f for f in untracked if f in ours]
+        if add:
+            self.git("add", "-f", "--", *add)
+        return [f for f in untracked if f not in ours]
+
+    def _next(self) -> None:
+        self.st["conflict"] = None
+        self.st["position"] += 1
+        self.save()
+        self.run()
+
+
+def _at_or_past(new_version: str | None, release: str) -> bool | None:
+    """Whether the new base's version is at or past a backport's release; None when
+    they cannot be ordered (a git ref or a local tree)."""
+    try:
+        rel = Version(next(iter(Requirement(release).specifier)).version)
+        return Version(new_version or "") >= rel
+    except (InvalidVersion, StopIteration):
+        return None
+
+
+# ------------------------------------------------------------------ setting up
+
+
+def _old_commits(tree: Path) -> dict[str, list[str]]:
+    out = run_git(tree, "log", "--reverse", "--format=%H%x00%B%x01", f"{OLD_BASE_TAG}..old-series")
+    by_name: dict[str, list[str]] = {}
+    for rec in out.split("\x01"):
+        rec = rec.strip("\n")
+        if not rec:
+            continue
+        sha, _, msg = rec.partition("\x00")
+        name = commit_trailers(msg).get("patch")
+        if name:
+            by_name.setdefault(name, []).append(sha.strip())
+    return by_name
+
+
+def prepare(recipe: Recipe, target: Target, rdir: Path, ws_tree: Path, ws_manifest: Any,
+            stop_on_conflict: bool, progress: Progress) -> Carrier:
+    name = target.source.name
+    tree = rdir / name
+    rdir.mkdir(parents=True, exist_ok=True)
+    progress(f"cloning the applied series from {ws_tree}")
+    git_out(rdir, "clone", "-q", "--local", "--no-checkout", str(ws_tree), str(tree))
+    run_git(tree, "remote", "remove", "origin")
+    run_git(tree, "config", "core.autocrlf", "false")
+    run_git(tree, "branch", "-m", "stackbuild", "old-series")
+    run_git(tree, "tag", OLD_BASE_TAG, BASE_TAG)
+    progress(f"materialising {target.label_new}")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.new-", dir=rdir))
+    tmp.rmdir()
+    new_commit = materialise_new(recipe, target, tmp, progress)
+    for child in tmp.iterdir():
+        os.replace(child, tree / child.name)
+    tmp.rmdir()
+    run_git(tree, "symbolic-ref", "HEAD", "refs/heads/stackbuild")
+    run_git(tree, "add", "-A", "-f")
+    run_git(tree, "commit", "-q", "--no-verify", "-m", f"base: {target.label_new}")
+    run_git(tree, "tag", "-f", BASE_TAG)
+    old_co = fetch_git(target.source) if target.source.kind is SourceKind.GIT else None
+    by_name = _old_commits(tree)
+    verdicts = {p.name: (p.verdict, p.detail) for p in ws_manifest.patches} if ws_manifest else {}
+    entries = []
+    for p in recipe.patches:
+        if p.source != name:
+            continue
+        entries.append({
+            "name": p.name, "kind": p.kind.value, "sha256": p.sha256, "file": p.file, "release": p.release,
+            "files": list(p.files), "description": p.description, "commits": by_name.get(p.name, []),
+            "old_detail": verdicts.get(p.name, ("", ""))[1],
+        })
+    state = {
+        "recipe": str(recipe.path), "source": name, "old": target.label_old, "new": target.label_new,
+        "new_version": target.new_version, "new_sha256": target.new_source.sha256, "new_src": target.new_src_state(),
+        "entries": entries, "position": 0, "results": [], "conflict": None, "state": "running",
+        "stop_on_conflict": stop_on_conflict, "upstream_patch_ids": upstream_patch_ids(old_co, new_commit),
+    }
+    carrier = Carrier(recipe, state, rdir, progress)
+    carrier.save()
+    return carrier
