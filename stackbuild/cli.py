@@ -7,6 +7,7 @@ Exit codes: 0 ok, 1 a check failed, 2 bad input, 3 internal bug (with a log),
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import os
 import platform as _platform
 import sys
@@ -467,15 +468,47 @@ def refresh(
     elif cont:
         result = rf.refresh_continue(r, workdir, progress=progress, force=force)
     elif matrix is not None:
-        name, _, rest = matrix.partition("==")
-        if not rest:
-            raise _E(f"expected NAME==V1,V2,..., got {matrix!r}", key="--matrix")
-        versions = [f"{name}=={v.strip()}" for v in rest.split(",") if v.strip()]
-        result = rf.refresh_matrix(r, versions, jobs=jobs, progress=progress)
+        result = rf.refresh_matrix(r, _matrix_versions(matrix), jobs=jobs, progress=progress)
     else:
         assert to is not None
         result = rf.refresh(r, to, sha256=sha256, progress=progress, force=force, workdir=workdir)
     _finish(result, as_json)
+
+
+MATRIX_FORMS = "vllm==0.20.0,0.21.0 or vllm==0.20.0,vllm==0.21.0 or 0.20.0,0.21.0 (NAME@REF for a git source)"
+
+
+def _matrix_versions(matrix: str) -> list[str]:
+    """--matrix items: NAME==V, a bare V (of the NAME before it, else of the patched
+    source), or NAME@REF. Anything else is exit 2 listing the accepted forms."""
+    import re
+
+    from packaging.version import InvalidVersion, Version
+
+    from stackbuild.errors import StackbuildError as _E
+
+    out: list[str] = []
+    name = None
+    for item in (x.strip() for x in matrix.split(",")):
+        bad = _E(f"cannot read {item!r} in {matrix!r}; accepted: {MATRIX_FORMS}", key="--matrix")
+        if not item:
+            raise bad
+        if "@" in item:
+            out.append(item)
+            continue
+        n, sep, v = item.partition("==")
+        if not sep:
+            v = item
+        else:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", n.strip()):
+                raise bad
+            name, v = n.strip(), v.strip()
+        try:
+            Version(v)
+        except InvalidVersion:
+            raise bad from None
+        out.append(f"{name}=={v}" if name else v)
+    return out
 
 
 @app.command()
@@ -543,21 +576,43 @@ def snapshot(
     _finish(result, as_json)
 
 
-def _log_crash(exc: BaseException) -> Path:
-    from stackbuild.cache import cache_dir
+def _log_crash(exc: BaseException) -> Path | None:
+    """Write the traceback with versions to the cache's logs/, else the temp dir (a
+    read-only or broken cache must not turn one crash into two). None if nowhere works."""
+    import tempfile
 
-    try:
-        d = cache_dir() / "logs"
-        d.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        d = Path(os.environ.get("TMPDIR", "/tmp"))
+    text = (f"stackbuild {__version__}\npython {sys.version}\nplatform {_platform.platform()}\n"
+            f"argv {sys.argv}\n\n" + "".join(traceback.format_exception(exc)))
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = d / f"crash-{stamp}-{os.getpid()}.log"
-    path.write_text(
-        f"stackbuild {__version__}\npython {sys.version}\nplatform {_platform.platform()}\n"
-        f"argv {sys.argv}\n\n" + "".join(traceback.format_exception(exc))
-    )
-    return path
+    for where in ("cache", "tmp"):
+        try:
+            if where == "cache":
+                from stackbuild.cache import cache_dir
+
+                d = cache_dir() / "logs"
+                d.mkdir(parents=True, exist_ok=True)
+            else:
+                d = Path(tempfile.gettempdir())
+            path = d / f"stackbuild-crash-{stamp}-{os.getpid()}.log"
+            path.write_text(text)
+            return path
+        except Exception:  # noqa: BLE001, S112 - try the next place
+            continue
+    return None
+
+
+def _interrupted(as_json: bool = False) -> int:
+    """Ctrl-C: say truly whether a workspace was swapped in before it came."""
+    ws = sys.modules.get("stackbuild.workspace")
+    done = list(getattr(ws, "SWAPPED_IN", []) or [])
+    if done:
+        print(f"stackbuild: interrupted after the new workspace was swapped in at {done[-1]} (it is complete; "
+              "anything left beside it is removed by the next run)", file=sys.stderr)
+    else:
+        print("stackbuild: interrupted; no workspace was replaced", file=sys.stderr)
+    if as_json:
+        _json_error("interrupted", ExitCode.INTERRUPTED, swapped_in=[str(p) for p in done])
+    return int(ExitCode.INTERRUPTED)
 
 
 def _click_exceptions() -> Any:
@@ -578,18 +633,18 @@ def main(argv: list[str] | None = None) -> int:
     args = argv if argv is not None else sys.argv[1:]
     debug = "--debug" in args
     as_json = "--json" in args  # errors are a JSON object on stdout too, for scripts
+    ws = sys.modules.get("stackbuild.workspace")
+    if ws is not None:
+        ws.SWAPPED_IN.clear()  # what this command swaps in, for a true Ctrl-C message
     try:
         rc = app(args=argv, standalone_mode=False)
         if rc == ExitCode.INTERRUPTED:  # typer turns KeyboardInterrupt into Exit(130)
-            print("stackbuild: interrupted; nothing was swapped in", file=sys.stderr)
+            return _interrupted(as_json)
         return int(rc) if isinstance(rc, int) else 0
     except SystemExit as e:  # typer.Exit inside standalone_mode=False
         return int(e.code or 0)
     except KeyboardInterrupt:
-        print("stackbuild: interrupted; nothing was swapped in", file=sys.stderr)
-        if as_json:
-            _json_error("interrupted", ExitCode.INTERRUPTED)
-        return int(ExitCode.INTERRUPTED)
+        return _interrupted(as_json)
     except StackbuildError as e:
         if debug:
             traceback.print_exc()
@@ -607,14 +662,22 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, typer.Exit):
             return int(e.exit_code)
         if isinstance(e, typer.Abort):
-            print("stackbuild: interrupted; nothing was swapped in", file=sys.stderr)
-            return int(ExitCode.INTERRUPTED)
+            return _interrupted(as_json)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            from stackbuild.cache import not_writable  # a full or read-only disk is not a bug
+
+            err = not_writable(Path(e.filename) if isinstance(e.filename, str) else Path.cwd(), e)
+            print(f"stackbuild: error: {err.render()}", file=sys.stderr)
+            if as_json:
+                print(to_json(err.to_dict()))
+            return int(err.exit_code)
         if debug:
             traceback.print_exc()
         log = _log_crash(e)
-        print(f"stackbuild: internal error: {type(e).__name__}: {e}\n  this is a bug; details in {log}", file=sys.stderr)
+        where = f"details in {log}" if log else "no log could be written:\n" + "".join(traceback.format_exception(e))
+        print(f"stackbuild: internal error: {type(e).__name__}: {e}\n  this is a bug; {where}", file=sys.stderr)
         if as_json:
-            _json_error(f"internal error: {type(e).__name__}: {e}", ExitCode.INTERNAL, log=str(log))
+            _json_error(f"internal error: {type(e).__name__}: {e}", ExitCode.INTERNAL, log=str(log) if log else None)
         return int(ExitCode.INTERNAL)
 
 

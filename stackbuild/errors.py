@@ -58,3 +58,15 @@ class CheckFailed(StackbuildError):
     """A check ran and failed (exit 1, not 2)."""
 
     exit_code = ExitCode.CHECK_FAILED
+
+
+class WorkspaceError(StackbuildError):
+    """A workspace cannot be replaced as asked (local edits, a damaged tree)."""
+
+
+class CacheError(StackbuildError):
+    """The cache directory is unusable: not creatable, not writable, not a directory."""
+
+
+class DiskFullError(StackbuildError):
+    """No space left on a device stackbuild writes to."""

@@ -31,6 +31,7 @@ from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 
 from stackbuild.cache import sha256_file
 from stackbuild.errors import RecipeError, StackbuildError
+from stackbuild.inputs import read_user_text
 from stackbuild.lock.requirements import logical_lines
 from stackbuild.recipe import Recipe
 from stackbuild.report import Table
@@ -379,10 +380,7 @@ def render_install_script(recipe: Recipe, lockfile: Path | None, wheels: list[Pa
                                   f"run `stackbuild lock {recipe.name}` first", key="lockfile")
         notes.append(f"no lockfile{where}: run `stackbuild lock {recipe.name}` before writing the script")
     else:
-        try:
-            lock_text = Path(lockfile).read_text(encoding="utf-8")
-        except OSError as e:
-            raise StackbuildError(f"cannot read lockfile: {e.strerror}", file=lockfile) from None
+        lock_text = read_user_text(Path(lockfile), "lockfile")
         lock_count = check_lockfile_text(lock_text, Path(lockfile))
 
     lock_name = Path(lockfile).name if lockfile else ""

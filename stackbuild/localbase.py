@@ -94,15 +94,16 @@ def files_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def base_repo(ident: LocalIdentity) -> Path:
+def base_repo(ident: LocalIdentity, rebuild: bool = False) -> Path:
     """The bare cache repository holding the local source's content as one commit on
     branch `stackbuild` (imported on first use). The commit names the content, not the
     folder: two recipes whose folders hold the same tree share it, and the same content
-    gives the same base commit id wherever it lies."""
+    gives the same base commit id wherever it lies. `rebuild` imports it again (a clone
+    of the cached one failed: the cache was damaged)."""
     bases = cache_dir() / "bases"
     base = bases / f"local-{ident.key}.git"
     with locked(cache_dir() / "locks" / f"base-local-{ident.key}.lock", f"cache entry for {ident.path}", timeout=600):
-        if (base / "refs" / "heads" / BRANCH).exists():
+        if (base / "refs" / "heads" / BRANCH).exists() and not rebuild:
             return base
         bases.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".import-", dir=bases))

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from stackbuild.errors import StackbuildError
+from stackbuild.inputs import read_user_text
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA = 1
@@ -98,6 +99,6 @@ def read_manifest(workspace: Path) -> Manifest | None:
     if not path.exists():
         return None
     try:
-        return Manifest.from_dict(json.loads(path.read_text()))
-    except (ValueError, KeyError, TypeError) as e:
+        return Manifest.from_dict(json.loads(read_user_text(path, "manifest")))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise StackbuildError(f"unreadable manifest ({e}); re-run `stackbuild apply`", file=path) from None

@@ -38,6 +38,7 @@ from typing import Any
 
 from stackbuild.cache import atomic_write_text
 from stackbuild.errors import PatchError, RecipeError, StackbuildError
+from stackbuild.inputs import read_user_text
 from stackbuild.recipe import PatchEntry, PatchKind, Recipe, find_recipe, recipes_dir
 from stackbuild.report import Table
 from stackbuild.series import (
@@ -431,7 +432,7 @@ def export(recipe: Recipe, workdir: Path | None = None) -> ExportResult:
         if unfinished:
             raise StackbuildError(f"the edit tree is in the middle of a {unfinished}; finish or abort it first",
                                   file=droot / source)
-    text = recipe.path.read_text(encoding="utf-8")
+    text = read_user_text(recipe.path, "recipe", RecipeError)
     lines = text.split("\n")
     results: list[ExportedPatch] = []
     appended: list[str] = []
@@ -562,7 +563,7 @@ def rehash_references(root: Path, files: set[str], skip: Path | None = None) -> 
     for path in sorted(d.glob("*.toml")):
         if skip is not None and path.resolve() == skip.resolve():
             continue
-        text = path.read_text(encoding="utf-8")
+        text = read_user_text(path, "recipe", RecipeError)
         lines = text.split("\n")
         for block in patch_blocks(lines):
             f = block.values.get("file")
@@ -622,7 +623,7 @@ def rehash(recipes: list[str], root: Path | None = None) -> RehashResult:
     for name in recipes:
         path = find_recipe(name, root)
         proj = path.parent.parent
-        text = path.read_text(encoding="utf-8")
+        text = read_user_text(path, "recipe", RecipeError)
         lines = text.split("\n")
         done: list[RehashedEntry] = []
         for block in patch_blocks(lines):
@@ -835,7 +836,7 @@ def import_patch(
         if into is not None:
             appended.append(new_entry_text(rel, source, sha, parsed.description))
     if into is not None and appended:
-        text_r = into.path.read_text(encoding="utf-8")
+        text_r = read_user_text(into.path, "recipe", RecipeError)
         atomic_write_text(into.path, append_entries(text_r, appended))
     msg = f"{len(written)} patch(es) written to {dest}"
     if into is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import sys
 from dataclasses import asdict, dataclass, field
@@ -16,9 +17,12 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from packaging.markers import InvalidMarker, Marker
 from packaging.requirements import InvalidRequirement, Requirement
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
 from stackbuild.errors import RecipeError
+from stackbuild.inputs import read_user_text
 from stackbuild.platforms import PLATFORMS, Platform
 from stackbuild.sources.limits import ArchiveLimits
 
@@ -29,7 +33,17 @@ else:  # pragma: no cover
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# Recipe and source names reach file names, shell scripts and git refs: keep them plain.
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+NAME_RULE = "lowercase letters, digits, '.', '_' and '-', starting with a letter or digit"
+PIN_NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")  # PEP 508 names
+# patch names become file names (refresh writes patches/SOURCE/VERSION/NAME.patch) and git trailers
+PATCH_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# newlines and other control characters (C0, DEL, C1, Unicode line separators) end a
+# shell line or a heredoc wherever a value is rendered; no recipe value needs one
+CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+ALLOW_DIRS_ENV = "STACKBUILD_ALLOW_DIRS"
 
 
 class SourceKind(str, Enum):
@@ -184,7 +198,7 @@ class Recipe:
     @property
     def root(self) -> Path:
         """The project the recipe belongs to: recipes/ and patches/, work/, lockfiles/ beside it."""
-        return self.path.parent.parent
+        return project_of(self.path)
 
     @property
     def sha256(self) -> str:
@@ -228,6 +242,11 @@ LOCK_KEYS = {"resolver"}
 CHECK_KEYS = {"registry", "model_types", "numerics", "thresholds", "registry_source"}
 
 
+def project_of(recipe_path: Path) -> Path:
+    """The project a recipe file belongs to: the folder holding its recipes/ folder."""
+    return recipe_path.parent.parent
+
+
 def recipes_dir(root: Path | None = None) -> Path:
     return (root or project_root()) / "recipes"
 
@@ -260,63 +279,167 @@ def list_recipe_names(root: Path | None = None) -> list[str]:
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise RecipeError(f"cannot read recipe: {e.strerror}", file=path) from None
+    text = read_user_text(path, "recipe", RecipeError)
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"not valid TOML: {e}", file=path) from None
+    except RecursionError:
+        raise RecipeError("not a recipe: arrays or tables nested too deeply", file=path) from None
 
 
-def _merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
-    """Tables merge key by key (child wins); the patch series concatenates."""
+Origins = dict[str, Path]  # dotted key ("sources.vllm.sha256") -> the file that set it
+
+
+def _patch_list(value: Any, path: Path) -> list[Any]:
+    """The top-level `patches` of one file: an array of tables, checked before any merge
+    (a string would otherwise be concatenated character by character)."""
+    if not isinstance(value, list):
+        raise RecipeError(f"must be an array of tables ([[patches]]), got {type(value).__name__} {value!r}",
+                          file=path, key="patches")
+    for i, entry in enumerate(value):
+        if not isinstance(entry, dict):
+            raise RecipeError(f"must be a table ([[patches]]), got {type(entry).__name__} {entry!r}",
+                              file=path, key=f"patches[{i}]")
+    return value
+
+
+def _merge(base: dict[str, Any], child: dict[str, Any], top: bool = True) -> dict[str, Any]:
+    """Tables merge key by key (child wins); the top-level patch series concatenates.
+    A table that merely has a key called `patches` merges like any other table."""
     out = dict(base)
     for k, v in child.items():
-        if k == "patches":
+        if top and k == "patches":
             out[k] = list(base.get(k, [])) + list(v)
         elif isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+            out[k] = _merge(out[k], v, top=False)
         else:
             out[k] = v
     return out
 
 
-def _load_raw(path: Path, chain: tuple[Path, ...]) -> tuple[dict[str, Any], tuple[str, ...]]:
-    if path in chain:
-        cycle = " -> ".join(p.stem for p in (*chain, path))
+def _origins(data: dict[str, Any], path: Path, prefix: str = "") -> Origins:
+    out: Origins = {}
+    for k, v in data.items():
+        if k.startswith("__"):
+            continue
+        key = f"{prefix}{k}"
+        out[key] = path
+        if isinstance(v, dict):
+            out.update(_origins(v, path, key + "."))
+    return out
+
+
+def _check_text(value: Any, path: Path, key: str) -> None:
+    """Refuse control characters (newlines included) in every string and key of one file."""
+    if isinstance(value, str):
+        m = CONTROL_RE.search(value)
+        if m:
+            raise RecipeError(f"holds a control character ({m.group()!r}); recipe values are single-line text",
+                              file=path, key=key)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if k.startswith("__"):
+                continue
+            _check_text(k, path, f"{key}.{k}" if key else k)
+            _check_text(v, path, f"{key}.{k}" if key else k)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_text(v, path, f"{key}[{i}]")
+
+
+def allowed_dirs() -> tuple[Path, ...]:
+    """Directories outside the project that a recipe may name (patch files, local
+    sources, extended recipes): STACKBUILD_ALLOW_DIRS, separated by os.pathsep."""
+    raw = os.environ.get(ALLOW_DIRS_ENV, "")
+    return tuple(Path(d).expanduser().resolve() for d in raw.split(os.pathsep) if d.strip())
+
+
+def contained_path(root: Path, rel: str, *, file: Path, key: str, what: str) -> Path:
+    """`rel` (relative to the project `root`, or absolute) resolved through every link;
+    it must land inside the project or a directory in STACKBUILD_ALLOW_DIRS. The error
+    names the recipe key and the location, never anything read from the file."""
+    p = Path(rel).expanduser()
+    try:
+        real = (p if p.is_absolute() else root / p).resolve()
+    except (OSError, RuntimeError) as e:  # a link loop
+        raise RecipeError(f"{what} {rel!r} cannot be resolved: {e}", file=file, key=key) from None
+    for d in (root.resolve(), *allowed_dirs()):
+        if real == d or d in real.parents:
+            return real
+    raise RecipeError(
+        f"{what} {rel!r} resolves to {real}, outside the project {root}; a recipe may only name files "
+        f"inside its project (add the directory to {ALLOW_DIRS_ENV} to allow it)", file=file, key=key)
+
+
+def local_source_dir(recipe: Recipe, src: Source) -> Path:
+    """A local source's directory: relative to the project root (not to recipes/),
+    checked again at use so a link swapped in after loading cannot lead outside."""
+    assert src.path is not None
+    return contained_path(recipe.root, src.path, file=recipe.path, key=f"sources.{src.name}.path", what="local source")
+
+
+def patch_file_path(recipe: Recipe, entry: PatchEntry, key: str) -> Path:
+    """A FILE patch's location (checked against the project as at load)."""
+    assert entry.file is not None
+    return contained_path(recipe.root, entry.file, file=recipe.path, key=f"{key}.file", what="patch file")
+
+
+def _load_raw(
+    path: Path, chain: tuple[Path, ...], root: Path
+) -> tuple[dict[str, Any], tuple[str, ...], Origins]:
+    real = path.resolve()
+    if real in chain:
+        cycle = " -> ".join(p.stem for p in (*chain, real))
         raise RecipeError(f"cycle in extends: {cycle}", file=chain[-1], key="extends")
     data = _read_toml(path)
+    _check_text(data, path, "")
     # Record where each patch entry came from, so relative paths and errors resolve.
-    patches = data.get("patches", [])
-    if isinstance(patches, list):
-        for i, entry in enumerate(patches):
-            if isinstance(entry, dict):
-                entry["__file__"] = str(path)
-                entry["__index__"] = i
+    if "patches" in data:
+        for i, entry in enumerate(_patch_list(data["patches"], path)):
+            entry["__file__"] = str(path)
+            entry["__index__"] = i
+    origins = _origins(data, path)
     ext = data.get("extends")
     if ext is None:
-        return data, ()
+        return data, (), origins
     if not isinstance(ext, str):
         raise RecipeError(f"must be a recipe name (string), got {type(ext).__name__}", file=path, key="extends")
+    if not NAME_RE.match(ext):
+        raise RecipeError(f"must be the name of a recipe beside this one ({NAME_RULE}), not a path: {ext!r}",
+                          file=path, key="extends")
     base_path = path.parent / f"{ext}.toml"
     if not base_path.exists():
         raise RecipeError(f"extends unknown recipe {ext!r} ({base_path} does not exist)", file=path, key="extends")
-    base, base_chain = _load_raw(base_path, (*chain, path))
+    contained_path(root, str(base_path), file=path, key="extends", what="extended recipe")
+    base, base_chain, base_origins = _load_raw(base_path, (*chain, real), root)
     base = {k: v for k, v in base.items() if k not in ("name", "description")}  # never inherited
+    base_origins = {k: f for k, f in base_origins.items() if k.split(".")[0] not in ("name", "description")}
     merged = _merge(base, {k: v for k, v in data.items() if k != "extends"})
-    return merged, (ext, *base_chain)
+    origins = {**base_origins, **{k: f for k, f in origins.items() if k != "extends"}}
+    if "patches" not in data and "patches" in base_origins:
+        origins["patches"] = base_origins["patches"]
+    return merged, (ext, *base_chain), origins
 
 
 class _V:
     """Validation helpers bound to one file."""
 
-    def __init__(self, file: Path):
+    def __init__(self, file: Path, origins: Origins | None = None, root: Path | None = None):
         self.file = file
+        self.origins = origins or {}
+        self.root = root if root is not None else project_of(file)
+
+    def where(self, key: str) -> Path:
+        """The file that set `key` (an extended base, or the recipe itself)."""
+        best = ""
+        for k in self.origins:
+            if len(k) > len(best) and (key == k or key.startswith((k + ".", k + "["))):
+                best = k
+        return self.origins[best] if best else self.file
 
     def err(self, key: str, msg: str) -> RecipeError:
-        return RecipeError(msg, file=self.file, key=key)
+        return RecipeError(msg, file=self.where(key), key=key)
 
     def keys(self, table: dict[str, Any], allowed: set[str], where: str) -> None:
         for k in table:
@@ -357,7 +480,7 @@ def _tname(typ: type | tuple[type, ...]) -> str:
 def _parse_source(v: _V, name: str, t: Any) -> Source:
     key = f"sources.{name}"
     if not NAME_RE.match(name):
-        raise v.err(key, "source names are letters, digits, '.', '_' and '-'")
+        raise v.err(key, f"source names are {NAME_RULE}, got {name!r}")
     v.typed(t, dict, key)
     v.keys(t, SOURCE_KEYS, key)
     kinds = [k for k in ("pypi", "git", "path") if k in t]
@@ -394,6 +517,7 @@ def _parse_source(v: _V, name: str, t: Any) -> Source:
         return Source(name, SourceKind.GIT, url=url, tag=tag, commit=commit, branch=branch,
                       float=floating, sha256=v.sha(t["sha256"], f"{key}.sha256") if "sha256" in t else None)
     p = v.typed(t["path"], str, f"{key}.path")
+    contained_path(v.root, p, file=v.where(f"{key}.path"), key=f"{key}.path", what="local source")
     return Source(name, SourceKind.LOCAL, path=p)
 
 
@@ -409,7 +533,7 @@ def _parse_limits(v: _V, t: Any, key: str) -> ArchiveLimits:
 
 def _parse_patch(v: _V, i: int, t: Any, source_names: set[str]) -> PatchEntry:
     key = f"patches[{i}]"
-    v = _V(Path(t.get("__file__", v.file))) if isinstance(t, dict) else v
+    v = _V(Path(t.get("__file__", v.file)), root=v.root) if isinstance(t, dict) else v
     if isinstance(t, dict) and "__index__" in t:
         key = f"patches[{t['__index__']}]"
     v.typed(t, dict, key)
@@ -432,9 +556,11 @@ def _parse_patch(v: _V, i: int, t: Any, source_names: set[str]) -> PatchEntry:
     kind = kinds[0]
     if kind == "file":
         f = v.typed(t["file"], str, f"{key}.file")
+        contained_path(v.root, f, file=v.file, key=f"{key}.file", what="patch file")
         if sha is None:
             raise v.err(f"{key}.sha256", "missing: every patch file is pinned by its sha256")
         name = v.typed(t.get("name", Path(f).name.removesuffix(".patch")), str, f"{key}.name")
+        _patch_name(v, name, key)
         return PatchEntry(name, PatchKind.FILE, src, sha, strip, fuzz, file=f, description=desc, test=test)
     if kind == "from":
         frm = v.typed(t["from"], str, f"{key}.from")
@@ -444,6 +570,7 @@ def _parse_patch(v: _V, i: int, t: Any, source_names: set[str]) -> PatchEntry:
         if not path:
             raise v.err(f"{key}.path", "missing: the patch's path inside source " + repr(frm))
         name = v.typed(t.get("name", Path(path).name.removesuffix(".patch")), str, f"{key}.name")
+        _patch_name(v, name, key)
         return PatchEntry(name, PatchKind.FROM_SOURCE, src, sha, strip, fuzz,
                           from_source=frm, path=path, description=desc, test=test)
     release = v.typed(t["backport"], str, f"{key}.backport")
@@ -462,6 +589,7 @@ def _parse_patch(v: _V, i: int, t: Any, source_names: set[str]) -> PatchEntry:
         if f.startswith("/") or ".." in Path(f).parts:
             raise v.err(f"{key}.files[{j}]", f"must be a relative path inside the tree, got {f!r}")
     name = v.typed(t.get("name", f"backport-{req.name}-{next(iter(req.specifier)).version}"), str, f"{key}.name")
+    _patch_name(v, name, key)
     return PatchEntry(name, PatchKind.BACKPORT, src, sha, 0, 0, release=str(req), files=files,
                       description=desc, test=test)
 
@@ -478,6 +606,18 @@ def _parse_pin(v: _V, name: str, t: Any) -> Pin:
         raise v.err(key, "needs a version (\"==1.2.3\") or a url")
     if spec and url:
         raise v.err(key, "give either version or url, not both")
+    if not PIN_NAME_RE.match(name):
+        raise v.err(key, f"not a package name (letters, digits, '.', '_', '-'), got {name!r}")
+    if spec:
+        try:
+            SpecifierSet(spec)
+        except InvalidSpecifier:
+            raise v.err(f"{key}.version", f"not a version specifier such as '==1.2.3': {spec!r}") from None
+    if "markers" in t:
+        try:
+            Marker(v.typed(t["markers"], str, f"{key}.markers"))
+        except InvalidMarker as e:
+            raise v.err(f"{key}.markers", f"not an environment marker: {e}") from None
     if spec and not spec.lstrip().startswith(("==", ">=", "<=", "~=", "!=", "<", ">")):
         raise v.err(f"{key}.version", f"must be a version specifier such as '==1.2.3', got {spec!r}")
     sha = v.sha(t["sha256"], f"{key}.sha256") if "sha256" in t else None
@@ -500,13 +640,16 @@ def _parse_pin(v: _V, name: str, t: Any) -> Pin:
 
 def load_recipe(name_or_path: str | Path, root: Path | None = None) -> Recipe:
     path = find_recipe(str(name_or_path), root)
-    data, chain = _load_raw(path, ())
-    v = _V(path)
+    project = project_of(path)
+    data, chain, origins = _load_raw(path, (), project)
+    v = _V(path, origins, project)
     v.keys(data, TOP_KEYS, "")
 
     name = v.typed(data.get("name", path.stem), str, "name")
     if name != path.stem:
         raise v.err("name", f"must match the file name {path.stem!r}, got {name!r}")
+    if not NAME_RE.match(name):
+        raise v.err("name", f"recipe names are {NAME_RULE}, got {name!r} (rename the file)")
     plat_name = data.get("platform")
     if plat_name is None:
         raise v.err("platform", f"missing (one of: {', '.join(PLATFORMS)})")
@@ -545,14 +688,14 @@ def load_recipe(name_or_path: str | Path, root: Path | None = None) -> Recipe:
         target_device=target,
         max_jobs=max_jobs if max_jobs is not None else platform.build_max_jobs,
         kernels_from_source=v.typed(b.get("kernels_from_source", False), bool, "build.kernels_from_source"),
-        env=tuple((k, str(v.typed(val, (str, int), f"build.env.{k}"))) for k, val in benv.items()),
+        env=tuple((_env_name(v, k, "build.env"), v.typed(val, str, f"build.env.{k}")) for k, val in benv.items()),
     )
 
     e = v.typed(data.get("environment", {}), dict, "environment")
     v.keys(e, ENV_KEYS, "environment")
     evars = dict(platform.environment)
     for k, val in v.typed(e.get("vars", {}), dict, "environment.vars").items():
-        evars[k] = str(v.typed(val, (str, int), f"environment.vars.{k}"))
+        evars[_env_name(v, k, "environment.vars")] = v.typed(val, str, f"environment.vars.{k}")
     forbid = tuple(
         (k, v.typed(val, str, f"environment.forbid.{k}"))
         for k, val in v.typed(e.get("forbid", {}), dict, "environment.forbid").items()
@@ -609,6 +752,18 @@ def load_recipe(name_or_path: str | Path, root: Path | None = None) -> Recipe:
         lock=lock,
         raw=raw,
     )
+
+
+def _patch_name(v: _V, name: str, key: str) -> None:
+    if not PATCH_NAME_RE.match(name):
+        raise v.err(f"{key}.name", f"patch names are letters, digits, '.', '_', '+' and '-' (they become file names), "
+                                   f"got {name!r}; set name = \"...\"")
+
+
+def _env_name(v: _V, name: str, table: str) -> str:
+    if not ENV_NAME_RE.match(name):
+        raise v.err(f"{table}.{name}", "an environment variable name is letters, digits and '_', not starting with a digit")
+    return name
 
 
 def _clean(d: dict[str, Any]) -> dict[str, Any]:

@@ -3,29 +3,49 @@ with a verdict per patch, record a manifest.
 
 The new workspace is built beside the old one and swapped in only when every patch
 applied, so a failure (or Ctrl-C) leaves the previous workspace byte for byte as it
-was. Re-running with unchanged inputs changes nothing and says so.
+was. The swap is one atomic exchange (`_swap`): the workspace path holds a complete
+workspace, old or new, at every instant, even under `kill -9`; what a killed run leaves
+beside it is removed by the next (`remove_litter`, under the workspace lock). A
+workspace with local edits, or a folder stackbuild did not make, is never replaced
+silently. Re-running with unchanged inputs changes nothing and says so.
 """
 
 from __future__ import annotations
 
+import ctypes
 import datetime as _dt
+import errno
 import hashlib
+import json
 import os
+import re
+import secrets
 import shutil
+import subprocess
+import sys
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from stackbuild import __version__, localbase
-from stackbuild.cache import atomic_file, cache_dir, locked
-from stackbuild.errors import PatchError, SourceError
+from stackbuild.cache import atomic_file, cache_dir, diagnose_write_failure, disk_guard, locked
+from stackbuild.errors import PatchError, SourceError, StackbuildError, WorkspaceError
 from stackbuild.gitrun import GIT_ENV as GIT_ENV  # re-exported: the one git runner lives in gitrun
 from stackbuild.gitrun import git_env, run_git
 from stackbuild.gitrun import git_process as git_process
 from stackbuild.manifest import Manifest, PatchRecord, SourceRecord, read_manifest
-from stackbuild.recipe import PatchEntry, PatchKind, Recipe, Source, SourceKind
+from stackbuild.recipe import (
+    PatchEntry,
+    PatchKind,
+    Recipe,
+    Source,
+    SourceKind,
+    local_source_dir,
+    patch_file_path,
+)
 from stackbuild.report import Table
 from stackbuild.series import (
     MalformedPatch,
@@ -140,9 +160,7 @@ def _source_identity(ctx: _Ctx, src: Source) -> dict[str, Any]:
 
 
 def _local_path(ctx: _Ctx, src: Source) -> Path:
-    assert src.path is not None
-    p = Path(src.path)
-    p = p if p.is_absolute() else (ctx.recipe.path.parent / p).resolve()
+    p = local_source_dir(ctx.recipe, src)
     if not p.is_dir():
         raise SourceError(f"local source {src.name!r}: {p} is not a directory", file=ctx.recipe.path, key=f"sources.{src.name}.path")
     return p
@@ -155,8 +173,7 @@ def _patch_bytes(ctx: _Ctx, entry: PatchEntry, index: int) -> bytes:
         return ctx.patch_data[index]
     key = f"patches[{index}]"
     if entry.kind is PatchKind.FILE:
-        assert entry.file is not None
-        path = (ctx.root / entry.file)
+        path = patch_file_path(ctx.recipe, entry, key)
         if not path.is_file():
             raise PatchError(f"patch file {entry.file} does not exist", file=ctx.recipe.path, key=f"{key}.file")
         data = path.read_bytes()
@@ -230,23 +247,29 @@ def _inputs_digest(ctx: _Ctx) -> tuple[str, dict[str, dict[str, Any]], list[str]
 # ------------------------------------------------------------------ materialising
 
 
-def _base_repo(ctx: _Ctx, src: Source) -> Path:
+def _base_repo(ctx: _Ctx, src: Source, rebuild: bool = False) -> Path:
     """A bare repository in the cache holding the pristine release as one commit,
     keyed by the sdist's sha256: importing 4,000 files from a tarball is the slow part
-    of a cold apply, and it only has to happen once per release."""
+    of a cold apply, and it only has to happen once per release. `rebuild` discards a
+    damaged one and imports the verified sdist again."""
     assert src.sha256
     base = cache_dir() / "bases" / f"{src.sha256}.git"
+    if not rebuild and (base / "refs" / "heads" / "stackbuild").exists() and not os.access(base.parent, os.W_OK):
+        return base  # a read-only cache: nobody can be changing it, so no lock is needed to read it
     with locked(cache_dir() / "locks" / f"base-{src.sha256}.lock", f"cache entry for {src.requirement}", timeout=600):
-        if (base / "refs" / "heads" / "stackbuild").exists():
+        for stale in base.parent.glob(f".import-{src.sha256}-*"):  # from a run killed while importing
+            shutil.rmtree(stale, ignore_errors=True)
+        if not rebuild and (base / "refs" / "heads" / "stackbuild").exists():
             return base
-        tmp = Path(tempfile.mkdtemp(prefix=".import-", dir=base.parent if base.parent.exists() else _mkdir(base.parent)))
+        tmp = Path(tempfile.mkdtemp(prefix=f".import-{src.sha256}-", dir=_mkdir(base.parent)))
         try:
             from stackbuild.sources.archive import DEFAULT_LIMITS, import_tarball_to_git
 
-            run_git(tmp, "init", "-q", "--bare", "-b", "stackbuild")
-            # the ref appears only after the whole archive was read and checked (CRC included)
-            import_tarball_to_git(_sdist(ctx, src), tmp, "stackbuild", f"base: {src.describe()}",
-                                  git_env(), checkout=False, limits=src.limits or DEFAULT_LIMITS)
+            with disk_guard(tmp):  # diagnosed before the finally frees the space
+                run_git(tmp, "init", "-q", "--bare", "-b", "stackbuild")
+                # the ref appears only after the whole archive was read and checked (CRC included)
+                import_tarball_to_git(_sdist(ctx, src), tmp, "stackbuild", f"base: {src.describe()}",
+                                      git_env(), checkout=False, limits=src.limits or DEFAULT_LIMITS)
             shutil.rmtree(base, ignore_errors=True)
             os.replace(tmp, base)
         finally:
@@ -259,14 +282,39 @@ def _mkdir(p: Path) -> Path:
     return p
 
 
+def _clone_base(base: Path, dest: Path) -> subprocess.CompletedProcess[str]:
+    # --no-local: objects travel through git's pack protocol, so every object is read
+    # and hashed (a damaged cache fails here, not later), nothing is hard-linked to the
+    # cache (damage to it cannot reach the workspace), and it works across filesystems.
+    return git_process(dest.parent, "clone", "-q", "--no-local", "--no-tags", "-b", "stackbuild", str(base), dest.name)
+
+
+def _source_base(ctx: _Ctx, src: Source, rebuild: bool = False) -> Path:
+    """The cache's bare base repository of a release or of a local tree."""
+    if src.kind is SourceKind.PYPI:
+        return _base_repo(ctx, src, rebuild=rebuild)
+    return localbase.base_repo(ctx.locals[src.name], rebuild=rebuild)
+
+
 def _materialise(ctx: _Ctx, src: Source, dest: Path) -> None:
     if src.kind in (SourceKind.PYPI, SourceKind.LOCAL):
-        base = _base_repo(ctx, src) if src.kind is SourceKind.PYPI else localbase.base_repo(ctx.locals[src.name])
-        # a local clone hard-links the objects: the workspace shares nothing mutable with the cache
-        run_git(dest.parent, "clone", "-q", "--local", "-b", "stackbuild", str(base), dest.name)
+        base = _source_base(ctx, src)
+        r = _clone_base(base, dest)
+        if r.returncode != 0:
+            full = diagnose_write_failure(StackbuildError(f"git clone failed: {r.stderr}"), dest)
+            if full is not None:  # the workspace's disk, not the cache, is the problem
+                raise full
+            ctx.progress(f"the cached base of {src.describe()} is damaged ({_tail(r.stderr)}); "
+                         "importing the verified source again")
+            shutil.rmtree(dest, ignore_errors=True)
+            base = _source_base(ctx, src, rebuild=True)
+            r = _clone_base(base, dest)
+            if r.returncode != 0:
+                raise SourceError(f"git clone of the freshly imported base failed: {_tail(r.stderr)}", file=base)
         run_git(dest, "remote", "remove", "origin")
         run_git(dest, "config", "core.autocrlf", "false")
         run_git(dest, "tag", BASE_TAG)
+        _exclude_bytecode(dest)
         return
     export_tree(ctx.checkouts[src.name], dest)  # a git source
     run_git(dest, "init", "-q", "-b", "stackbuild")
@@ -274,6 +322,15 @@ def _materialise(ctx: _Ctx, src: Source, dest: Path) -> None:
     run_git(dest, "add", "-A", "-f")
     run_git(dest, "commit", "-q", "--no-verify", "-m", f"base: {src.describe()}")
     run_git(dest, "tag", BASE_TAG)
+    _exclude_bytecode(dest)
+
+
+def _exclude_bytecode(tree: Path) -> None:
+    """Importing the tree (verify) writes bytecode into it; that is not a local edit."""
+    exclude = tree / ".git" / "info" / "exclude"
+    exclude.parent.mkdir(parents=True, exist_ok=True)
+    with open(exclude, "a", encoding="utf-8") as f:
+        f.write("__pycache__/\n*.py[co]\n")
 
 
 class _TreeText:
@@ -386,14 +443,38 @@ def _apply_text_patch(ctx: _Ctx | None, entry: PatchEntry, data: bytes, tree: Pa
     return PatchResult(entry.name, entry.kind.value, entry.source, verdict, "; ".join(details), sha, tuple(files), commit)
 
 
+BACKPORT_INDEX = ".stackbuild-sha256.json"
+
+
 def _backport_files(ctx: _Ctx, entry: PatchEntry) -> dict[str, bytes]:
     """The backported files, read once from the verified release and kept in the cache
-    (keyed by the release's sha256), so later applies need not scan a 36 MB tarball."""
+    (keyed by the release's sha256), so later applies need not scan a 36 MB tarball.
+    The cache is not trusted: each use re-hashes every file against the digests taken
+    when it was read from the verified sdist, and anything missing, edited or truncated
+    is read from the sdist again."""
     assert entry.release and entry.sha256
     root = cache_dir() / "backports" / entry.sha256
-    cached = {rel: root / rel for rel in entry.files}
-    if all(p.is_file() for p in cached.values()):
-        return {rel: p.read_bytes() for rel, p in cached.items()}
+    index = root / BACKPORT_INDEX
+    try:
+        digests = json.loads(index.read_text(encoding="utf-8"))
+        if not isinstance(digests, dict):
+            digests = {}
+    except (OSError, ValueError):
+        digests = {}
+    out: dict[str, bytes] = {}
+    for rel in entry.files:
+        want = digests.get(rel)
+        try:
+            data = (root / rel).read_bytes()
+        except OSError:
+            break
+        if not isinstance(want, str) or hashlib.sha256(data).hexdigest() != want:
+            if want is not None:
+                ctx.progress(f"cached backport file {rel} of {entry.release} does not match its digest; reading the sdist again")
+            break
+        out[rel] = data
+    else:
+        return out
     from stackbuild.sources.archive import read_members
     from stackbuild.sources.pypi import fetch_sdist
 
@@ -401,6 +482,9 @@ def _backport_files(ctx: _Ctx, entry: PatchEntry) -> dict[str, bytes]:
     for rel, data in members.items():
         with atomic_file(root / rel) as f:
             f.write(data)
+        digests[rel] = hashlib.sha256(data).hexdigest()
+    with atomic_file(index) as f:
+        f.write(json.dumps(digests, indent=1, sort_keys=True).encode())
     return members
 
 
@@ -471,104 +555,210 @@ def apply_recipe(
     ctx = _Ctx(recipe, recipe.root, progress or (lambda _m: None))
     if dry_run:
         return ApplyResult(recipe.name, workdir, False, True, "dry run: nothing fetched or applied", (), plan=plan_apply(recipe))
-    workdir.parent.mkdir(parents=True, exist_ok=True)
-    with locked(workdir.parent / f".{workdir.name}.lock", f"workspace {workdir}"):
-        digest, idents, patch_shas = _inputs_digest(ctx)
-        old = read_manifest(workdir) if workdir.is_dir() else None
-        if old and not force and old.inputs_sha256 == digest and _intact(workdir, old):
-            results = tuple(
-                PatchResult(p.name, p.kind, p.source, PatchVerdict(p.verdict), p.detail, p.sha256, p.files, p.commit)
-                for p in old.patches
-            )
-            return ApplyResult(recipe.name, workdir, False, True, "unchanged: inputs match the manifest; nothing to do", results, manifest=old)
-        return _build(ctx, workdir, digest, idents, patch_shas)
+    with disk_guard(workdir.parent):
+        workdir.parent.mkdir(parents=True, exist_ok=True)
+        with locked(workdir.parent / f".{workdir.name}.lock", f"workspace {workdir}"):
+            remove_litter(workdir, ctx.progress)
+            _refuse_foreign(workdir)
+            digest, idents, patch_shas = _inputs_digest(ctx)
+            if force or not os.path.lexists(workdir):
+                return _build(ctx, workdir, digest, idents, patch_shas)
+            old, damage = _inspect(workdir)
+            if old is not None and not damage and old.inputs_sha256 == digest:
+                results = tuple(
+                    PatchResult(p.name, p.kind, p.source, PatchVerdict(p.verdict), p.detail, p.sha256, p.files, p.commit)
+                    for p in old.patches
+                )
+                return ApplyResult(recipe.name, workdir, False, True, "unchanged: inputs match the manifest; nothing to do", results, manifest=old)
+            _refuse_local_edits(recipe, workdir, old)
+            if damage:
+                ctx.progress(f"the workspace is damaged ({damage}); rebuilding it")
+            return _build(ctx, workdir, digest, idents, patch_shas)
 
 
-def _intact(workdir: Path, manifest: Manifest) -> bool:
-    """The workspace still is what the manifest says (HEAD and a clean tree)."""
+def _refuse_foreign(workdir: Path) -> None:
+    """Never replace what stackbuild did not make (a `--workdir` pointing at a user's
+    folder or file), not even with --force: only an empty folder, or one holding a
+    manifest or source trees (damaged or not), is a workspace to rebuild."""
+    if not os.path.lexists(workdir):
+        return
+    if workdir.is_dir() and not workdir.is_symlink():
+        children = list(workdir.iterdir())
+        if not children or (workdir / "manifest.json").exists() or any((c / ".git").exists() for c in children):
+            return
+    raise WorkspaceError("exists and is not a stackbuild workspace (no manifest.json, no source trees); "
+                         "refusing to replace it: give another --workdir, or move it away", file=workdir)
+
+
+def _inspect(workdir: Path) -> tuple[Manifest | None, str]:
+    """The workspace's manifest, and what is wrong with it ("" when it still is what the
+    manifest says: each tree's HEAD and a clean tree). Damage is reported, never raised:
+    a damaged workspace is rebuilt, not a reason to stop."""
+    if not workdir.is_dir():
+        return None, f"{workdir} is not a directory"
+    try:
+        manifest = read_manifest(workdir)
+    except StackbuildError as e:
+        return None, f"unreadable manifest: {e.message}"
+    if manifest is None:
+        return None, "no manifest.json"
     for s in manifest.sources:
         if not s.tree:
             continue
         tree = workdir / s.tree
         if not (tree / ".git").exists():
-            return False
-        head = run_git(tree, "rev-parse", "HEAD")
-        if head != s.head_commit:
-            return False
-        if run_git(tree, "status", "--porcelain", "--untracked-files=no"):
-            return False
-    return True
+            return manifest, f"{s.tree} is not a git repository"
+        head = git_process(tree, "rev-parse", "--verify", "-q", "HEAD")
+        if head.returncode != 0:
+            return manifest, f"{s.tree}: git cannot read HEAD ({_tail(head.stderr)})"
+        if head.stdout.strip() != s.head_commit:
+            return manifest, f"{s.tree} has moved from the applied commit"
+        st = git_process(tree, "status", "--porcelain", "--untracked-files=all")
+        if st.returncode != 0:
+            return manifest, f"{s.tree}: git status fails ({_tail(st.stderr)})"
+        if st.stdout.strip():
+            return manifest, f"{s.tree} has local changes"
+    return manifest, ""
+
+
+def _tail(text: str) -> str:
+    lines = [x for x in text.strip().splitlines() if x.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def _trees_of(workdir: Path, manifest: Manifest | None) -> list[str]:
+    if manifest is not None:
+        return [s.tree for s in manifest.sources if s.tree]
+    try:
+        return sorted(p.name for p in workdir.iterdir() if (p / ".git").exists())
+    except OSError:
+        return []
+
+
+def local_changes(workdir: Path, manifest: Manifest | None) -> dict[str, list[str]]:
+    """Per tree, the files a user changed or added since the last commit (`git status`),
+    or a one-item list saying git cannot tell (a damaged repository)."""
+    out: dict[str, list[str]] = {}
+    for name in _trees_of(workdir, manifest):
+        tree = workdir / name
+        if not (tree / ".git").exists():
+            continue
+        st = git_process(tree, "status", "--porcelain", "-z", "--untracked-files=all")
+        if st.returncode != 0:
+            out[name] = [f"(git cannot read this repository: {_tail(st.stderr)})"]
+            continue
+        files: list[str] = []
+        entries = iter(st.stdout.split("\0"))
+        for e in entries:
+            if len(e) > 3:
+                files.append(e[3:])
+                if e[0] in "RC":
+                    next(entries, None)  # a rename's old path follows it
+        rec = manifest.source(name) if manifest is not None else None
+        if rec is not None and rec.head_commit:
+            ahead = git_process(tree, "rev-list", "--count", f"{rec.head_commit}..HEAD")
+            if ahead.returncode == 0 and ahead.stdout.strip() not in ("", "0"):
+                files.append(f"{ahead.stdout.strip()} commit(s) made since apply (save them with "
+                             f"`git -C {tree} format-patch {rec.head_commit[:12]}..HEAD` and `stackbuild import`)")
+        if files:
+            out[name] = files
+    return out
+
+
+def _refuse_local_edits(recipe: Recipe, workdir: Path, manifest: Manifest | None) -> None:
+    """A rebuild replaces the workspace: never silently drop what a user changed there."""
+    changed = local_changes(workdir, manifest)
+    if not changed:
+        return
+    parts = []
+    for name, files in changed.items():
+        shown = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+        parts.append(f"{name}: {shown}")
+    first = next(iter(changed))
+    raise WorkspaceError(
+        f"has local edits that a rebuild would discard ({'; '.join(parts)}); keep them as a patch with "
+        f"`stackbuild snapshot {workdir / first} --into {recipe.name}` and then `stackbuild apply --force "
+        f"{recipe.name}`, or discard them with `stackbuild apply --force {recipe.name}`", file=workdir)
 
 
 def _build(ctx: _Ctx, workdir: Path, digest: str, idents: dict[str, dict[str, Any]], patch_shas: list[str]) -> ApplyResult:
-    recipe = ctx.recipe
     staging = Path(tempfile.mkdtemp(prefix=f".{workdir.name}.new-", dir=workdir.parent))
+    fault_point("staging-created")
     try:
-        trees: dict[str, Path] = {}
-        base_commits: dict[str, str] = {}
-        for name in recipe.patched_sources:
-            src = recipe.source(name)
-            ctx.progress(f"materialising {name} ({src.describe()})")
-            tree = staging / name
-            _materialise(ctx, src, tree)
-            trees[name] = tree
-            base_commits[name] = run_git(tree, "rev-parse", "HEAD")
-        results: list[PatchResult] = []
-        failed: PatchResult | None = None
-        for i, entry in enumerate(recipe.patches):
-            if failed is not None:
-                results.append(PatchResult(entry.name, entry.kind.value, entry.source, PatchVerdict.NOT_ATTEMPTED,
-                                           f"the series stopped at {failed.name}"))
-                continue
-            ctx.progress(f"[{i + 1}/{len(recipe.patches)}] {entry.name}")
-            tree = trees[entry.source]
-            if entry.kind is PatchKind.BACKPORT:
-                r = _apply_backport(ctx, entry, tree)
-            else:
-                r = _apply_text_patch(ctx, entry, _patch_bytes(ctx, entry, i), tree)
-            results.append(r)
-            if not r.verdict.ok:
-                failed = r
-        if failed is not None:
-            where = entry_file(recipe, failed.name)
-            cause = failed.detail.split("; ")[0]
-            cause = cause if len(cause) <= 300 else cause[:297] + "..."
-            msg = (f"{failed.name} ({where}): {failed.verdict.value}" + (f": {cause}" if cause else "")
-                   + "; the workspace was left as it was")
-            return ApplyResult(recipe.name, workdir, False, False, msg, tuple(results), failed)
-        manifest = Manifest(
-            recipe=recipe.name,
-            recipe_sha256=recipe.sha256,
-            inputs_sha256=digest,
-            platform=recipe.platform.name,
-            sources=tuple(
-                SourceRecord(
-                    name=s.name, kind=s.kind.value, ref=idents[s.name]["ref"], sha256=idents[s.name]["sha256"],
-                    commit=idents[s.name]["commit"], tree=s.name if s.name in trees else None,
-                    base_commit=base_commits.get(s.name),
-                    head_commit=run_git(trees[s.name], "rev-parse", "HEAD") if s.name in trees else None,
-                )
-                for s in recipe.sources
-            ),
-            patches=tuple(
-                PatchRecord(r.name, r.kind, r.source, r.sha256 or patch_shas[i], r.verdict.value, r.detail, r.files, r.commit)
-                for i, r in enumerate(results)
-            ),
-            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            stackbuild_version=__version__,
-        )
-        manifest.write(staging)
-        _swap(staging, workdir)
-        staging = None  # type: ignore[assignment]
-        n = len(results)
-        counts: dict[str, int] = {}
-        for r in results:
-            counts[r.verdict.value] = counts.get(r.verdict.value, 0) + 1
-        summary = ", ".join(f"{v} {k}" for k, v in counts.items())
-        return ApplyResult(recipe.name, workdir, True, True, f"{n} patch(es): {summary}", tuple(results), manifest=manifest)
+        with disk_guard(staging):  # diagnosed before the finally frees the space
+            return _build_in(ctx, staging, workdir, digest, idents, patch_shas)
     finally:
-        if staging is not None:
+        if os.path.lexists(staging):
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _build_in(ctx: _Ctx, staging: Path, workdir: Path, digest: str, idents: dict[str, dict[str, Any]],
+              patch_shas: list[str]) -> ApplyResult:
+    recipe = ctx.recipe
+    trees: dict[str, Path] = {}
+    base_commits: dict[str, str] = {}
+    for name in recipe.patched_sources:
+        src = recipe.source(name)
+        ctx.progress(f"materialising {name} ({src.describe()})")
+        tree = staging / name
+        _materialise(ctx, src, tree)
+        trees[name] = tree
+        base_commits[name] = run_git(tree, "rev-parse", "HEAD")
+        fault_point("materialised")
+    results: list[PatchResult] = []
+    failed: PatchResult | None = None
+    for i, entry in enumerate(recipe.patches):
+        if failed is not None:
+            results.append(PatchResult(entry.name, entry.kind.value, entry.source, PatchVerdict.NOT_ATTEMPTED,
+                                       f"the series stopped at {failed.name}"))
+            continue
+        ctx.progress(f"[{i + 1}/{len(recipe.patches)}] {entry.name}")
+        tree = trees[entry.source]
+        if entry.kind is PatchKind.BACKPORT:
+            r = _apply_backport(ctx, entry, tree)
+        else:
+            r = _apply_text_patch(ctx, entry, _patch_bytes(ctx, entry, i), tree)
+        results.append(r)
+        if not r.verdict.ok:
+            failed = r
+    if failed is not None:
+        where = entry_file(recipe, failed.name)
+        cause = failed.detail.split("; ")[0]
+        cause = cause if len(cause) <= 300 else cause[:297] + "..."
+        msg = (f"{failed.name} ({where}): {failed.verdict.value}" + (f": {cause}" if cause else "")
+               + "; the workspace was left as it was")
+        return ApplyResult(recipe.name, workdir, False, False, msg, tuple(results), failed)
+    manifest = Manifest(
+        recipe=recipe.name,
+        recipe_sha256=recipe.sha256,
+        inputs_sha256=digest,
+        platform=recipe.platform.name,
+        sources=tuple(
+            SourceRecord(
+                name=s.name, kind=s.kind.value, ref=idents[s.name]["ref"], sha256=idents[s.name]["sha256"],
+                commit=idents[s.name]["commit"], tree=s.name if s.name in trees else None,
+                base_commit=base_commits.get(s.name),
+                head_commit=run_git(trees[s.name], "rev-parse", "HEAD") if s.name in trees else None,
+            )
+            for s in recipe.sources
+        ),
+        patches=tuple(
+            PatchRecord(r.name, r.kind, r.source, r.sha256 or patch_shas[i], r.verdict.value, r.detail, r.files, r.commit)
+            for i, r in enumerate(results)
+        ),
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        stackbuild_version=__version__,
+    )
+    fault_point("patched")
+    manifest.write(staging)
+    fault_point("manifest-written")
+    _swap(staging, workdir)
+    n = len(results)
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.verdict.value] = counts.get(r.verdict.value, 0) + 1
+    summary = ", ".join(f"{v} {k}" for k, v in counts.items())
+    return ApplyResult(recipe.name, workdir, True, True, f"{n} patch(es): {summary}", tuple(results), manifest=manifest)
 
 
 def entry_file(recipe: Recipe, name: str) -> str:
@@ -578,17 +768,121 @@ def entry_file(recipe: Recipe, name: str) -> str:
     return name
 
 
+# ------------------------------------------------------------------ the swap, and what interrupted runs leave
+
+
+FAULT_ENV = "STACKBUILD_FAULT_POINT"
+# Paths swapped in by this process: the Ctrl-C message says what happened (cli.main).
+SWAPPED_IN: list[Path] = []
+
+
+def fault_point(name: str) -> None:
+    """A test hook: `STACKBUILD_FAULT_POINT=NAME` kills the process here as `kill -9`
+    would (no cleanup, no finally), so the fault-injection tests can stop an apply
+    between any two steps."""
+    if os.environ.get(FAULT_ENV) == name:
+        os._exit(137)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically exchange two paths (Linux renameat2 RENAME_EXCHANGE). False where the
+    C library or the filesystem does not offer it."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _litter_re(workdir: Path) -> re.Pattern[str]:
+    # mkdtemp's 8 random characters, or our 8 hex digits: never another workspace's
+    # name (a workspace called "r.new-x" has staging ".r.new-x.new-abcd1234").
+    return re.compile(rf"^\.{re.escape(workdir.name)}\.(new|old)-[a-z0-9_]{{8}}$")
+
+
+def remove_litter(workdir: Path, progress: Progress | None = None) -> list[Path]:
+    """Remove what interrupted runs left beside `workdir` (staging trees, old trees
+    waiting for deletion). Call with the workspace lock held. If a run was killed
+    between the two renames of the fallback swap, the workspace path is empty and the
+    old tree is put back first."""
+    pat = _litter_re(workdir)
+    found = sorted(p for p in workdir.parent.iterdir() if pat.match(p.name))
+    if not os.path.lexists(workdir):
+        olds = [p for p in found if ".old-" in p.name and (p / "manifest.json").is_file()]
+        if olds:
+            os.replace(olds[-1], workdir)
+            found.remove(olds[-1])
+            if progress:
+                progress(f"restored {workdir} from an interrupted swap")
+    for p in found:
+        if progress:
+            progress(f"removing {p.name}, left by an interrupted run")
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return found
+
+
 def _swap(staging: Path, workdir: Path) -> None:
-    """Put `staging` in place of `workdir`. Two renames; the old tree is removed only
-    once the new one is in place."""
-    if workdir.exists():
-        old = workdir.parent / f".{workdir.name}.old-{os.getpid()}"
-        os.replace(workdir, old)
-        try:
+    """Put `staging` in place of `workdir` so that the path always holds a complete
+    workspace, old or new: one renameat2(RENAME_EXCHANGE). Where that is missing, two
+    renames, and a run killed between them is repaired by the next (remove_litter)."""
+    with _ctrl_c_deferred():  # the rename and its record in SWAPPED_IN happen together
+        if not os.path.lexists(workdir):
             os.replace(staging, workdir)
-        except BaseException:
-            os.replace(old, workdir)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, workdir)
+            SWAPPED_IN.append(workdir)
+            return
+        fault_point("swap-before")
+        old = workdir.parent / f".{workdir.name}.old-{secrets.token_hex(4)}"
+        if _exchange(staging, workdir):
+            SWAPPED_IN.append(workdir)
+            fault_point("swap-exchanged")
+            os.replace(staging, old)  # the old tree, under the name litter removal knows
+        else:
+            os.replace(workdir, old)
+            fault_point("swap-between-renames")
+            try:
+                os.replace(staging, workdir)
+            except BaseException:
+                os.replace(old, workdir)
+                raise
+            SWAPPED_IN.append(workdir)
+    fault_point("swap-renamed-old")
+    _discard(old)
+
+
+@contextmanager
+def _ctrl_c_deferred() -> Iterator[None]:
+    """Hold SIGINT (it is delivered, as KeyboardInterrupt, on leaving) so that a Ctrl-C
+    cannot land between a rename and the record that says it happened."""
+    import signal
+
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _discard(old: Path) -> None:
+    if os.environ.get(FAULT_ENV) == "swap-removing-old":  # die half-way through the delete
+        for child in sorted(old.iterdir())[:1]:
+            shutil.rmtree(child, ignore_errors=True)
+        os._exit(137)
+    shutil.rmtree(old, ignore_errors=True)

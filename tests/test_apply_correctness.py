@@ -63,7 +63,7 @@ def _git(cwd: Path, *args: str, stdin: str | None = None) -> str:
 
 @pytest.mark.network
 @pytest.mark.slow
-def test_site_packages_diff_on_real_vllm_equals_git_apply_at_every_strip(tmp_path: Path) -> None:
+def test_site_packages_diff_on_real_vllm_equals_git_apply_at_every_strip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A real `diff -u` between a vLLM checkout and a pip-installed copy of it, as
     `/home/u/src/vllm/vllm/...` vs `/home/u/venv/lib64/python3.12/site-packages/vllm/...`,
     applied at strip 1, 4 and 5: the whole resulting tree (its git tree id) equals
@@ -71,6 +71,7 @@ def test_site_packages_diff_on_real_vllm_equals_git_apply_at_every_strip(tmp_pat
     import fixtures
 
     pristine = fixtures.vllm_tree("0.19.0")
+    monkeypatch.setenv("STACKBUILD_ALLOW_DIRS", str(pristine))  # a local source outside the project
     rels = ["vllm/envs.py", "vllm/config/cache.py"]
     home = tmp_path / "home/u"
     diffs = []

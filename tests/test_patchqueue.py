@@ -35,6 +35,7 @@ def sha(p: Path) -> str:
 def proj(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("STACKBUILD_CACHE", str(tmp_path / "cache"))
     src = tmp_path / "upstream"
+    monkeypatch.setenv("STACKBUILD_ALLOW_DIRS", str(tmp_path))  # local sources outside the project (upstream, upstream2)
     (src / "pkg").mkdir(parents=True)
     (src / "pkg" / "alpha.py").write_text(ALPHA)
     (src / "pkg" / "beta.py").write_text(BETA)

@@ -314,3 +314,194 @@ def test_pin_forms(tmp_path: Path) -> None:
     assert k is not None and k.requirement() == "vllm-xpu-kernels @ https://example.invalid/k.whl"
     bad = write(tmp_path, "r", BASE + '\n[pins.k]\nurl = "https://example.invalid/k.whl"\n')
     assert load_error(bad).key == "pins.k.sha256"
+
+
+# ------------------------------------------------------------------ hostile and broken input (issue 13 item 1, issue 12 items 3 and 5)
+
+
+def test_non_utf8_recipe_names_the_file_and_the_byte_offset(tmp_path: Path) -> None:
+    p = write(tmp_path, "r", 'platform = "b70"\n')
+    p.write_bytes(b'platform = "b70"\ndescription = "caf\xe9"\n')
+    e = load_error(p)
+    assert e.file == str(p)
+    assert "not UTF-8" in e.message and "0xe9" in e.message and "offset 35" in e.message
+
+
+def test_non_utf8_extended_base_names_the_base(tmp_path: Path) -> None:
+    base = write(tmp_path, "base", BASE)
+    base.write_bytes(base.read_bytes() + b"# \xff\n")
+    child = write(tmp_path, "child", 'extends = "base"\n')
+    assert load_error(child).file == str(base)
+
+
+@pytest.mark.parametrize("ext", ["sub/../child", "./child", "../recipes/child", "/etc/passwd", "child.toml/..", "Child", ""])
+def test_path_like_extends_is_refused_not_followed(tmp_path: Path, ext: str) -> None:
+    (tmp_path / "recipes" / "sub").mkdir(parents=True)
+    child = write(tmp_path, "child", f'extends = "{ext}"\nplatform = "b70"\n')
+    e = load_error(child)
+    assert e.key == "extends" and e.file == str(child)
+    assert "not a path" in e.message
+
+
+def test_extends_cycle_through_two_files_is_named(tmp_path: Path) -> None:
+    write(tmp_path, "a", 'extends = "b"\nplatform = "b70"\n')
+    b = write(tmp_path, "b", 'extends = "a"\n')
+    e = load_error(tmp_path / "recipes" / "a.toml")
+    assert "cycle" in e.message and e.file == str(b)
+
+
+def test_extends_through_a_symlink_leaving_the_project_is_refused(tmp_path: Path) -> None:
+    outside = tmp_path / "elsewhere" / "evil.toml"
+    outside.parent.mkdir()
+    outside.write_text(BASE)
+    child = write(tmp_path / "proj", "child", 'extends = "base"\n')
+    (tmp_path / "proj" / "recipes" / "base.toml").symlink_to(outside)
+    e = load_error(child)
+    assert e.key == "extends" and "outside the project" in e.message
+
+
+@pytest.mark.parametrize(("patches", "key"), [("5", "patches"), ('"abc"', "patches"), ("{ file = 'x' }", "patches"),
+                                             ("[1, 2]", "patches[0]"), ('["x.patch"]', "patches[0]")])
+def test_bad_patches_under_extends_names_the_file_and_key(tmp_path: Path, patches: str, key: str) -> None:
+    write(tmp_path, "base", BASE)  # one patch of its own: the child's entries are counted in the child
+    child = write(tmp_path, "child", f'extends = "base"\npatches = {patches}\n')
+    e = load_error(child)
+    assert e.file == str(child) and e.key == key
+    assert "'a'" not in e.message  # never split into characters
+
+
+def test_bad_patches_in_the_base_names_the_base(tmp_path: Path) -> None:
+    base = write(tmp_path, "base", 'platform = "b70"\npatches = "abc"\n')
+    child = write(tmp_path, "child", 'extends = "base"\n')
+    e = load_error(child)
+    assert e.file == str(base) and e.key == "patches"
+
+
+def test_a_nested_key_named_patches_merges_as_a_table_not_a_list(tmp_path: Path) -> None:
+    write(tmp_path, "base", BASE + '\n[environment.vars.patches]\n')
+    child = write(tmp_path, "child", 'extends = "base"\n[environment.vars]\npatches = "2"\n')
+    # the nested key is an environment variable like any other: the child's string wins
+    r = load_recipe(child)
+    assert dict(r.environment.vars)["patches"] == "2"
+    assert [p.name for p in r.patches] == ["base-fix"]
+
+
+@pytest.mark.parametrize(("table", "value"), [("environment.vars", "true"), ("environment.vars", "1"),
+                                              ("build.env", "false"), ("build.env", "4"), ("environment.vars", "1.5")])
+def test_non_string_variables_are_refused_naming_the_key(tmp_path: Path, table: str, value: str) -> None:
+    p = write(tmp_path, "r", f'platform = "b70"\n[{table}]\nFLAG = {value}\n')
+    e = load_error(p)
+    assert e.key == f"{table}.FLAG" and "a string" in e.message
+
+
+def test_error_in_an_extended_base_table_names_the_base(tmp_path: Path) -> None:
+    base = write(tmp_path, "base", BASE.replace('SHARED = "base"', "SHARED = true"))
+    child = write(tmp_path, "child", 'extends = "base"\n[environment.vars]\nOTHER = "x"\n')
+    e = load_error(child)
+    assert e.key == "environment.vars.SHARED" and e.file == str(base)
+    base = write(tmp_path, "base", 'platform = "b70"\n[sources.vllm]\npypi = "vllm==0.19.0"\nsha256 = "xyz"\n')
+    e = load_error(child)
+    assert e.key == "sources.vllm.sha256" and e.file == str(base)
+    # the child overriding the bad value makes the recipe good: the error followed the value
+    write(tmp_path, "child", f'extends = "base"\n[sources.vllm]\nsha256 = "{SHA_B}"\n')
+    assert load_recipe(child).source("vllm").sha256 == SHA_B
+
+
+@pytest.mark.parametrize("name", ["R", "a b", "r$(touch x)", "_r", "-r", "r;x", "ré"])
+def test_recipe_and_source_names_are_plain(tmp_path: Path, name: str) -> None:
+    (tmp_path / "recipes").mkdir()
+    p = tmp_path / "recipes" / f"{name}.toml"
+    p.write_text('platform = "b70"\n')
+    (tmp_path / "patches").mkdir()
+    assert load_error(p).key == "name"
+    src = name.replace('"', "")
+    q = write(tmp_path, "ok", f'platform = "b70"\n[sources."{src}"]\npypi = "vllm==0.19.0"\nsha256 = "{SHA_A}"\n')
+    assert load_error(q).key == f"sources.{src}"
+
+
+@pytest.mark.parametrize("value", ["a\\nb", "x\\rEOF", "tab\\there", "nul\\u0000", "esc\\u001b[31m", "del\\u007f", "ls\\u2028x"])
+@pytest.mark.parametrize("where", ["description", "environment.vars.X", "pins.torch.index", "sources.vllm.pypi", "patches[0].description"])
+def test_control_characters_are_refused_at_load_naming_the_key(tmp_path: Path, value: str, where: str) -> None:
+    text = {
+        "description": f'description = "{value}"\n',
+        "environment.vars.X": f'[environment.vars]\nX = "{value}"\n',
+        "pins.torch.index": f'[pins.torch]\nversion = "==2.0"\nindex = "{value}"\n',
+        "sources.vllm.pypi": f'[sources.vllm]\npypi = "{value}"\nsha256 = "{SHA_A}"\n',
+        "patches[0].description": f'[[patches]]\nfile = "patches/x.patch"\nsource = "vllm"\nsha256 = "{SHA_A}"\ndescription = "{value}"\n',
+    }[where]
+    p = write(tmp_path, "r", 'platform = "b70"\n' + text)
+    e = load_error(p)
+    assert e.key == where and "control character" in e.message
+
+
+def test_bad_environment_variable_name_is_refused(tmp_path: Path) -> None:
+    p = write(tmp_path, "r", 'platform = "b70"\n[environment.vars]\n"A;touch x" = "1"\n')
+    assert load_error(p).key == "environment.vars.A;touch x"
+
+
+@pytest.mark.parametrize("rel", ["/etc/passwd", "../../outside.patch", "patches/../../outside.patch", "patches/link.patch"])
+def test_patch_files_outside_the_project_are_refused_without_reading_them(tmp_path: Path, rel: str) -> None:
+    proj = tmp_path / "proj"
+    (tmp_path / "outside.patch").write_text("secret\n")
+    p = write(proj, "r", f'platform = "b70"\n[sources.vllm]\npypi = "vllm==0.19.0"\nsha256 = "{SHA_A}"\n'
+                         f'[[patches]]\nfile = "{rel}"\nsource = "vllm"\nsha256 = "{SHA_A}"\n')
+    (proj / "patches" / "link.patch").symlink_to(tmp_path / "outside.patch")
+    e = load_error(p)
+    assert e.key == "patches[0].file" and "outside the project" in e.message
+    secret_sha = hashlib.sha256(b"secret\n").hexdigest()
+    assert secret_sha not in e.render() and "secret" not in e.render()
+
+
+def test_allow_dirs_lets_a_recipe_name_an_outside_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    proj = tmp_path / "proj"
+    shared = tmp_path / "shared-patches"
+    shared.mkdir()
+    p = write(proj, "r", f'platform = "b70"\n[sources.vllm]\npath = "{tmp_path / "fork"}"\n'
+                         f'[[patches]]\nfile = "{shared / "x.patch"}"\nsource = "vllm"\nsha256 = "{SHA_A}"\n')
+    assert load_error(p).key == "sources.vllm.path"
+    monkeypatch.setenv("STACKBUILD_ALLOW_DIRS", str(tmp_path / "fork"))
+    assert load_error(p).key == "patches[0].file"
+    monkeypatch.setenv("STACKBUILD_ALLOW_DIRS", f"{tmp_path / 'fork'}:{shared}")
+    r = load_recipe(p)
+    assert r.source("vllm").path == str(tmp_path / "fork")
+
+
+def test_local_source_path_is_relative_to_the_project_root(tmp_path: Path) -> None:
+    from stackbuild.recipe import local_source_dir
+
+    p = write(tmp_path, "r", 'platform = "b70"\n[sources.vllm]\npath = "forks/vllm"\n')
+    r = load_recipe(p)
+    assert local_source_dir(r, r.source("vllm")) == (tmp_path / "forks" / "vllm").resolve()
+    q = write(tmp_path, "q", 'platform = "b70"\n[sources.vllm]\npath = "../my-vllm-fork"\n')
+    assert "outside the project" in load_error(q).message
+
+
+def test_deeply_nested_toml_is_a_recipe_error(tmp_path: Path) -> None:
+    p = write(tmp_path, "r", 'platform = "b70"\n')
+    p.write_text('platform = "b70"\nx = ' + "[" * 5000 + "]" * 5000 + "\n")
+    assert "nested too deeply" in load_error(p).message
+
+
+def test_a_byte_order_mark_is_not_content(tmp_path: Path) -> None:
+    p = write(tmp_path, "r", 'platform = "b70"\n')
+    p.write_bytes(b"\xef\xbb\xbf" + p.read_bytes())
+    assert load_recipe(p).platform is B70
+
+
+@pytest.mark.parametrize(("pin", "key"), [
+    ('"x; touch /tmp/p" = "==1.0"', "pins.x; touch /tmp/p"),
+    ('numpy = "==1.0; os_name == \'nt\'"', "pins.numpy.version"),
+    ('numpy = "==1.0 $(id)"', "pins.numpy.version"),
+    ('numpy = { version = "==1.0", markers = "python_version >= \'3.10\' and $(id)" }', "pins.numpy.markers"),
+    ('"-e" = "==1.0"', "pins.-e"),
+])
+def test_pins_are_package_names_specifiers_and_markers(tmp_path: Path, pin: str, key: str) -> None:
+    p = write(tmp_path, "r", f'platform = "b70"\n[pins]\n{pin}\n')
+    assert load_error(p).key == key
+
+
+@pytest.mark.parametrize("name", ["../../evil", "a/b", ".hidden", "with space", "-x"])
+def test_patch_names_cannot_become_paths(tmp_path: Path, name: str) -> None:
+    p = write(tmp_path, "r", f'platform = "b70"\n[sources.vllm]\npypi = "vllm==0.19.0"\nsha256 = "{SHA_A}"\n'
+                         f'[[patches]]\nname = "{name}"\nfile = "patches/x.patch"\nsource = "vllm"\nsha256 = "{SHA_A}"\n')
+    assert load_error(p).key == "patches[0].name"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -526,6 +527,8 @@ def test_local_source_refreshes_onto_another_tree_or_a_git_ref(tmp_path: Path, m
 
     monkeypatch.setenv("STACKBUILD_CACHE", str(tmp_path / "cache"))
     old_tree = tmp_path / "v1"
+    # the local checkouts (the old one, and the new tree --to names) are outside the project
+    monkeypatch.setenv("STACKBUILD_ALLOW_DIRS", os.pathsep.join([str(old_tree), str(tmp_path / "v2")]))
     up = make_upstream_repo(old_tree, {"pkg/beta.py": BETA}, tag=None)
     root = tmp_path / "proj"
     pdir = root / "patches" / "pkg" / "v1"

@@ -12,6 +12,7 @@ show the guards do not refuse what is legitimate.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -90,6 +91,9 @@ class World:
             dest = Path(self.env["STACKBUILD_CACHE"]) / "backports" / fake_sha / backport[0]
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(backport[1])
+            # with the digest the cache records for it: an attacker who can write the cache can write that too
+            index = Path(self.env["STACKBUILD_CACHE"]) / "backports" / fake_sha / ".stackbuild-sha256.json"
+            index.write_text(json.dumps({backport[0]: sha256(backport[1])}))
             entries.append({"backport": "vllm==0.20.0", "sha256": fake_sha, "files": [backport[0]], "source": "pkg"})
         return self.proj.write_recipe("r", {"pkg": {"path": str(tree)}}, entries)
 

@@ -267,13 +267,22 @@ def test_changed_local_source_rebuilds(two_patch_project: tuple[Project, Recipe]
     assert (proj.workdir / "pkg/NEWS").read_text() == "new upstream file\n"
 
 
-def test_hand_edited_workspace_is_rebuilt(two_patch_project: tuple[Project, Recipe]) -> None:
+def test_hand_edited_workspace_is_refused_then_rebuilt_with_force(two_patch_project: tuple[Project, Recipe]) -> None:
     proj, recipe = two_patch_project
     proj.apply(recipe)
     (proj.workdir / "pkg/pkg/a.py").write_text("scribbled\n")
-    r = proj.apply(recipe)
+    (proj.workdir / "pkg/pkg/new.py").write_text("mine\n")
+    before = snapshot(proj.workdir)
+    with pytest.raises(StackbuildError) as ei:
+        proj.apply(recipe)
+    assert ei.value.exit_code == 2
+    assert "pkg/a.py" in ei.value.message and "pkg/new.py" in ei.value.message
+    assert "stackbuild snapshot" in ei.value.message and "--force" in ei.value.message
+    assert snapshot(proj.workdir) == before  # nothing lost
+    r = proj.apply(recipe, force=True)
     assert r.changed
     assert "line three\n" in (proj.workdir / "pkg/pkg/a.py").read_text()
+    assert not (proj.workdir / "pkg/pkg/new.py").exists()
 
 
 def test_failing_patch_leaves_previous_workspace_byte_for_byte(two_patch_project: tuple[Project, Recipe], tmp_path: Path) -> None:
@@ -371,12 +380,12 @@ def test_missing_local_source_is_a_user_error(tmp_path: Path, cache: Path) -> No
     assert ei.value.key == "sources.pkg.path"
 
 
-def test_relative_local_source_resolves_against_the_recipe(tmp_path: Path, cache: Path) -> None:
+def test_relative_local_source_resolves_against_the_project_root(tmp_path: Path, cache: Path) -> None:
     proj = Project(tmp_path / "proj")
     proj.add_tree("pkg", {"a.txt": "a\n"})
     patch = "--- a/a.txt\n+++ b/a.txt\n@@ -1 +1 @@\n-a\n+b\n"
     rel = proj.add_patch("p.patch", patch)
-    path = proj.write_recipe("r", {"pkg": {"path": "../upstream/pkg"}},
+    path = proj.write_recipe("r", {"pkg": {"path": "upstream/pkg"}},
                              [{"file": rel, "source": "pkg", "sha256": sha256(patch)}])
     r = proj.apply(load_recipe(path))
     assert r.ok and (proj.workdir / "pkg/a.txt").read_text() == "b\n"

@@ -26,6 +26,7 @@ from typing import Any
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
+from stackbuild.inputs import read_user_text
 from stackbuild.lock.errors import LockError
 
 INPUT_PREFIX = "# stackbuild-input "
@@ -232,12 +233,9 @@ class LockfileHeader:
 
 def read_header(path: Path) -> LockfileHeader:
     """Read the records a stackbuild lockfile keeps in its header (no network)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise LockError("no lockfile yet: run `stackbuild lock` for this recipe first", file=path) from None
-    except OSError as e:
-        raise LockError(f"cannot read lockfile: {e.strerror}", file=path) from None
+    if not path.exists():
+        raise LockError("no lockfile yet: run `stackbuild lock` for this recipe first", file=path)
+    text = read_user_text(path, "lockfile", LockError)
     lines = text.splitlines()
     if not lines or not lines[0].startswith(FIRST_LINE):
         raise LockError("not a stackbuild lockfile (its first line is not the stackbuild header)", file=path)

@@ -12,6 +12,7 @@ from pathlib import Path
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
+from stackbuild.inputs import read_user_text
 from stackbuild.lock.errors import LockError
 
 # Options a requirement file may carry that do not change *what* is locked.
@@ -129,11 +130,8 @@ def read_source_requirements(tree: Path, files: tuple[str, ...]) -> SourceRequir
             raise LockError(f"include cycle: {' -> '.join((*chain, name))}", file=path)
         if name in read:
             return
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as e:
-            where = f" (included from {chain[-1]})" if chain else ""
-            raise LockError(f"cannot read requirement file{where}: {e.strerror}", file=path) from None
+        where = f" (included from {chain[-1]})" if chain else ""
+        text = read_user_text(path, f"requirement file{where}", LockError)
         read.append(name)
         digest.update(name.encode() + b"\0" + text.encode() + b"\0")
         for lineno, line in logical_lines(text):

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 from stackbuild.errors import RecipeError
+from stackbuild.inputs import read_user_text
 from stackbuild.recipe import SHA256_RE
 
 if sys.version_info >= (3, 11):
@@ -29,10 +30,7 @@ def write_first_use(path: Path, pin: str, sha256: str) -> None:
     key = f"pins.{pin}"
     if not SHA256_RE.match(sha256):
         raise RecipeError(f"not a sha256 (64 lowercase hex digits): {sha256!r}", file=path, key=f"{key}.sha256")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise RecipeError(f"cannot read recipe: {e.strerror}", file=path) from None
+    text = read_user_text(path, "recipe", RecipeError)
     lines = text.splitlines(keepends=True)
     section = ""
     done = False

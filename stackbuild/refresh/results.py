@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from stackbuild.cache import atomic_write_text
-from stackbuild.errors import StackbuildError
+from stackbuild.errors import RecipeError, StackbuildError
+from stackbuild.inputs import read_user_text
 from stackbuild.patchqueue import (
     bump_last_update,
     commit_diff,
@@ -241,7 +242,7 @@ def write_outputs(recipe: Recipe, st: dict[str, Any], tree: Path, done: list[Ref
                                          file=str(dest.relative_to(root))))
     new_name = new_recipe_name(recipe.name, old_version, new_version)
     new_path = recipe.path.parent / f"{new_name}.toml"
-    text = recipe.path.read_text(encoding="utf-8")
+    text = read_user_text(recipe.path, "recipe", RecipeError)
     files[new_path] = new_recipe_text(text, recipe, st, final, new_name)
     clashes = [str(f) for f, d in files.items() if f.exists() and f.read_bytes() != d.encode("utf-8")]
     if clashes and not force:

@@ -20,10 +20,15 @@ from packaging.requirements import Requirement
 
 from stackbuild.errors import SourceError, StackbuildError
 from stackbuild.patchqueue import git_out
-from stackbuild.recipe import Recipe, Source, SourceKind
+from stackbuild.recipe import Recipe, Source, SourceKind, local_source_dir
 from stackbuild.sources.archive import DEFAULT_LIMITS, extract_tarball
 from stackbuild.sources.git import GitCheckout, export_tree, fetch_git
-from stackbuild.sources.pypi import fetch_sdist, list_files, sdist_filename_candidates
+from stackbuild.sources.pypi import (
+    configured_index,
+    fetch_sdist,
+    list_files,
+    sdist_filename_candidates,
+)
 
 Progress = Callable[[str], None]
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
@@ -66,7 +71,7 @@ def index_sha256(requirement: str) -> str:
             if not f.sha256:
                 raise SourceError(f"the index gives no sha256 for {f.filename}; pass --sha256", file=f.url)
             return f.sha256
-    raise SourceError(f"no source release {requirement} on the index")
+    raise SourceError(f"no source release {requirement} on the index {configured_index()}")
 
 
 def _local_dir(recipe: Recipe, path: str) -> Path:
@@ -95,7 +100,10 @@ def make_target(recipe: Recipe, to: str, sha256: str | None) -> Target:
                                      else f"{src.name}=<path> or {src.name}@<git ref of {src.path}>"), key="--to")
         version = next(iter(req.specifier)).version
         new_req = f"{src.project}=={version}"
-        sha = sha256 or index_sha256(new_req)
+        try:
+            sha = sha256 or index_sha256(new_req)
+        except SourceError as e:  # name the recipe and the option too, not only the index
+            raise SourceError(f"--to {to}: {e.render()}", file=recipe.path) from None
         new = dataclasses.replace(src, requirement=new_req, sha256=sha)
         return Target(src, new, src.requirement or "", new_req, version)
     m = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)([=@])(.+)$", to)
@@ -115,7 +123,7 @@ def make_target(recipe: Recipe, to: str, sha256: str | None) -> Target:
         return Target(src, new, f"{src.name}={src.path}", f"{src.name}={ref}", new_dir.name)
     if src.kind is SourceKind.LOCAL:
         assert src.path is not None
-        repo = _local_dir(recipe, src.path)
+        repo = local_source_dir(recipe, src)
         r = git_out(repo, "rev-parse", "--verify", "-q", f"{ref}^{{commit}}", check=False)
         if r.returncode != 0:
             raise SourceError(f"--to {to}: {ref!r} is not a commit of the git checkout {repo}", key="--to")
@@ -143,7 +151,7 @@ def materialise_new(recipe: Recipe, target: Target, dest: Path, progress: Progre
         return None
     if src.kind is SourceKind.LOCAL:
         assert src.path is not None
-        shutil.copytree(_local_dir(recipe, src.path), dest, ignore=shutil.ignore_patterns(".git"), symlinks=True)
+        shutil.copytree(_local_dir(recipe, src.path), dest, ignore=shutil.ignore_patterns(".git"), symlinks=True)  # --to NAME=PATH
         return None
     co = fetch_git(src)
     export_tree(co, dest)

@@ -22,6 +22,7 @@ import platformdirs
 
 from stackbuild.cache import cache_dir, locked
 from stackbuild.errors import SourceError
+from stackbuild.inputs import read_user_text
 from stackbuild.recipe import Source
 
 if TYPE_CHECKING:
@@ -46,8 +47,8 @@ def mirror_map() -> dict[str, str]:
     path = Path(f) if f else Path(platformdirs.user_config_dir("stackbuild")) / "mirrors.toml"
     if path.exists():
         try:
-            data = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as e:
+            data = tomllib.loads(read_user_text(path, "mirror map", SourceError))
+        except tomllib.TOMLDecodeError as e:
             raise SourceError(f"cannot read mirror map: {e}", file=path) from None
         table = data.get("mirrors", {})
         if not isinstance(table, dict):
