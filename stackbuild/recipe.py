@@ -17,9 +17,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from packaging.markers import InvalidMarker, Marker
-from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.version import InvalidVersion, Version
 
 from stackbuild.errors import RecipeError
 from stackbuild.inputs import read_user_text
@@ -44,6 +43,36 @@ ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # shell line or a heredoc wherever a value is rendered; no recipe value needs one
 CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 ALLOW_DIRS_ENV = "STACKBUILD_ALLOW_DIRS"
+
+
+_EXACT_PIN = re.compile(r"([A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)==([^\s,;@\[\]*]+)")
+
+
+def exact_pin(text: str) -> tuple[str, str]:
+    """(name, version) of a release pinned as NAME==VERSION (a pypi source, a backport).
+
+    The plain form, the one recipes use, is read here; anything else goes through
+    packaging's requirement parser, imported only then: it costs about 20 ms, paid by
+    every command's start-up when imported with this module. Raises ValueError with the
+    reason when the text is not one exact pin."""
+    m = _EXACT_PIN.fullmatch(text)
+    if m:
+        try:
+            Version(m.group(2))
+            return m.group(1), m.group(2)
+        except InvalidVersion:
+            pass  # let the full parser word the error
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    try:
+        req = Requirement(text)
+    except InvalidRequirement as e:
+        raise ValueError(f"not a requirement: {e}") from None
+    specs = list(req.specifier)
+    if req.extras or req.marker or req.url or len(specs) != 1 or specs[0].operator != "==" \
+            or "*" in specs[0].version:
+        raise ValueError(f"must pin one exact version (name==version), got {text!r}")
+    return req.name, specs[0].version
 
 
 class SourceKind(str, Enum):
@@ -72,14 +101,11 @@ class Source:
 
     @property
     def project(self) -> str | None:
-        return Requirement(self.requirement).name if self.requirement else None
+        return exact_pin(self.requirement)[0] if self.requirement else None
 
     @property
     def version(self) -> str | None:
-        if not self.requirement:
-            return None
-        spec = next(iter(Requirement(self.requirement).specifier))
-        return spec.version
+        return exact_pin(self.requirement)[1] if self.requirement else None
 
     def describe(self) -> str:
         if self.kind is SourceKind.PYPI:
@@ -492,15 +518,12 @@ def _parse_source(v: _V, name: str, t: Any) -> Source:
     if kind == "pypi":
         req_s = v.typed(t["pypi"], str, f"{key}.pypi")
         try:
-            req = Requirement(req_s)
-        except InvalidRequirement as e:
-            raise v.err(f"{key}.pypi", f"not a requirement: {e}") from None
-        specs = list(req.specifier)
-        if len(specs) != 1 or specs[0].operator != "==" or "*" in specs[0].version:
-            raise v.err(f"{key}.pypi", f"must pin one exact version (name==version), got {req_s!r}")
+            project, version = exact_pin(req_s)
+        except ValueError as e:
+            raise v.err(f"{key}.pypi", str(e)) from None
         if "sha256" not in t:
             raise v.err(f"{key}.sha256", "missing: a pypi source is checked against its sdist's sha256")
-        return Source(name, SourceKind.PYPI, requirement=str(req), sha256=v.sha(t["sha256"], f"{key}.sha256"),
+        return Source(name, SourceKind.PYPI, requirement=f"{project}=={version}", sha256=v.sha(t["sha256"], f"{key}.sha256"),
                       limits=_parse_limits(v, t["limits"], f"{key}.limits") if "limits" in t else None)
     if kind == "git":
         url = v.typed(t["git"], str, f"{key}.git")
@@ -575,11 +598,9 @@ def _parse_patch(v: _V, i: int, t: Any, source_names: set[str]) -> PatchEntry:
                           from_source=frm, path=path, description=desc, test=test)
     release = v.typed(t["backport"], str, f"{key}.backport")
     try:
-        req = Requirement(release)
-    except InvalidRequirement as e:
-        raise v.err(f"{key}.backport", f"not a requirement: {e}") from None
-    if len(list(req.specifier)) != 1 or next(iter(req.specifier)).operator != "==":
-        raise v.err(f"{key}.backport", f"must name one exact release (name==version), got {release!r}")
+        project, version = exact_pin(release)
+    except ValueError as e:
+        raise v.err(f"{key}.backport", str(e).replace("must pin one exact version", "must name one exact release")) from None
     if sha is None:
         raise v.err(f"{key}.sha256", "missing: the backport's source release is pinned by its sha256")
     files = v.str_list(t.get("files", []), f"{key}.files")
@@ -588,9 +609,9 @@ def _parse_patch(v: _V, i: int, t: Any, source_names: set[str]) -> PatchEntry:
     for j, f in enumerate(files):
         if f.startswith("/") or ".." in Path(f).parts:
             raise v.err(f"{key}.files[{j}]", f"must be a relative path inside the tree, got {f!r}")
-    name = v.typed(t.get("name", f"backport-{req.name}-{next(iter(req.specifier)).version}"), str, f"{key}.name")
+    name = v.typed(t.get("name", f"backport-{project}-{version}"), str, f"{key}.name")
     _patch_name(v, name, key)
-    return PatchEntry(name, PatchKind.BACKPORT, src, sha, 0, 0, release=str(req), files=files,
+    return PatchEntry(name, PatchKind.BACKPORT, src, sha, 0, 0, release=f"{project}=={version}", files=files,
                       description=desc, test=test)
 
 
@@ -614,6 +635,8 @@ def _parse_pin(v: _V, name: str, t: Any) -> Pin:
         except InvalidSpecifier:
             raise v.err(f"{key}.version", f"not a version specifier such as '==1.2.3': {spec!r}") from None
     if "markers" in t:
+        from packaging.markers import InvalidMarker, Marker  # rare: not paid at start-up
+
         try:
             Marker(v.typed(t["markers"], str, f"{key}.markers"))
         except InvalidMarker as e:
