@@ -215,7 +215,7 @@ def test_clean_checkout_source_is_cached_by_its_tree_id(tmp_path: Path, monkeypa
     (src / "pkg/_C.so").write_text("build output\n")  # ignored: not part of HEAD's tree
     patch = "--- a/pkg/a.py\n+++ b/pkg/a.py\n@@ -1,3 +1,3 @@\n line 1\n-line 2\n+line two\n line 3\n"
     rel = proj.add_patch("p.patch", patch)
-    recipe = load_recipe(proj.write_recipe("r", {"pkg": {"path": "../upstream/pkg"}},
+    recipe = load_recipe(proj.write_recipe("r", {"pkg": {"path": "upstream/pkg"}},
                                            [{"file": rel, "source": "pkg", "sha256": sha256(patch)}]))
     index_before = (src / ".git/index").read_bytes()
     r = apply_recipe(recipe, proj.workdir)
@@ -392,7 +392,7 @@ def test_recipe_with_several_patched_sources_needs_source(tmp_path: Path, monkey
     proj.add_tree("one", {"pkg/a.py": ORIG})
     proj.add_tree("two", {"x.txt": "x\n"})
     px = "--- a/x.txt\n+++ b/x.txt\n@@ -1 +1 @@\n-x\n+y\n"
-    recipe = proj.write_recipe("r", {"one": {"path": "../upstream/one"}, "two": {"path": "../upstream/two"}}, [
+    recipe = proj.write_recipe("r", {"one": {"path": "upstream/one"}, "two": {"path": "upstream/two"}}, [
         {"file": proj.add_patch("a.patch", pa.read_bytes()), "source": "one", "sha256": sha256(pa.read_bytes())},
         {"file": proj.add_patch("x.patch", px), "source": "two", "sha256": sha256(px)},
     ])
