@@ -221,15 +221,17 @@ def block_matches(block: _Block, entry: PatchEntry) -> bool:
     return v.get("backport") == entry.release
 
 
-def set_key(lines: list[str], block: _Block, key: str, value: str) -> None:
-    """Replace `key = "..."` inside the block (keeping a trailing comment), or add it."""
-    pat = re.compile(rf'^(\s*{re.escape(key)}\s*=\s*)"[^"]*"(.*)$')
+def set_key(lines: list[str], block: _Block, key: str, value: str | int) -> None:
+    """Replace `key = "..."` (or `key = 123` for an int) inside the block, keeping a
+    trailing comment, or add it."""
+    old, text = (r"\d+", str(value)) if isinstance(value, int) else (r'"[^"]*"', f'"{value}"')
+    pat = re.compile(rf"^(\s*{re.escape(key)}\s*=\s*){old}(.*)$")
     for i in range(block.start + 1, block.end):
         m = pat.match(lines[i])
         if m:
-            lines[i] = f'{m.group(1)}"{value}"{m.group(2)}'
+            lines[i] = f"{m.group(1)}{text}{m.group(2)}"
             return
-    lines.insert(block.end, f'{key} = "{value}"')
+    lines.insert(block.end, f"{key} = {text}")
     block.end += 1
 
 

@@ -37,6 +37,7 @@ from urllib.parse import unquote, urlparse
 from packaging.version import InvalidVersion, Version
 
 from stackbuild.checks import CheckContext, CheckResult, CheckStatus, pinned_wheel
+from stackbuild.checks.imports import catches_import_error
 from stackbuild.checks.treefile import Unparsable, parse_python, present
 from stackbuild.checks.wheel_api import Signature, WheelAPI
 from stackbuild.errors import StackbuildError
@@ -444,7 +445,7 @@ class Program:
         return _cap(out)
 
     def do_try(self, node: ast.Try | ast.TryStar, worlds: list[World], scope: _Scope, qual: str) -> list[World]:
-        catches_import = [h for h in node.handlers if _catches_import_error(h)]
+        catches_import = [h for h in node.handlers if catches_import_error(h)]
         self._import_failed.append(False)
         fallback = ""
         if catches_import:
@@ -461,7 +462,7 @@ class Program:
             self._fallback.pop()
         out = self.block(node.orelse, body_out, scope, qual) if node.orelse else body_out
         for h in node.handlers:
-            only_import = _catches_import_error(h) and _only_import_errors(h)
+            only_import = catches_import_error(h) and _only_import_errors(h)
             if only_import and not failed and _imports_package(node.body, self.package):
                 self.unchecked(h, f"`except ImportError` handler not checked: the imports of its `try` "
                                   f"succeed with {self.dist} {self.api.version}")
@@ -1004,14 +1005,6 @@ def _relative(module: str, rel: str, level: int, name: str | None) -> str:
         parts = parts[:-1]
     parts = parts[: max(0, len(parts) - (level - 1))]
     return ".".join([*parts, *([name] if name else [])])
-
-
-def _catches_import_error(h: ast.ExceptHandler) -> bool:
-    if h.type is None:
-        return True
-    names = [h.type] if not isinstance(h.type, ast.Tuple) else list(h.type.elts)
-    return any(isinstance(n, ast.Name) and n.id in ("ImportError", "ModuleNotFoundError", "Exception", "BaseException")
-               for n in names)
 
 
 def _only_import_errors(h: ast.ExceptHandler) -> bool:

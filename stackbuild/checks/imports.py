@@ -230,7 +230,7 @@ class ModuleIndex:
                     visit(child, guarded)
                 return
             if isinstance(node, ast.Try | ast.TryStar):
-                catches = any(_catches_import_error(h) for h in node.handlers)
+                catches = any(catches_import_error(h) for h in node.handlers)
                 for child in node.body:
                     visit(child, guarded or ("try/except ImportError" if catches else ""))
                 for h in node.handlers:
@@ -492,7 +492,8 @@ def _is_type_checking(test: ast.expr) -> bool:
     return isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
 
 
-def _catches_import_error(h: ast.ExceptHandler) -> bool:
+def catches_import_error(h: ast.ExceptHandler) -> bool:
+    """Whether an `except` clause would catch a failing import (api_closure uses it too)."""
     if h.type is None:
         return True
     names = [h.type] if not isinstance(h.type, ast.Tuple) else list(h.type.elts)

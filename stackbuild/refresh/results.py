@@ -254,17 +254,6 @@ def write_outputs(recipe: Recipe, st: dict[str, Any], tree: Path, done: list[Ref
     return final, new_path, written
 
 
-def _set_int(lines: list[str], block: Any, key: str, value: int) -> None:
-    pat = re.compile(rf"^(\s*{re.escape(key)}\s*=\s*)\d+(.*)$")
-    for i in range(block.start + 1, block.end):
-        m = pat.match(lines[i])
-        if m:
-            lines[i] = f"{m.group(1)}{value}{m.group(2)}"
-            return
-    lines.insert(block.end, f"{key} = {value}")
-    block.end += 1
-
-
 def _source_lines(st: dict[str, Any]) -> list[str]:
     n = st["new_src"]
     if n["kind"] == SourceKind.PYPI.value:
@@ -360,7 +349,7 @@ def new_recipe_text(text: str, recipe: Recipe, st: dict[str, Any], final: list[R
             set_key(lines, block, "file", p.file)
             set_key(lines, block, "sha256", p.new_sha256)
             if p.verdict is not RefreshVerdict.CLEAN and entry.strip != 1:
-                _set_int(lines, block, "strip", 1)  # regenerated with git's a/ b/ paths
+                set_key(lines, block, "strip", 1)  # regenerated with git's a/ b/ paths
     header = f"# Refreshed from {recipe.path.name} onto {st['new']} by stackbuild refresh ({today()})."
     if marked:
         header += f"\n# {marked} patch(es) below are marked for a person to decide; this recipe does not apply until they are."
