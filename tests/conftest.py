@@ -63,11 +63,18 @@ def _loopback(host: str) -> bool:
 @pytest.fixture(autouse=True, scope="session")
 def _private_stackbuild_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """No test writes into the user's stackbuild cache: the session gets one of its own
-    (tests that need a particular cache still set STACKBUILD_CACHE themselves)."""
-    saved = {k: os.environ.get(k) for k in ("STACKBUILD_CACHE", "XDG_CACHE_HOME")}
+    (tests that need a particular cache still set STACKBUILD_CACHE themselves), and none
+    writes bytecode into the shared test data."""
+    saved = {k: os.environ.get(k) for k in ("STACKBUILD_CACHE", "XDG_CACHE_HOME", "PYTHONDONTWRITEBYTECODE")}
     os.environ["STACKBUILD_CACHE"] = str(tmp_path_factory.mktemp("session-cache"))
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    # tests import vLLM code straight from the shared pristine trees in STACKBUILD_TEST_CACHE
+    # (read-only by convention): no __pycache__ may be written into them, in this process
+    # or in the interpreters it starts
+    os.environ["PYTHONDONTWRITEBYTECODE"] = "1"
+    written, sys.dont_write_bytecode = sys.dont_write_bytecode, True
     yield
+    sys.dont_write_bytecode = written
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
