@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from stackbuild.checks import CheckContext, CheckResult, CheckStatus
+from stackbuild.checks.numerics.runner import last_json_line
 from stackbuild.errors import StackbuildError
 
 CHECK = "layers"
@@ -62,14 +63,7 @@ def _skip(why: str) -> list[CheckResult]:
 
 
 def results_from_output(stdout: str, stderr: str, returncode: int) -> list[CheckResult]:
-    payload = None
-    for line in reversed(stdout.splitlines()):
-        if line.startswith("{"):
-            try:
-                payload = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            break
+    payload = last_json_line(stdout)
     if payload is None:
         missing = _MISSING_RE.search(stderr)
         if missing:

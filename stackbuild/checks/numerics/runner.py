@@ -91,17 +91,22 @@ def _g(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def results_from_output(stdout: str, stderr: str, returncode: int) -> list[CheckResult]:
-    """The worker's last JSON line -> CheckResult rows (one per adapter/suite/shape/dtype,
-    one per negative control and suite)."""
-    payload = None
+def last_json_line(stdout: str) -> Any:
+    """The last line of a worker's stdout that parses as a JSON object, or None (a worker
+    prints its result last; whatever it printed before is progress or noise)."""
     for line in reversed(stdout.splitlines()):
         if line.startswith("{"):
             try:
-                payload = json.loads(line)
+                return json.loads(line)
             except json.JSONDecodeError:
                 continue
-            break
+    return None
+
+
+def results_from_output(stdout: str, stderr: str, returncode: int) -> list[CheckResult]:
+    """The worker's last JSON line -> CheckResult rows (one per adapter/suite/shape/dtype,
+    one per negative control and suite)."""
+    payload = last_json_line(stdout)
     if payload is None:
         missing = _MISSING_RE.search(stderr)
         if missing:
