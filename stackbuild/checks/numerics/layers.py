@@ -466,8 +466,15 @@ class Harness:
                 getattr(layer, f"{name}_qweight").copy_(torch.stack([_pack_cols(torch, c["q"], awq) for c in cks]))
                 getattr(layer, f"{name}_qzeros").copy_(torch.stack([_pack_cols(torch, c["zeros"], awq) for c in cks]))
                 getattr(layer, f"{name}_scales").copy_(torch.stack([c["scales"] for c in cks]))
+        return self._int4_moe_forward(method, layer, case, gen, w13, w2)
+
+    def _int4_moe_forward(self, method: Any, layer: Any, case: LayerCase, gen: Any,
+                          w13: list[dict[str, Any]], w2: list[dict[str, Any]]) -> tuple[Any, Any]:
+        """The shared end of the INT4 MoE cases: load-time processing, one forward through
+        the method, and the fp64 reference from the per-expert checkpoints."""
+        torch = self.torch
         method.process_weights_after_loading(layer)
-        x = torch.randn(case.m, h, generator=gen).to(torch.float16)
+        x = torch.randn(case.m, case.k, generator=gen).to(torch.float16)
         topk_w, topk_ids = self.routing(case, gen)
         y = method.apply(layer, x, topk_w, topk_ids, None)
         ref13 = torch.stack([self.dequant(c).t() for c in w13])
@@ -501,13 +508,7 @@ class Harness:
                 # checkpoint [N, K/8] packed along K; the loader stores its transpose
                 param.copy_(torch.stack([_pack_cols(torch, c["q"].t(), range(8)).t() for c in cks]))
                 getattr(layer, f"{name}_weight_scale").copy_(torch.stack([c["scales"] for c in cks]))
-        method.process_weights_after_loading(layer)
-        x = torch.randn(case.m, h, generator=gen).to(torch.float16)
-        topk_w, topk_ids = self.routing(case, gen)
-        y = method.apply(layer, x, topk_w, topk_ids, None)
-        ref13 = torch.stack([self.dequant(c).t() for c in w13])
-        ref2 = torch.stack([self.dequant(c).t() for c in w2])
-        return y, self.moe_reference(x, topk_w, topk_ids, ref13, ref2)
+        return self._int4_moe_forward(method, layer, case, gen, w13, w2)
 
     def run_moe(self, case: LayerCase, gen: Any) -> tuple[Any, Any]:
         torch = self.torch
