@@ -76,7 +76,7 @@ def main() -> int:
         recipe = proj / "recipes/onto-bench.toml"
         recipe.write_text(f'platform = "b70"\n\n[sources.vllm]\npath = "{co}"\n\n'
                           f'[[patches]]\nfile = "patches/one.patch"\nsource = "vllm"\nsha256 = "{sha}"\n')
-        env = {"STACKBUILD_CACHE": str(work / "cache")}
+        env = {"STACKBUILD_CACHE": str(work / "cache"), "STACKBUILD_ALLOW_DIRS": str(co)}
 
         def raw(_i: int) -> None:
             sh(["git", "apply", str(patch)], co)

@@ -6,12 +6,9 @@ Exit codes: 0 ok, 1 a check failed, 2 bad input, 3 internal bug (with a log),
 
 from __future__ import annotations
 
-import datetime as _dt
 import errno
 import os
-import platform as _platform
 import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -94,27 +91,12 @@ def _load(recipe: str) -> Any:
 @app.command("list")
 def list_cmd(as_json: bool = JsonOpt) -> None:
     """The recipes, one line each."""
-    from stackbuild.recipe import list_recipe_names, load_recipe
+    from stackbuild.listing import render_list
 
-    rows: list[dict[str, Any]] = []
-    broken = 0
-    for name in list_recipe_names():
-        try:
-            r = load_recipe(name)
-        except StackbuildError as e:  # one broken recipe must not hide the others
-            broken += 1
-            rows.append({"name": name, "platform": "?", "sources": "", "patches": "", "description": f"error: {e.render()}"})
-            continue
-        srcs = ", ".join(s.requirement or s.url or s.path or s.name for s in r.sources if s.name in r.patched_sources)
-        rows.append({"name": r.name, "platform": r.platform.name, "sources": srcs if not r.is_base else "(base)",
-                     "patches": len(r.patches), "description": r.description, "base": r.is_base})
-    if as_json:
-        print(to_json(rows))
-    else:
-        print(Table("", ("recipe", "platform", "patched", "patches", "description"),
-                    tuple((x["name"], x["platform"], x["sources"], str(x["patches"]), x["description"]) for x in rows)).render())
-    if broken:
-        raise typer.Exit(int(ExitCode.BAD_INPUT))
+    text, rc = render_list(as_json)
+    print(text)
+    if rc:
+        raise typer.Exit(rc)
 
 
 @app.command()
@@ -579,7 +561,10 @@ def snapshot(
 def _log_crash(exc: BaseException) -> Path | None:
     """Write the traceback with versions to the cache's logs/, else the temp dir (a
     read-only or broken cache must not turn one crash into two). None if nowhere works."""
+    import datetime as _dt  # the crash path's modules are not paid at every start-up
+    import platform as _platform
     import tempfile
+    import traceback
 
     text = (f"stackbuild {__version__}\npython {sys.version}\nplatform {_platform.platform()}\n"
             f"argv {sys.argv}\n\n" + "".join(traceback.format_exception(exc)))
@@ -647,12 +632,16 @@ def main(argv: list[str] | None = None) -> int:
         return _interrupted(as_json)
     except StackbuildError as e:
         if debug:
+            import traceback
+
             traceback.print_exc()
         print(f"stackbuild: error: {e.render()}", file=sys.stderr)
         if as_json:
             print(to_json(e.to_dict()))
         return int(e.exit_code)
     except Exception as e:  # noqa: BLE001 - the one place that catches everything
+        import traceback
+
         ce = _click_exceptions()
         if isinstance(e, ce.ClickException):
             e.show()

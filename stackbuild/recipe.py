@@ -7,7 +7,6 @@ applied; nothing downstream reads TOML.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -17,7 +16,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from stackbuild.errors import RecipeError
@@ -228,6 +226,8 @@ class Recipe:
 
     @property
     def sha256(self) -> str:
+        import hashlib  # not paid at start-up (OpenSSL load, ~3 ms)
+
         return hashlib.sha256(self.raw.encode()).hexdigest()
 
     @property
@@ -615,6 +615,28 @@ def _parse_patch(v: _V, i: int, t: Any, source_names: set[str]) -> PatchEntry:
                       description=desc, test=test)
 
 
+_SIMPLE_CLAUSE = re.compile(r"\s*(==|!=|>=|<=|>|<)\s*([^\s,;*]+)\s*")
+
+
+def _is_simple_version_spec(spec: str) -> bool:
+    """True for the forms pins use: clauses "==V", "!=V", ">=V", "<=V", ">V", "<V", joined by
+    commas, each V a valid PEP 440 version (a local label only after == and !=, as PEP 440
+    says). Checking them needs only packaging.version; packaging.specifiers (~4 ms of
+    import) is left for the other forms ("~=", wildcards, "==="), which it validates."""
+    for clause in spec.split(","):
+        m = _SIMPLE_CLAUSE.fullmatch(clause)
+        if not m:
+            return False
+        op, ver = m.groups()
+        if "+" in ver and op not in ("==", "!="):
+            return False
+        try:
+            Version(ver)
+        except InvalidVersion:
+            return False
+    return True
+
+
 def _parse_pin(v: _V, name: str, t: Any) -> Pin:
     key = f"pins.{name}"
     if isinstance(t, str):
@@ -629,7 +651,10 @@ def _parse_pin(v: _V, name: str, t: Any) -> Pin:
         raise v.err(key, "give either version or url, not both")
     if not PIN_NAME_RE.match(name):
         raise v.err(key, f"not a package name (letters, digits, '.', '_', '-'), got {name!r}")
-    if spec:
+    if spec and not _is_simple_version_spec(spec):
+        # rare: not paid at start-up
+        from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
         try:
             SpecifierSet(spec)
         except InvalidSpecifier:

@@ -4,6 +4,9 @@ stderr with no traceback (unless --debug); bugs exit 3 with a pointer to a log."
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -247,3 +250,40 @@ def test_rehash_command_updates_the_sha_line_and_reports_json(proj: Project, cap
     assert main(["rehash", "base"]) == 0 and "already right" in capsys.readouterr().out
     patch.unlink()
     assert main(["rehash", "base"]) == 2
+
+
+def _console(args: list[str], cwd: Path, extra_code: str = "") -> subprocess.CompletedProcess[str]:
+    """The console entry (launch.main) in a fresh interpreter, as `stackbuild ARGS` runs it;
+    `extra_code` runs first (to plant a fault), and the modules loaded are printed to stderr."""
+    code = (f"import sys\n{extra_code}\nsys.argv = ['stackbuild', *{args!r}]\n"
+            "from stackbuild.launch import main\nrc = main()\n"
+            "print('MODULES', 'typer' in sys.modules, file=sys.stderr)\nsys.exit(rc)\n")
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+
+
+@pytest.mark.parametrize("args", [["list"], ["list", "--json"]])
+def test_console_list_skips_typer_and_prints_what_the_cli_prints(
+        proj: Project, capsys: pytest.CaptureFixture[str], args: list[str]) -> None:
+    """The start-up fast path of the console entry: same bytes and exit code as the typer
+    command, without importing typer."""
+    _base_project(proj)
+    (proj.root / "recipes/broken.toml").write_text('platform = "b70"\n[sources.x]\npath = "/etc"\n')
+    assert main(args) == 2
+    want = capsys.readouterr().out
+    r = _console(args, proj.root)
+    assert (r.returncode, r.stdout) == (2, want)
+    assert "MODULES False" in r.stderr
+    assert "broken" in want and "outside the project" in want
+
+
+def test_console_list_hands_a_crash_to_the_full_cli(proj: Project) -> None:
+    """A fault inside the fast path is not swallowed: the full CLI runs `list` again and
+    reports the crash its usual way (exit 3 and a log), with typer loaded."""
+    plant = ("import stackbuild.recipe as r\n"
+             "def boom(*a, **k):\n    raise RuntimeError('planted')\n"
+             "r.list_recipe_names = boom\nimport stackbuild.listing as l\nl.list_recipe_names = boom\n")
+    r = _console(["list"], proj.root, plant)
+    assert r.returncode == 3, r.stderr
+    assert "internal error: RuntimeError: planted" in r.stderr and "MODULES True" in r.stderr
+    assert r.stdout == ""

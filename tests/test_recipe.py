@@ -8,6 +8,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from stackbuild.errors import RecipeError
 from stackbuild.platforms import B70, LUNAR_LAKE
@@ -505,3 +507,31 @@ def test_patch_names_cannot_become_paths(tmp_path: Path, name: str) -> None:
     p = write(tmp_path, "r", f'platform = "b70"\n[sources.vllm]\npypi = "vllm==0.19.0"\nsha256 = "{SHA_A}"\n'
                          f'[[patches]]\nname = "{name}"\nfile = "patches/x.patch"\nsource = "vllm"\nsha256 = "{SHA_A}"\n')
     assert load_error(p).key == "patches[0].name"
+
+
+_SPEC_PARTS = ["==", "!=", ">=", "<=", ">", "<", "~=", "===", "=", " ", ",", "1", "0", ".", "+", "xpu", "*",
+               "post1", "rc2", "!", "a", "-", ";"]
+
+
+@given(st.lists(st.sampled_from(_SPEC_PARTS), max_size=8).map("".join))
+@settings(max_examples=400, deadline=None)
+def test_pin_fast_path_never_accepts_what_packaging_rejects(spec: str) -> None:
+    """The start-up fast path for pin versions (packaging.specifiers not imported) agrees
+    with packaging on every spec it accepts: it may only hand a spec on, never pass a bad one."""
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+    from stackbuild.recipe import _is_simple_version_spec
+
+    if _is_simple_version_spec(spec):
+        try:
+            SpecifierSet(spec)
+        except InvalidSpecifier:
+            raise AssertionError(f"fast path accepted {spec!r}, which packaging rejects") from None
+
+
+@pytest.mark.parametrize("spec", [">=1.0+xpu", "==1.0,>=2.0+x", "==bad!", "<1.0;", "=1.0"])
+def test_pin_with_a_bad_version_is_refused_naming_the_key(tmp_path: Path, spec: str) -> None:
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes/r.toml").write_text(f'platform = "b70"\n[pins]\ntorch = {{ version = "{spec}" }}\n')
+    with pytest.raises(RecipeError, match=r"pins\.torch\.version"):
+        load_recipe(tmp_path / "recipes/r.toml", tmp_path)
