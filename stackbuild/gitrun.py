@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from stackbuild.errors import StackbuildError
@@ -69,3 +69,33 @@ def run_git(
         tail = "\n".join((r.stderr.strip() or r.stdout.strip()).splitlines()[-5:])
         raise error(f"git {' '.join(args[:3])} failed: {tail}", file=cwd)
     return r.stdout.strip()
+
+
+def read_blobs(cwd: Path, specs: Sequence[str]) -> dict[str, bytes | None]:
+    """`REV:PATH` -> the blob's bytes (None when git has no such object), for many at
+    once through one `git cat-file --batch` (a `git show` per file costs a process each)."""
+    if not specs:
+        return {}
+    if any("\n" in s for s in specs):
+        raise ValueError("a REV:PATH with a newline cannot be asked of git cat-file --batch")
+    r = subprocess.run(git_argv("cat-file", "--batch"), cwd=cwd, env=git_env(), capture_output=True,
+                       input="".join(f"{s}\n" for s in specs).encode())
+    out: dict[str, bytes | None] = {}
+    data, pos = r.stdout, 0
+    for spec in specs:
+        nl = data.find(b"\n", pos)
+        if nl < 0:
+            out[spec] = None
+            continue
+        head = data[pos:nl].split()
+        pos = nl + 1
+        if len(head) == 3 and head[1] == b"blob":
+            size = int(head[2])
+            out[spec] = data[pos:pos + size]
+            pos += size + 1
+        elif len(head) == 3:  # a tree or commit: skip its body
+            pos += int(head[2]) + 1
+            out[spec] = None
+        else:  # "<spec> missing"
+            out[spec] = None
+    return out

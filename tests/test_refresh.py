@@ -4,6 +4,7 @@ upstream that merged our patches (verbatim and with a line changed), conflicts w
 
 from __future__ import annotations
 
+import ast
 import difflib
 import hashlib
 import os
@@ -668,3 +669,153 @@ def test_branch_added_to_an_if_whose_condition_upstream_generalised() -> None:
     assert found is not None and found.condition and found.line == 3
     assert "`if platform.is_integrated_gpu(device):` at m.py:3 in measure" in found.describe()
     assert similar_upstream_code("m.py", old, ours, old, old, fp) is None  # upstream unchanged: nothing to port onto
+
+
+# ------------------------------------------------------------------ upstream did it elsewhere, or moved the function
+
+ORACLE = ("class Backend:\n    CPU = 'cpu'\n    XPU = 'xpu'\n\n\n"
+          "def convert(backend, w13, w2):\n    if backend == Backend.CPU:\n        w13 = w13 + 0\n"
+          "    return w13, w2\n")
+METHOD = ("from pkg.oracle import Backend\n\n\nclass Method:\n    def __init__(self, backend):\n"
+          "        self.backend = backend\n\n    def process(self, layer):\n        self.ready = True\n")
+METHOD_UP = ("from pkg.oracle import Backend\n\n\nclass Method:\n    def __init__(self, backend):\n"
+             "        self.backend = backend\n\n    def process(self, layer):\n        self.ready = True\n"
+             "        if self.backend == Backend.XPU:\n            layer.w13.data = layer.w13.transpose(-1, -2).contiguous()\n"
+             "            layer.w2.data = layer.w2.transpose(-1, -2).contiguous()\n")
+UNIFY = "def unify(pages):\n    biggest = max(pages)\n    if any(biggest % p for p in pages):\n        raise ValueError(pages)\n    return biggest\n"
+UTILS_V1 = "def helper(x):\n    return x\n\n\n" + UNIFY
+PLANNING_UP = ("def plan(pages):\n    return unify(pages)\n\n\n"
+               "def unify(pages):\n    biggest = max(pages)\n    return [biggest for _ in pages]\n")
+
+
+def _elsewhere_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upstream_does_it: bool):  # type: ignore[no-untyped-def]
+    """Two patches on a v1.0 git upstream: `unify` changes unify(); `layout` adds an
+    XPU transpose to convert(). v2.0 rewrites convert() (the patch conflicts) and moves
+    unify() to pkg/planning.py; with `upstream_does_it`, v2.0's Method.process does
+    the transpose itself, under other variable names."""
+    monkeypatch.setenv("STACKBUILD_CACHE", str(tmp_path / "cache"))
+    up = make_upstream_repo(tmp_path / "upstream", {"pkg/__init__.py": "", "pkg/oracle.py": ORACLE,
+                                                    "pkg/method.py": METHOD, "pkg/utils.py": UTILS_V1}, tag="v1.0")
+    root = tmp_path / "proj"
+    pdir = root / "patches" / "pkg" / "v1.0"
+    pdir.mkdir(parents=True)
+    (root / "recipes").mkdir()
+    layout = _mod(ORACLE, "    return w13, w2\n", "    elif backend == Backend.XPU:\n"
+                  "        w13 = w13.transpose(-1, -2).contiguous()\n        w2 = w2.transpose(-1, -2).contiguous()\n"
+                  "    return w13, w2\n")
+    patches = {"unify": udiff("pkg/utils.py", UTILS_V1, _mod(UTILS_V1, "        raise ValueError(pages)\n",
+                                                               "        return biggest * 2\n"), "Description: pad\n\n"),
+               "layout": udiff("pkg/oracle.py", ORACLE, layout, "Description: kernels read [E, K, N]\n\n")}
+    body = ""
+    for name, text in patches.items():
+        (pdir / f"{name}.patch").write_text(text)
+        body += f'\n[[patches]]\nfile = "patches/pkg/v1.0/{name}.patch"\nsource = "pkg"\nsha256 = "{sha(pdir / f"{name}.patch")}"\n'
+    (root / "recipes" / "el.toml").write_text(f'platform = "b70"\n\n[sources.pkg]\ngit = "{up.working_tree_dir}"\ntag = "v1.0"\n' + body)
+    oracle_up = _mod(ORACLE, "    if backend == Backend.CPU:\n        w13 = w13 + 0\n    return w13, w2\n",
+                     "    if backend in (Backend.CPU,):\n        w13 = w13 * 1\n    return w13, w2\n")
+    files = {"pkg/oracle.py": oracle_up, "pkg/utils.py": "def helper(x):\n    return x\n",
+             "pkg/planning.py": PLANNING_UP}
+    if upstream_does_it:
+        files["pkg/method.py"] = METHOD_UP
+    commit_files(up, files, "v2")
+    up.create_tag("v2.0")
+    return load_recipe(root / "recipes" / "el.toml")
+
+
+def test_upstream_code_elsewhere_that_does_what_the_patch_adds_is_possibly_upstream(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    res = refresh(_elsewhere_project(tmp_path, monkeypatch, upstream_does_it=True), "pkg@v2.0")
+    assert _verdicts(res)["layout"] == (RefreshVerdict.POSSIBLY_UPSTREAM, Evidence.SAME_BEHAVIOUR)
+    detail = res.verdict("layout").detail
+    assert "possibly upstream in pkg/method.py:8 (check): Method.process" in detail
+    assert "`transpose(-1, -2)`" in detail and "`Backend.XPU`" in detail
+    assert res.exit_code == 1  # evidence for a person, never a pass
+
+
+def test_without_upstream_code_that_does_it_the_same_patch_is_a_conflict(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The negative control of the test above: the same conflict, no such code upstream."""
+    res = refresh(_elsewhere_project(tmp_path, monkeypatch, upstream_does_it=False), "pkg@v2.0")
+    assert _verdicts(res)["layout"][0] is RefreshVerdict.CONFLICT
+
+
+def test_a_function_upstream_moved_to_another_file_needs_porting_there(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    res = refresh(_elsewhere_project(tmp_path, monkeypatch, upstream_does_it=False), "pkg@v2.0")
+    assert _verdicts(res)["unify"] == (RefreshVerdict.NEEDS_PORTING, Evidence.FUNCTION_MOVED)
+    assert "unify moved from pkg/utils.py to pkg/planning.py:5: port the patch there" in res.verdict("unify").detail
+
+
+def test_behaviour_features_ignore_the_names_a_change_gives_its_variables() -> None:
+    from stackbuild.refresh.verdict import behaviour_features
+
+    ours = ast.parse("w13_weight = layer.w13_weight.data.transpose(-1, -2).contiguous()")
+    theirs = ast.parse("w13.data = w13.transpose(-1, -2).contiguous()")
+    assert behaviour_features(ours) == behaviour_features(theirs) == {
+        "call transpose", "call transpose(-1, -2)", "call contiguous"}
+    assert "member Backend.XPU" in behaviour_features(ast.parse("x = b == Backend.XPU"))
+    assert "keyword is_int4=" in behaviour_features(ast.parse("f(w13=a, is_int4=True)"))
+
+
+def test_a_new_upstream_function_counts_only_with_a_feature_the_old_release_had_nowhere() -> None:
+    """Code upstream moved unchanged into a new file (the same kernel call, new path) is
+    not the patch's change; the call with the patch's new flag is."""
+    from stackbuild.refresh.verdict import same_behaviour_upstream
+
+    kernel = frozenset(f"keyword {k}=" for k in ("w13", "w2", "w13_scales", "w2_scales", "topk_ids", "hidden_states"))
+    wanted = kernel | {"keyword is_int4=", "call pack_rows", "call our_helper"}
+    novel = frozenset({"keyword is_int4=", "call our_helper"})
+    moved = [("pkg/experts.py", "Experts.apply", 10, True, kernel)]
+    assert same_behaviour_upstream(wanted, novel, moved) is None
+    int4 = [("pkg/experts.py", "Experts.apply", 10, True, kernel | {"keyword is_int4="})]
+    got = same_behaviour_upstream(wanted, novel, int4)
+    assert got is not None and got.path == "pkg/experts.py" and got.found[0] == "keyword is_int4="
+    # a changed (not new) function counts what is new to it, novel or not
+    changed = [("pkg/experts.py", "Experts.apply", 10, False, kernel)]
+    assert same_behaviour_upstream(wanted, novel, changed) is not None
+    # bare call names alone are not evidence
+    calls = [("pkg/x.py", "f", 1, False, frozenset({"call pack_rows", "call our_helper"}))]
+    assert same_behaviour_upstream(frozenset({"call pack_rows", "call our_helper"}), novel, calls) is None
+
+
+def test_names_hint_prefers_the_patched_file_on_a_tie() -> None:
+    from stackbuild.refresh.verdict import possibly_upstream
+
+    hits = {"_get_max_soft_tokens": [("m/importer.py", 48), ("m/gemma4_mm.py", 129)]}
+    assert possibly_upstream(["_get_max_soft_tokens"], hits).path == "m/importer.py"  # type: ignore[union-attr]
+    got = possibly_upstream(["_get_max_soft_tokens"], hits, frozenset({"m/gemma4_mm.py"}))
+    assert got is not None and (got.path, got.line) == ("m/gemma4_mm.py", 129)
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_real_lunar_lake_series_on_0_23_0_and_0_33_0_sees_upstream_equivalents(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the releases really contain (read in their sources; patches/vllm/0.19.0/SERIES.md):
+    the MoE weight transpose for vllm-xpu-kernels >= 0.1.5 is upstream since 0.20.0 in
+    UnquantizedFusedMoEMethod; XPU INT4 MoE is upstream in 0.23.0 (XPUExperts, is_int4);
+    0.33.0 moved unify_kv_cache_spec_page_size to kv_cache_planning.py; and nothing
+    upstream does the unified-memory check (no false 'possibly upstream')."""
+    repo = Path(__file__).resolve().parent.parent
+    seed_cache(tmp_path / "cache", ["0.19.0", "0.23.0", "0.33.0"])
+    monkeypatch.setenv("STACKBUILD_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "proj"
+    shutil.copytree(repo / "recipes", root / "recipes")
+    shutil.copytree(repo / "patches", root / "patches")
+    recipe = load_recipe(root / "recipes" / "lunar-lake-moe.toml")
+    m = refresh_matrix(recipe, ["0.23.0", "0.33.0"], jobs=2, sha256s={v: VLLM_SDISTS[v] for v in ("0.23.0", "0.33.0")})
+    assert m.errors == (None, None)
+    grid = m.grid()
+    assert grid["xpu-moe-kernel-layout"] == {"0.23.0": "possibly upstream", "0.33.0": "possibly upstream"}
+    assert grid["xpu-int4-moe"]["0.23.0"] == "possibly upstream"
+    assert grid["hybrid-kv-page-size-lcm"] == {"0.23.0": "merged (3-way)", "0.33.0": "needs porting"}
+    assert grid["xpu-unified-memory-free-check"] == {"0.23.0": "needs porting", "0.33.0": "needs porting"}
+    r23, r33 = m.results
+    assert r23 is not None and r33 is not None
+    layout = r23.verdict("xpu-moe-kernel-layout")
+    assert layout.evidence is Evidence.SAME_BEHAVIOUR
+    assert "vllm/model_executor/layers/fused_moe/unquantized_fused_moe_method.py:" in layout.detail
+    assert "possibly upstream in vllm/model_executor/layers/fused_moe/experts/xpu_moe.py:" in r23.verdict("xpu-int4-moe").detail
+    assert "`is_int4=`" in r23.verdict("xpu-int4-moe").detail
+    assert "moved from vllm/v1/core/kv_cache_utils.py to vllm/v1/core/kv_cache_planning.py:" in \
+        r33.verdict("hybrid-kv-page-size-lcm").detail

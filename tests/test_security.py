@@ -310,3 +310,24 @@ def test_inherited_git_variables_do_not_reach_git(world: World, tmp_path: Path) 
     assert r.returncode == 0, r.stderr
     assert not world.marker.exists()
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_read_blobs_reads_many_files_through_one_git_and_says_what_is_missing(tmp_path: Path) -> None:
+    """The batch reader refresh uses: bytes exactly as committed (binary and text, one
+    with a line that looks like cat-file's own header), None for a missing path or a
+    tree, and no newline smuggled into the request."""
+    from stackbuild.gitrun import read_blobs, run_git
+
+    repo = tmp_path / "r"
+    (repo / "d").mkdir(parents=True)
+    files = {"a.py": b"x = 1\n", "d/bin.dat": bytes(range(256)) * 3, "d/tricky.txt": b"0" * 40 + b" blob 5\nhello"}
+    for rel, data in files.items():
+        (repo / rel).write_bytes(data)
+    run_git(repo, "init", "-q")
+    run_git(repo, "add", "-A")
+    run_git(repo, "commit", "-q", "-m", "c")
+    got = read_blobs(repo, ["HEAD:a.py", "HEAD:d", "HEAD:nope.py", "HEAD:d/bin.dat", "HEAD:d/tricky.txt"])
+    assert got == {"HEAD:a.py": files["a.py"], "HEAD:d": None, "HEAD:nope.py": None,
+                   "HEAD:d/bin.dat": files["d/bin.dat"], "HEAD:d/tricky.txt": files["d/tricky.txt"]}
+    with pytest.raises(ValueError):
+        read_blobs(repo, ["HEAD:a.py\nHEAD:d/bin.dat"])

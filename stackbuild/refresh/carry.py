@@ -16,7 +16,10 @@ patch does not stop it. The order in which a verdict is decided:
    file gone and its code found nowhere: nothing replaced it);
 3. clean / offset / merged (3-way);
 4. when it does not apply: possibly upstream when the names it adds (absent from the
-   whole old release) are in the new one (verdict.possibly_upstream), else conflict:
+   whole old release) are in the new one (verdict.possibly_upstream), or upstream code
+   new or changed between the releases does what it adds (verdict.same_behaviour_upstream);
+   needs porting when a function it changes moved to another file, or upstream added
+   code like the patch's in the function it changes; else conflict:
    the cherry-pick is left in progress for `refresh --continue` (or recorded and
    skipped in a matrix run).
 Backports: already upstream when the new base ships identical files, or is at or past
@@ -40,6 +43,7 @@ from packaging.version import InvalidVersion, Version
 
 from stackbuild.cache import atomic_write_text
 from stackbuild.errors import StackbuildError
+from stackbuild.gitrun import read_blobs
 from stackbuild.patchqueue import commit_trailers, git_out
 from stackbuild.recipe import PatchKind, Recipe, SourceKind
 from stackbuild.refresh import verdict as V
@@ -93,6 +97,9 @@ class Carrier:
         self.tree = rdir / state["source"]
         self.progress = progress
         self._sig: dict[str, frozenset[str]] | None = None
+        self._additions: dict[str, str] = {}
+        self._changed: frozenset[str] | None = None
+        self._behaviour_memo: dict[str, list[tuple[str, int, bool, frozenset[str]]]] = {}
 
     # -- state and git
     def save(self) -> None:
@@ -186,6 +193,17 @@ class Carrier:
                     self._drop_to(pre)
                     return self._record(e, RefreshVerdict.POSSIBLY_UPSTREAM, f"{hint.describe()}; it does not apply: {detail}",
                                         Evidence.NAMES_FOUND, hints=(f"{hint.path}:{hint.line}",))
+                same = self._same_behaviour(parsed, first, last)
+                if same is not None:
+                    self._drop_to(pre)
+                    return self._record(e, RefreshVerdict.POSSIBLY_UPSTREAM, f"{same.describe()}; it does not apply: {detail}",
+                                        Evidence.SAME_BEHAVIOUR, hints=(f"{same.path}:{same.line}",))
+                moved = self._moved_functions(parsed, first, last)
+                if moved:
+                    self._drop_to(pre)
+                    return self._record(e, RefreshVerdict.NEEDS_PORTING, f"{'; '.join(moved)}: port the patch there; "
+                                        f"it does not apply: {detail}", Evidence.FUNCTION_MOVED,
+                                        hints=tuple(m.rpartition(" ")[2] for m in moved))
                 similar = self._similar_upstream(parsed, first, last)
                 if similar is not None:
                     self._drop_to(pre)
@@ -245,6 +263,99 @@ class Carrier:
         return self._names_upstream(parsed) or V.file_novelty(
             parsed, lambda p: self.show(OLD_BASE_TAG, p), lambda p: self.show(BASE_TAG, p))
 
+    def _same_behaviour(self, parsed: ParsedPatch, first: str, last: str) -> V.SameBehaviour | None:
+        """Upstream code, new or changed between the two releases, that does what the
+        patch adds (verdict.same_behaviour_upstream): looked for in the Python files
+        under the patch's top folders (two levels: `vllm/model_executor`) where upstream
+        added lines naming a third of the patch's specific words (two at least)."""
+        wanted: set[str] = set()
+        folders: set[str] = set()
+        for fp in parsed.files:
+            if not fp.path.endswith(".py"):
+                continue
+            pre = self.show(f"{first}^", fp.old_path) if fp.old_path else None
+            post = self.show(last, fp.new_path) if fp.new_path else None
+            wanted |= V.added_behaviour(pre, post, fp)
+            folders.add("/".join(fp.path.split("/")[:2]) + "/" if fp.path.count("/") >= 2 else fp.path.split("/")[0] + "/")
+        specific = {f for f in wanted if V.is_specific(f)}
+        words = {V.feature_word(f).rpartition(".")[2] for f in specific}
+        if len(wanted) < 2 or not words:
+            return None
+        need = max(2, -(-len(words) // 3)) if len(words) > 1 else 1
+        pats = [a for w in sorted(words) for a in ("-e", w)]
+        named = self.git("grep", "-l", "-F", "-I", *pats, BASE_TAG, "--", *sorted(folders), check=False).stdout
+        changed = self._changed_python()
+        near = sorted({p for ln in named.split("\n") if (p := ln.partition(":")[2]) in changed})
+        paths = [p for p, text in self._upstream_additions(near).items() if sum(w in text for w in words) >= need]
+        self._behaviours(paths)
+        candidates = [(p, q, line, is_new, feats) for p in paths for q, line, is_new, feats in self._behaviour_memo[p]]
+        if not candidates:
+            return None
+        by_word = {f: V.feature_word(f) for f in specific}
+        pats = [a for w in sorted(set(by_word.values())) for a in ("-e", w)]
+        out = self.git("grep", "-h", "-o", "-w", "-F", "-I", *pats, OLD_BASE_TAG, check=False).stdout
+        at_old = {ln.rsplit(":", 1)[-1] for ln in out.split("\n") if ln}
+        novel = frozenset(f for f, w in by_word.items() if w not in at_old)
+        return V.same_behaviour_upstream(frozenset(wanted), novel, candidates)
+
+    def _behaviours(self, paths: list[str]) -> None:
+        """verdict.function_behaviours of each path between the releases, read and
+        parsed once per refresh."""
+        todo = [p for p in paths if p not in self._behaviour_memo]
+        if not todo:
+            return
+        new = read_blobs(self.tree, [f"{BASE_TAG}:{p}" for p in todo])
+        old = read_blobs(self.tree, [f"{OLD_BASE_TAG}:{p}" for p in todo])
+        for p in todo:
+            n, o = new.get(f"{BASE_TAG}:{p}"), old.get(f"{OLD_BASE_TAG}:{p}")
+            self._behaviour_memo[p] = V.function_behaviours(
+                n.decode("utf-8", "replace") if n is not None else None, o.decode("utf-8", "replace") if o is not None else None)
+
+    def _changed_python(self) -> frozenset[str]:
+        """The Python files that differ between the two releases (read once per refresh)."""
+        if self._changed is None:
+            out = self.git("diff", "--name-only", "--no-renames", "-z", OLD_BASE_TAG, BASE_TAG, "--", "*.py").stdout
+            self._changed = frozenset(p for p in out.split("\0") if p)
+        return self._changed
+
+    def _upstream_additions(self, paths: list[str]) -> dict[str, str]:
+        """Each of `paths` -> the lines upstream added to it between the two releases
+        (one `git diff` for those not read yet in this refresh)."""
+        todo = [p for p in paths if p not in self._additions]
+        if todo:
+            got: dict[str, list[str]] = {p: [] for p in todo}
+            current: list[str] | None = None
+            diff = self.git("diff", "-U0", "--no-color", "--no-renames", "--no-ext-diff", OLD_BASE_TAG, BASE_TAG,
+                            "--", *todo).stdout
+            for ln in diff.split("\n"):
+                if ln.startswith("+++ "):
+                    current = got.get(ln[4:].removeprefix("b/"))
+                elif current is not None and ln.startswith("+"):
+                    current.append(ln[1:])
+            self._additions.update((p, "\n".join(v)) for p, v in got.items())
+        return {p: self._additions[p] for p in paths}
+
+    def _moved_functions(self, parsed: ParsedPatch, first: str, last: str) -> list[str]:
+        """"Q moved to PATH:LINE" for each function the patch changes that its file no
+        longer has at the new base while another file has a function of the same
+        qualified name (upstream moved it; `_functions_elsewhere` finds it)."""
+        out: list[str] = []
+        for fp in parsed.files:
+            if not (fp.path.endswith(".py") and fp.old_path and fp.new_path):
+                continue
+            here = self.show(BASE_TAG, fp.path)
+            if here is None:
+                continue  # a file that is gone: _some_files_gone's business
+            names = V.changed_functions(self.show(f"{first}^", fp.old_path), self.show(last, fp.new_path), fp)
+            have = V.function_index(here)
+            for q in names:
+                if q in have:
+                    continue
+                for other, _norm in self._functions_elsewhere(fp.path)(q):
+                    out.append(f"{q} moved from {fp.path} to {other}:{V.def_line(self.show(BASE_TAG, other) or '', q)}")
+                    break
+        return out
+
     def _similar_upstream(self, parsed: ParsedPatch, first: str, last: str) -> V.SimilarCode | None:
         found = [V.similar_upstream_code(fp.path, self.show(f"{first}^", fp.path), self.show(last, fp.path),
                                          self.show(OLD_BASE_TAG, fp.path), self.show(BASE_TAG, fp.path), fp)
@@ -271,7 +382,7 @@ class Carrier:
             for n in new_names:
                 if re.search(rf"\b{re.escape(n)}\b", parts[3]):
                     hits.setdefault(n, []).append((parts[1], int(parts[2])))
-        return V.possibly_upstream(new_names, hits)
+        return V.possibly_upstream(new_names, hits, frozenset(fp.path for fp in parsed.files))
 
     def _signatures(self) -> dict[str, frozenset[str]]:
         """Significant lines of every text file at the new base (read once per run)."""
@@ -327,6 +438,10 @@ class Carrier:
         if hint is not None:
             return self._record(e, RefreshVerdict.POSSIBLY_UPSTREAM, f"{hint.describe()}; {detail}", Evidence.NAMES_FOUND,
                                 commits, (f"{hint.path}:{hint.line}", *hints))
+        same = self._same_behaviour(parsed, first, last)
+        if same is not None:
+            return self._record(e, RefreshVerdict.POSSIBLY_UPSTREAM, f"{same.describe()}; {detail}", Evidence.SAME_BEHAVIOUR,
+                                commits, (f"{same.path}:{same.line}", *hints))
         if moved:
             return self._record(e, RefreshVerdict.NEEDS_PORTING, detail, Evidence.FILE_MOVED, commits, tuple(hints))
         if present:

@@ -70,7 +70,9 @@ class Evidence(str, Enum):
     DIFFERENT_FILES = "new base ships its own version"
     AT_OLD_BASE = "already applied at the old base"
     FILE_MOVED = "file moved or split upstream"
+    FUNCTION_MOVED = "function moved to another file upstream"
     SIMILAR_CODE = "upstream added similar code"
+    SAME_BEHAVIOUR = "upstream code elsewhere does what it adds"
     FILE_GONE = "file gone upstream"
 
 

@@ -460,11 +460,14 @@ def file_novelty(parsed: ParsedPatch, read_old: Callable[[str], str | None],
                         "new to the files it changes")
 
 
-def possibly_upstream(new_names: list[str], hits: dict[str, list[tuple[str, int]]]) -> UpstreamHint | None:
+def possibly_upstream(new_names: list[str], hits: dict[str, list[tuple[str, int]]],
+                      own: frozenset[str] = frozenset()) -> UpstreamHint | None:
     """`new_names`: the names the patch adds that the old release has nowhere;
-    `hits`: name -> (path, line) where the new release has it. The file holding most of
-    them, when that is at least two names that the old release had nowhere (or the one
-    name, when the patch adds one long name)."""
+    `hits`: name -> (path, line) where the new release has it; `own`: the files the
+    patch changes. The file holding most of them (on a tie, one the patch changes,
+    where upstream would define them rather than import them), when that is at least
+    two names that the old release had nowhere (or the one name, when the patch adds
+    one long name)."""
     if not new_names:
         return None
     per_file: dict[str, dict[str, int]] = {}
@@ -473,7 +476,7 @@ def possibly_upstream(new_names: list[str], hits: dict[str, list[tuple[str, int]
             per_file.setdefault(path, {}).setdefault(name, line)
     if not per_file:
         return None
-    path, found = max(per_file.items(), key=lambda kv: (len(kv[1]), -min(kv[1].values())))
+    path, found = max(per_file.items(), key=lambda kv: (len(kv[1]), kv[0] in own, -min(kv[1].values())))
     n = len(found)
     if n >= 2 or (n == len(new_names) == 1 and len(new_names[0]) >= 12):
         ordered = tuple(x for x in new_names if x in found)
@@ -647,3 +650,219 @@ def lines_evidence(parsed: ParsedPatch, read_new: Callable[[str], str | None]) -
     if windows_ok and len(mismatches) == 1 and total >= 2:
         return f"{present}/{total} added lines present, in place; upstream differs in: {mismatches[0].strip()[:80]!r}"
     return None
+
+
+# ------------------------------------------------------------------ upstream does the same elsewhere
+
+# calls so common that finding them says nothing about what a change does
+_TRIVIAL_CALLS = frozenset({
+    "len", "isinstance", "getattr", "setattr", "hasattr", "range", "print", "super", "str", "int", "float", "bool",
+    "list", "dict", "tuple", "set", "type", "enumerate", "zip", "min", "max", "sum", "any", "all", "sorted",
+    "debug", "info", "warning", "warning_once", "info_once", "error", "format", "append", "get", "items", "keys",
+    "values", "update", "join", "split", "startswith", "endswith", "lower", "upper", "strip",
+})
+
+
+def _const(node: ast.AST) -> str | None:
+    try:
+        value = ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return None
+    text = repr(value)
+    return text if len(text) <= 40 else None
+
+
+def behaviour_features(node: ast.AST) -> frozenset[str]:
+    """What a piece of code does, without the names it gives its own variables: the
+    calls it makes (with their constant arguments and keyword names), the enum-like
+    members it tests (`Backend.XPU`), and the platform predicates it asks (`is_xpu`).
+    Upstream's version of a change keeps these while renaming everything else."""
+    out: set[str] = set()
+    for n in ast.walk(node):
+        if isinstance(n, ast.Call):
+            f = n.func
+            name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
+            if name is None or name in _TRIVIAL_CALLS:
+                continue
+            out.add(f"call {name}")
+            args = [_const(a) for a in n.args]
+            if args and all(a is not None for a in args):
+                out.add(f"call {name}({', '.join(a for a in args if a is not None)})")
+            for kw in n.keywords:
+                if kw.arg:
+                    v = _const(kw.value)
+                    out.add(f"keyword {name}({kw.arg}=)")
+                    out.add(f"keyword {kw.arg}=")  # the same argument to another door to the same kernel
+                    if v is not None:
+                        out.add(f"keyword {name}({kw.arg}={v})")
+        elif isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name):
+            if n.value.id[:1].isupper() and n.attr.isupper() and len(n.attr) >= 2:
+                out.add(f"member {n.value.id}.{n.attr}")
+            elif n.attr.startswith("is_") and len(n.attr) > 4:
+                out.add(f"predicate {n.attr}")
+    return frozenset(out)
+
+
+def added_behaviour(pre: str | None, post: str | None, fp: FilePatch) -> frozenset[str]:
+    """The behaviour features of the statements a patch adds to a Python file that the
+    function (or module) they land in did not have before the patch."""
+    t_post = _parse(post)
+    if t_post is None:
+        return frozenset()
+    t_pre = _parse(pre) if pre else None
+    _removed, added = changed_lines(fp)
+    post_fns = _function_nodes(t_post)
+    pre_fns = _function_nodes(t_pre) if t_pre is not None else {}
+    feats: set[str] = set()
+    had: dict[str, frozenset[str]] = {}
+    for ln in sorted(added):
+        owner, node = _owner(t_post, post_fns, ln)
+        if node is None:
+            continue
+        st = _innermost(node, ln) if owner else node
+        if st is None:
+            continue
+        if owner not in had:
+            before = pre_fns.get(owner) if owner else t_pre
+            had[owner] = behaviour_features(before) if before is not None else frozenset()
+        feats |= behaviour_features(st) - had[owner]
+    return frozenset(feats)
+
+
+def _owner(tree: ast.Module, fns: dict[str, ast.AST], line: int) -> tuple[str, ast.AST | None]:
+    """(qualname, node) of the innermost function holding `line`, else ("", the module
+    statement holding it)."""
+    best = ""
+    for q, fn in fns.items():
+        if _start(fn) <= line <= (getattr(fn, "end_lineno", None) or 0) and len(q) >= len(best):
+            best = q
+    if best:
+        return best, fns[best]
+    for st in tree.body:
+        if _start(st) <= line <= (st.end_lineno or st.lineno):
+            return "", st
+    return "", None
+
+
+@dataclass(frozen=True)
+class SameBehaviour:
+    path: str
+    line: int
+    function: str
+    found: tuple[str, ...]
+    total: int
+    score: float
+
+    def describe(self) -> str:
+        shown = ", ".join(f"`{f.split(' ', 1)[1]}`" for f in self.found[:4]) + (", ..." if len(self.found) > 4 else "")
+        return (f"possibly upstream in {self.path}:{self.line} (check): {self.function}, new or changed in the new "
+                f"release, does what the patch adds ({len(self.found)}/{self.total} of its calls and tests, "
+                f"weighted {self.score:.2f}: {shown})")
+
+
+BEHAVIOUR_THRESHOLD = 0.5
+
+
+def function_behaviours(new_text: str | None, old_text: str | None) -> list[tuple[str, int, bool, frozenset[str]]]:
+    """(qualname, line, whether the function is new, its features new to it) for every
+    function of a file at the new release that is new or changed since the old one."""
+    t_new = _parse(new_text)
+    if t_new is None:
+        return []
+    t_old = _parse(old_text)
+    old_fns = _function_nodes(t_old) if t_old is not None else {}
+    out = []
+    for q, fn in _function_nodes(t_new).items():
+        old = old_fns.get(q)
+        if old is not None and _norm(old) == _norm(fn):
+            continue
+        new_feats = behaviour_features(fn) - (behaviour_features(old) if old is not None else frozenset())
+        if new_feats:
+            out.append((q, _start(fn), old is None, new_feats))
+    return out
+
+
+def feature_word(feature: str) -> str:
+    """The word a feature is found by in a text search: the keyword's, the called
+    name's, the member's (`Backend.XPU`)."""
+    kind, _, rest = feature.partition(" ")
+    if kind == "keyword":
+        return rest.rpartition("(")[2].split("=", 1)[0] if "(" in rest else rest.rstrip("=")
+    if kind == "member":
+        return rest
+    return rest.split("(", 1)[0]
+
+
+def is_specific(feature: str) -> bool:
+    """A feature that says what is done, not only which name is called: a call with its
+    constant arguments, a keyword argument, an enum member."""
+    return feature.startswith(("keyword ", "member ")) or (feature.startswith("call ") and "(" in feature)
+
+
+SPECIFIC_HITS = 6
+SPECIFIC_WEIGHT = 3.0
+
+
+def same_behaviour_upstream(wanted: frozenset[str], novel: frozenset[str],
+                            candidates: list[tuple[str, str, int, bool, frozenset[str]]]) -> SameBehaviour | None:
+    """The function upstream added or changed between the releases whose new behaviour
+    covers what the patch adds.
+
+    `wanted`: the patch's features; `novel`: those the old release has nowhere (by a
+    text search for their word). A changed function counts the features new to it; a
+    new function (code can move between releases unchanged) only when one of them is
+    novel. The match needs a specific feature (`is_specific`), and either half the
+    patch's weight or SPECIFIC_HITS specific features weighing SPECIFIC_WEIGHT (one call
+    with the same keyword arguments to the same kernel, not the keywords every caller
+    of a layer passes). A feature weighs 1/(1+n), n being how many
+    candidate functions have it, so `contiguous()` says little."""
+    if len(wanted) < 2 or not candidates:
+        return None
+    df: dict[str, int] = {}
+    for *_rest, feats in candidates:
+        for f in feats & wanted:
+            df[f] = df.get(f, 0) + 1
+
+    def weight(fs: Iterable[str]) -> float:
+        return sum(1.0 / (1 + df.get(f, 0)) for f in fs)
+
+    total = weight(wanted)
+    best: SameBehaviour | None = None
+    for path, q, line, is_new, feats in candidates:
+        hit = feats & wanted
+        specific = [f for f in hit if is_specific(f)]
+        if len(hit) < 2 or not specific or (is_new and not hit & novel):
+            continue
+        score = weight(hit) / total
+        strong = len(specific) >= SPECIFIC_HITS and weight(specific) >= SPECIFIC_WEIGHT
+        if (score >= BEHAVIOUR_THRESHOLD or strong) and (best is None or score > best.score):
+            best = SameBehaviour(path, line, q, tuple(sorted(hit, key=lambda f: (f not in novel, not is_specific(f), f))),
+                                 len(wanted), score)
+    return best
+
+
+# ------------------------------------------------------------------ functions moved to another file
+
+
+def changed_functions(pre: str | None, post: str | None, fp: FilePatch) -> list[str]:
+    """Qualified names of the functions a file's hunks change (added lines in the
+    patched file, removed lines in the file before), in file order."""
+    removed, added = changed_lines(fp)
+    names: dict[str, None] = {}
+    for text, lines in ((pre, removed), (post, added)):
+        tree = _parse(text)
+        if tree is None:
+            continue
+        for ln in sorted(lines):
+            for u in _units_at(tree, {ln}) or []:
+                kind, _, name = u.key.partition(":")
+                if kind == "func":
+                    names.setdefault(name, None)
+    return list(names)
+
+
+def def_line(text: str, qualname: str) -> int:
+    """The line of `def NAME` for a qualified name in a Python file (0 when absent)."""
+    tree = _parse(text)
+    node = _function_nodes(tree).get(qualname) if tree is not None else None
+    return _start(node) if node is not None else 0
