@@ -4,7 +4,7 @@ a series (or one patch file) onto a git checkout the user already has.
 The user's checkout is never written while the verdicts are made: the patches are
 applied, through the same tree door and with the same verdicts as a workspace, in a
 scratch checkout outside DIR (`git clone --shared`: it reads DIR's objects and writes
-its own; only the files the series reads are written out, see `_SparseTree`), one
+its own; only the files the series reads are written out, see `SparseTree`), one
 commit per patch. Only when every patch applied (and a commit was asked
 for) are the new commits and the branch fetched into DIR, in one `git fetch`. On any
 other outcome nothing under DIR changes, .git included; the scratch checkout is
@@ -13,7 +13,6 @@ removed either way.
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import functools
 import re
@@ -28,7 +27,7 @@ from stackbuild.errors import PatchError, SourceError
 from stackbuild.gitrun import git_bytes, git_process, run_git
 from stackbuild.recipe import PatchEntry, PatchKind, Recipe
 from stackbuild.series import PatchVerdict
-from stackbuild.treewrite import Tree, TreeWriteError
+from stackbuild.sparsetree import SparseTree
 from stackbuild.workspace import (
     ApplyResult,
     PatchResult,
@@ -37,7 +36,6 @@ from stackbuild.workspace import (
     _Ctx,
     _patch_bytes,
     _replace,
-    commit_files,
     entry_file,
 )
 
@@ -145,7 +143,7 @@ def _check_branch(co: _Checkout, branch: str, force: bool) -> None:
 
 
 @contextmanager
-def _scratch_checkout(co: _Checkout) -> Iterator[_SparseTree]:
+def _scratch_checkout(co: _Checkout) -> Iterator[SparseTree]:
     """DIR's HEAD in a scratch repository in a temporary folder outside DIR, removed
     whatever happens. A fresh repository (its own config: nothing of DIR's filters or
     hooks runs, nothing is written under DIR's .git) that borrows DIR's objects
@@ -161,73 +159,12 @@ def _scratch_checkout(co: _Checkout) -> Iterator[_SparseTree]:
             run_git(tree, "config", key, value, error=SourceError)
         env = {"GIT_ALTERNATE_OBJECT_DIRECTORIES": str(co.objects)}
         run_git(tree, "read-tree", co.head, env=env, error=SourceError)
-        yield _SparseTree(tree, env, co.head)
+        yield SparseTree(tree, co.head, env)
     finally:
         shutil.rmtree(parent, ignore_errors=True)
 
 
-class _SparseTree:
-    """A checkout whose index holds every file of HEAD but whose folder holds only the
-    files the series reads: writing out 4,500 files to change two is most of the cost
-    of a full checkout. Every read of the tree door asks `fill` first, which brings the
-    file in (`git checkout-index`) when HEAD has it, so a patch sees exactly what a full
-    checkout would show. Symbolic links and .gitattributes files are written out up
-    front: the door resolves links in folder names, and git reads attributes from them.
-    A commit records the index, so files never brought in stay as HEAD has them. No ref
-    moves: `tip` is the last commit made."""
-
-    def __init__(self, path: Path, env: dict[str, str], head: str):
-        self.path = path
-        self.env = env
-        self.tip = head
-        self.door = Tree(path)
-        self.brought: set[str] = set()
-        self.in_head: set[str] = set()
-        up_front = []
-        for e in run_git(path, "ls-files", "-s", "-z", env=env, error=SourceError).split("\0"):
-            meta, _, rel = e.partition("\t")
-            if rel:
-                self.in_head.add(rel)
-                if meta.startswith("120000 ") or rel == ".gitattributes" or rel.endswith("/.gitattributes"):
-                    up_front.append(rel)
-        self.sorted = sorted(self.in_head)  # a folder's files follow its name + "/"
-        self._checkout(up_front)
-
-    def _a_file_in(self, folder: str) -> str | None:
-        """One file of HEAD under `folder`, when HEAD has that folder."""
-        i = bisect.bisect_left(self.sorted, folder + "/")
-        return self.sorted[i] if i < len(self.sorted) and self.sorted[i].startswith(folder + "/") else None
-
-    def commit(self, files: Sequence[str], message: str) -> str:
-        self.tip = commit_files(self.path, files, message, self.tip, env=self.env)
-        return self.tip
-
-    def _checkout(self, paths: Sequence[str]) -> None:
-        todo = [p for p in paths if p not in self.brought]
-        if not todo:
-            return
-        self.brought.update(todo)
-        r = git_process(self.path, "checkout-index", "-f", "-z", "--stdin", stdin="\0".join(todo) + "\0", env=self.env)
-        if r.returncode != 0:
-            raise SourceError(f"cannot check out {', '.join(todo[:5])}: {r.stderr.strip()[-300:]}", file=self.path)
-
-    def fill(self, rel: str) -> None:
-        try:
-            real = self.door.real_path(rel)
-        except TreeWriteError:
-            return  # the door refuses the path itself when it is read
-        # the file, a file of HEAD standing where the path needs a folder, and a file
-        # of the folder HEAD has where the path names a file: the door then sees what
-        # a full checkout would show it ("is a file, not a folder", "it is a folder")
-        parts = real.split("/")
-        wanted = [p for p in ("/".join(parts[:i]) for i in range(1, len(parts) + 1)) if p in self.in_head]
-        inside = self._a_file_in(real)
-        if inside is not None:
-            wanted.append(inside)
-        self._checkout(wanted)
-
-
-def _run_series(ctx: _Ctx | None, entries: Sequence[tuple[PatchEntry, Callable[[], bytes] | None]], tree: _SparseTree,
+def _run_series(ctx: _Ctx | None, entries: Sequence[tuple[PatchEntry, Callable[[], bytes] | None]], tree: SparseTree,
                 progress: Progress) -> tuple[list[PatchResult], PatchResult | None]:
     results: list[PatchResult] = []
     failed: PatchResult | None = None
@@ -250,7 +187,7 @@ def _run_series(ctx: _Ctx | None, entries: Sequence[tuple[PatchEntry, Callable[[
     return results, failed
 
 
-def _finish(name: str, co: _Checkout, tree: _SparseTree, results: list[PatchResult], failed: PatchResult | None,
+def _finish(name: str, co: _Checkout, tree: SparseTree, results: list[PatchResult], failed: PatchResult | None,
             where: Callable[[str], str], branch: str | None) -> ApplyResult:
     target = co.top
     if failed is not None or branch is None:
@@ -273,7 +210,7 @@ def _finish(name: str, co: _Checkout, tree: _SparseTree, results: list[PatchResu
     return ApplyResult(name, target, True, True, f"{summary}; branch {branch} at {tree.tip[:12]}", tuple(results))
 
 
-def _deliver(co: _Checkout, tree: _SparseTree, branch: str) -> None:
+def _deliver(co: _Checkout, tree: SparseTree, branch: str) -> None:
     """The scratch commits, and then the branch, arrive in DIR, and only now: the new
     objects (those HEAD does not reach) as one pack that `unpack-objects` stores in
     DIR, then one `update-ref` that creates the branch only if it still does not exist

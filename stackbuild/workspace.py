@@ -58,6 +58,7 @@ from stackbuild.series import (
     split_mbox,
 )
 from stackbuild.sources.git import GitCheckout, export_tree, fetch_git, read_file_at
+from stackbuild.sparsetree import SparseTree, commit_files
 from stackbuild.treewrite import Tree, TreeWriteError, UnsafePath, mode_bits
 
 # sources.pypi (urllib, http) and sources.archive (tarfile) are imported where they are
@@ -287,7 +288,9 @@ def _clone_base(base: Path, dest: Path) -> subprocess.CompletedProcess[str]:
     # --no-local: objects travel through git's pack protocol, so every object is read
     # and hashed (a damaged cache fails here, not later), nothing is hard-linked to the
     # cache (damage to it cannot reach the workspace), and it works across filesystems.
-    return git_process(dest.parent, "clone", "-q", "--no-local", "--no-tags", "-b", "stackbuild", str(base), dest.name)
+    # --no-checkout: the files are written out once, after the series (SparseTree).
+    return git_process(dest.parent, "clone", "-q", "--no-local", "--no-tags", "--no-checkout", "-c",
+                       "core.autocrlf=false", "-b", "stackbuild", str(base), dest.name)
 
 
 def _source_base(ctx: _Ctx, src: Source, rebuild: bool = False) -> Path:
@@ -297,7 +300,11 @@ def _source_base(ctx: _Ctx, src: Source, rebuild: bool = False) -> Path:
     return localbase.base_repo(ctx.locals[src.name], rebuild=rebuild)
 
 
-def _materialise(ctx: _Ctx, src: Source, dest: Path) -> None:
+def _materialise(ctx: _Ctx, src: Source, dest: Path) -> SparseTree | None:
+    """The source's pristine tree as a git repository at `dest`, its base commit tagged.
+    A release or a local source comes from the cache as a sparse checkout (files
+    written out as the series reads them; `write_out_rest` writes the others once the
+    series is done); a git source is written out whole (None)."""
     if src.kind in (SourceKind.PYPI, SourceKind.LOCAL):
         base = _source_base(ctx, src)
         r = _clone_base(base, dest)
@@ -313,10 +320,10 @@ def _materialise(ctx: _Ctx, src: Source, dest: Path) -> None:
             if r.returncode != 0:
                 raise SourceError(f"git clone of the freshly imported base failed: {_tail(r.stderr)}", file=base)
         run_git(dest, "remote", "remove", "origin")
-        run_git(dest, "config", "core.autocrlf", "false")
         run_git(dest, "tag", BASE_TAG)
+        run_git(dest, "read-tree", BASE_TAG)
         _exclude_bytecode(dest)
-        return
+        return SparseTree(dest, run_git(dest, "rev-parse", BASE_TAG + "^{commit}"))
     export_tree(ctx.checkouts[src.name], dest)  # a git source
     run_git(dest, "init", "-q", "-b", "stackbuild")
     run_git(dest, "config", "core.autocrlf", "false")
@@ -324,6 +331,7 @@ def _materialise(ctx: _Ctx, src: Source, dest: Path) -> None:
     run_git(dest, "commit", "-q", "--no-verify", "-m", f"base: {src.describe()}")
     run_git(dest, "tag", BASE_TAG)
     _exclude_bytecode(dest)
+    return None
 
 
 def _exclude_bytecode(tree: Path) -> None:
@@ -385,35 +393,14 @@ class _TreeText:
 Committer = Callable[[Sequence[str], str], str]  # (changed paths, message) -> the new commit
 
 
-def commit_files(tree: Path, files: Sequence[str], message: str, parent: str,
-                 env: Mapping[str, str] | None = None) -> str:
-    """Stage `files` (added, changed or deleted) and make a commit of the index on top
-    of `parent`; no ref moves. Plumbing, not `git commit`: commit refreshes the stat
-    data of every file in the index (and re-hashes all of a tree checked out within the
-    same second: 0.2 s for vLLM) and runs auto-maintenance, neither of which a commit of
-    two changed files needs. The message is cleaned as `git commit -m` cleans it, so the
-    commit ids are those `git commit` gave."""
-    # literal: a file named `*.py` or `:(top)x` is that file, not a pattern
-    run_git(tree, "--literal-pathspecs", "add", "-A", "-f", "--", *files, env=env)
-    tree_id = run_git(tree, "write-tree", env=env)
-    return run_git(tree, "commit-tree", tree_id, "-p", parent, "-m", _stripspace(message), env=env)
-
-
-def _stripspace(message: str) -> str:
-    """`git stripspace` (what `git commit -m` applies): trailing whitespace off every
-    line, runs of empty lines made one, none at either end, a newline after the last."""
-    lines: list[str] = []
-    gap = False
-    for line in message.split("\n"):
-        line = line.rstrip(" \t\r")  # git's isspace: no \v or \f
-        if not line:
-            gap = bool(lines)
-            continue
-        if gap:
-            lines.append("")
-            gap = False
-        lines.append(line)
-    return "".join(f"{x}\n" for x in lines)
+def _moving_head(sp: SparseTree) -> Committer:
+    """A sparse workspace tree's commits, each also moving HEAD (a workspace is the
+    user's repository: its HEAD is the last patch)."""
+    def commit(files: Sequence[str], message: str) -> str:
+        c = sp.commit(files, message)
+        run_git(sp.path, "update-ref", "-m", "commit: stackbuild", "HEAD", c)
+        return c
+    return commit
 
 
 def _commit(tree: Path, files: Sequence[str], message: str) -> str:
@@ -734,14 +721,17 @@ def _build_in(ctx: _Ctx, staging: Path, workdir: Path, digest: str, idents: dict
               patch_shas: list[str]) -> ApplyResult:
     recipe = ctx.recipe
     trees: dict[str, Path] = {}
+    sparse: dict[str, SparseTree] = {}
     base_commits: dict[str, str] = {}
     for name in recipe.patched_sources:
         src = recipe.source(name)
         ctx.progress(f"materialising {name} ({src.describe()})")
         tree = staging / name
-        _materialise(ctx, src, tree)
+        sp = _materialise(ctx, src, tree)
+        if sp is not None:
+            sparse[name] = sp
         trees[name] = tree
-        base_commits[name] = run_git(tree, "rev-parse", "HEAD")
+        base_commits[name] = sp.tip if sp is not None else run_git(tree, "rev-parse", "HEAD")
         fault_point("materialised")
     results: list[PatchResult] = []
     failed: PatchResult | None = None
@@ -752,10 +742,15 @@ def _build_in(ctx: _Ctx, staging: Path, workdir: Path, digest: str, idents: dict
             continue
         ctx.progress(f"[{i + 1}/{len(recipe.patches)}] {entry.name}")
         tree = trees[entry.source]
+        sp = sparse.get(entry.source)
+        fill, commit_with = (sp.fill, _moving_head(sp)) if sp is not None else (None, None)
         if entry.kind is PatchKind.BACKPORT:
-            r = _apply_backport(ctx, entry, tree)
+            if sp is not None:
+                for rel in entry.files:
+                    sp.fill(rel)
+            r = _apply_backport(ctx, entry, tree, commit_with)
         else:
-            r = _apply_text_patch(ctx, entry, _patch_bytes(ctx, entry, i), tree)
+            r = _apply_text_patch(ctx, entry, _patch_bytes(ctx, entry, i), tree, fill, commit_with)
         results.append(r)
         if not r.verdict.ok:
             failed = r
@@ -766,6 +761,8 @@ def _build_in(ctx: _Ctx, staging: Path, workdir: Path, digest: str, idents: dict
         msg = (f"{failed.name} ({where}): {failed.verdict.value}" + (f": {cause}" if cause else "")
                + "; the workspace was left as it was")
         return ApplyResult(recipe.name, workdir, False, False, msg, tuple(results), failed)
+    for sp in sparse.values():
+        sp.write_out_rest()
     manifest = Manifest(
         recipe=recipe.name,
         recipe_sha256=recipe.sha256,

@@ -528,7 +528,7 @@ def test_commit_message_cleaned_as_git_stripspace(message: str) -> None:
     """Commits are made with commit-tree, which keeps the message as given: it is first
     cleaned as `git commit -m` cleans it (`git stripspace`), so commit ids stay those
     `git commit` made."""
-    from stackbuild.workspace import _stripspace
+    from stackbuild.sparsetree import stripspace
 
     want = subprocess.run(["git", "stripspace"], input=message.encode(), env=ENV, capture_output=True, check=True).stdout
-    assert _stripspace(message).encode() == want
+    assert stripspace(message).encode() == want
