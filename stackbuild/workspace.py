@@ -12,7 +12,6 @@ silently. Re-running with unchanged inputs changes nothing and says so.
 
 from __future__ import annotations
 
-import ctypes
 import datetime as _dt
 import errno
 import functools
@@ -29,15 +28,14 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from stackbuild import __version__, localbase
+from stackbuild import __version__
 from stackbuild.cache import atomic_file, cache_dir, diagnose_write_failure, disk_guard, locked
 from stackbuild.errors import PatchError, SourceError, StackbuildError, WorkspaceError
 from stackbuild.gitrun import GIT_ENV as GIT_ENV  # re-exported: the one git runner lives in gitrun
 from stackbuild.gitrun import git_env, run_git
 from stackbuild.gitrun import git_process as git_process
-from stackbuild.manifest import Manifest, PatchRecord, SourceRecord, read_manifest
 from stackbuild.recipe import (
     PatchEntry,
     PatchKind,
@@ -57,12 +55,18 @@ from stackbuild.series import (
     parse_patch,
     split_mbox,
 )
-from stackbuild.sources.git import GitCheckout, export_tree, fetch_git, read_file_at
 from stackbuild.sparsetree import SparseTree, commit_files
 from stackbuild.treewrite import Tree, TreeWriteError, UnsafePath, mode_bits
 
+if TYPE_CHECKING:
+    from stackbuild.localbase import LocalIdentity
+    from stackbuild.manifest import Manifest
+    from stackbuild.sources.git import GitCheckout
+
 # sources.pypi (urllib, http) and sources.archive (tarfile) are imported where they are
-# used: a re-apply with unchanged inputs needs neither, and it should take a blink.
+# used: a re-apply with unchanged inputs needs neither, and it should take a blink. The
+# manifest, local and git source modules too: apply --onto (which shares this module's
+# patch steps) needs none of them.
 
 Progress = Callable[[str], None]
 BASE_TAG = "stackbuild/base"
@@ -140,7 +144,7 @@ class _Ctx:
     checkouts: dict[str, GitCheckout] = field(default_factory=dict)
     sdists: dict[str, Path] = field(default_factory=dict)
     patch_data: dict[int, bytes] = field(default_factory=dict)  # series position -> checked bytes
-    locals: dict[str, localbase.LocalIdentity] = field(default_factory=dict)  # local sources, as identified
+    locals: dict[str, LocalIdentity] = field(default_factory=dict)  # local sources, as identified
 
 
 def default_workdir(recipe: Recipe) -> Path:
@@ -151,6 +155,9 @@ def default_workdir(recipe: Recipe) -> Path:
 
 
 def _source_identity(ctx: _Ctx, src: Source) -> dict[str, Any]:
+    from stackbuild import localbase
+    from stackbuild.sources.git import fetch_git
+
     if src.kind is SourceKind.PYPI:
         return {"kind": "pypi", "ref": src.requirement, "sha256": src.sha256, "commit": None}
     if src.kind is SourceKind.GIT:
@@ -198,6 +205,8 @@ def _patch_bytes(ctx: _Ctx, entry: PatchEntry, index: int) -> bytes:
 
 
 def _read_from_source(ctx: _Ctx, src: Source, path: str, key: str) -> bytes:
+    from stackbuild.sources.git import fetch_git, read_file_at
+
     try:
         check_safe_path(path)
     except MalformedPatch as e:
@@ -295,6 +304,8 @@ def _clone_base(base: Path, dest: Path) -> subprocess.CompletedProcess[str]:
 
 def _source_base(ctx: _Ctx, src: Source, rebuild: bool = False) -> Path:
     """The cache's bare base repository of a release or of a local tree."""
+    from stackbuild import localbase
+
     if src.kind is SourceKind.PYPI:
         return _base_repo(ctx, src, rebuild=rebuild)
     return localbase.base_repo(ctx.locals[src.name], rebuild=rebuild)
@@ -324,6 +335,8 @@ def _materialise(ctx: _Ctx, src: Source, dest: Path) -> SparseTree | None:
         run_git(dest, "read-tree", BASE_TAG)
         _exclude_bytecode(dest)
         return SparseTree(dest, run_git(dest, "rev-parse", BASE_TAG + "^{commit}"))
+    from stackbuild.sources.git import export_tree
+
     export_tree(ctx.checkouts[src.name], dest)  # a git source
     run_git(dest, "init", "-q", "-b", "stackbuild")
     run_git(dest, "config", "core.autocrlf", "false")
@@ -619,6 +632,8 @@ def _inspect(workdir: Path) -> tuple[Manifest | None, str]:
     """The workspace's manifest, and what is wrong with it ("" when it still is what the
     manifest says: each tree's HEAD and a clean tree). Damage is reported, never raised:
     a damaged workspace is rebuilt, not a reason to stop."""
+    from stackbuild.manifest import read_manifest
+
     if not workdir.is_dir():
         return None, f"{workdir} is not a directory"
     try:
@@ -763,6 +778,8 @@ def _build_in(ctx: _Ctx, staging: Path, workdir: Path, digest: str, idents: dict
         return ApplyResult(recipe.name, workdir, False, False, msg, tuple(results), failed)
     for sp in sparse.values():
         sp.write_out_rest()
+    from stackbuild.manifest import Manifest, PatchRecord, SourceRecord
+
     manifest = Manifest(
         recipe=recipe.name,
         recipe_sha256=recipe.sha256,
@@ -773,7 +790,8 @@ def _build_in(ctx: _Ctx, staging: Path, workdir: Path, digest: str, idents: dict
                 name=s.name, kind=s.kind.value, ref=idents[s.name]["ref"], sha256=idents[s.name]["sha256"],
                 commit=idents[s.name]["commit"], tree=s.name if s.name in trees else None,
                 base_commit=base_commits.get(s.name),
-                head_commit=run_git(trees[s.name], "rev-parse", "HEAD") if s.name in trees else None,
+                head_commit=(sparse[s.name].tip if s.name in sparse else run_git(trees[s.name], "rev-parse", "HEAD"))
+                if s.name in trees else None,
             )
             for s in recipe.sources
         ),
@@ -828,6 +846,8 @@ def _exchange(a: Path, b: Path) -> bool:
     C library or the filesystem does not offer it."""
     if not sys.platform.startswith("linux"):
         return False
+    import ctypes
+
     try:
         fn = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):
