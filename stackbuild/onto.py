@@ -51,6 +51,7 @@ class _Checkout:
 
     top: Path
     objects: Path  # DIR's object store (shared by its worktrees): the scratch repository borrows it
+    object_format: str  # sha1 or sha256: the scratch repository must use DIR's
     head: str
     branch_tip: str | None  # the commit the asked-for branch is at, when it exists
 
@@ -69,15 +70,16 @@ def _look(target: Path, branch: str | None) -> _Checkout:
     if not target.is_dir():
         raise SourceError("not a directory", file=target)
     asks = ("--verify", "-q", f"refs/heads/{branch}") if branch else ()
-    r = git_process(target, "rev-parse", "--show-toplevel", "--git-path", "objects", *asks, env=_READ_ONLY)
+    r = git_process(target, "rev-parse", "--show-toplevel", "--git-path", "objects", "--show-object-format", *asks,
+                    env=_READ_ONLY)
     lines = r.stdout.splitlines()
-    # rev-parse prints each answer in turn; exit 1 (and no third line) is a missing branch
-    if r.returncode not in (0, 1) or len(lines) < 2 or (r.returncode == 1 and not branch):
+    # rev-parse prints each answer in turn; exit 1 (and no fourth line) is a missing branch
+    if r.returncode not in (0, 1) or len(lines) < 3 or (r.returncode == 1 and not branch):
         raise SourceError("not a git checkout (--onto needs one)", file=target)
     top = Path(lines[0]).resolve()
     if top != target:
         raise SourceError(f"not the top of its git checkout (that is {top}); give the top folder", file=target)
-    tip = lines[2].strip() if branch and r.returncode == 0 and len(lines) > 2 else None
+    tip = lines[3].strip() if branch and r.returncode == 0 and len(lines) > 3 else None
     s = git_process(target, "status", "--porcelain=v2", "--branch", "--no-ahead-behind", "-z",
                     "--untracked-files=all", env=_READ_ONLY)
     if s.returncode != 0:
@@ -98,7 +100,7 @@ def _look(target: Path, branch: str | None) -> _Checkout:
         raise SourceError(f"the checkout has uncommitted changes ({shown}); commit or stash them first", file=target)
     if not head or head == "(initial)":
         raise SourceError("the checkout has no commit yet", file=target)
-    return _Checkout(top, (target / lines[1]).resolve(), head, tip)
+    return _Checkout(top, (target / lines[1]).resolve(), lines[2].strip(), head, tip)
 
 
 def _plain_branch(branch: str) -> bool:
@@ -142,6 +144,16 @@ def _check_branch(co: _Checkout, branch: str, force: bool) -> None:
                           "checkout", file=co.top)
 
 
+def _alternate(objects: Path) -> str:
+    """`objects` as the one entry of GIT_ALTERNATE_OBJECT_DIRECTORIES, a colon-separated
+    list: a path holding a colon (or starting with a quote) is given C-quoted, which git
+    reads back as the path (git(1), GIT_ALTERNATE_OBJECT_DIRECTORIES)."""
+    path = str(objects)
+    if ":" not in path and not path.startswith('"'):
+        return path
+    return '"' + path.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
 @contextmanager
 def _scratch_checkout(co: _Checkout) -> Iterator[SparseTree]:
     """DIR's HEAD in a scratch repository in a temporary folder outside DIR, removed
@@ -151,13 +163,14 @@ def _scratch_checkout(co: _Checkout) -> Iterator[SparseTree]:
     written to it, never into DIR."""
     parent = Path(tempfile.mkdtemp(prefix="stackbuild-onto-"))
     try:
-        run_git(parent, "init", "-q", "--template=", "-b", "stackbuild", "tree", error=SourceError)
+        run_git(parent, "init", "-q", "--template=", "-b", "stackbuild", f"--object-format={co.object_format}", "tree",
+                error=SourceError)
         tree = parent / "tree"
         # DIR's line-ending settings shape its files
         for line in git_process(co.top, "config", "--get-regexp", r"^core\.(autocrlf|eol)$").stdout.splitlines():
             key, _, value = line.partition(" ")
             run_git(tree, "config", key, value, error=SourceError)
-        env = {"GIT_ALTERNATE_OBJECT_DIRECTORIES": str(co.objects)}
+        env = {"GIT_ALTERNATE_OBJECT_DIRECTORIES": _alternate(co.objects)}
         run_git(tree, "read-tree", co.head, env=env, error=SourceError)
         yield SparseTree(tree, co.head, env)
     finally:

@@ -532,3 +532,31 @@ def test_commit_message_cleaned_as_git_stripspace(message: str) -> None:
 
     want = subprocess.run(["git", "stripspace"], input=message.encode(), env=ENV, capture_output=True, check=True).stdout
     assert stripspace(message).encode() == want
+
+
+@pytest.mark.parametrize("kind", ["colon:in path", "linked worktree", "sha256"])
+def test_checkouts_of_every_shape_get_git_applys_tree(tmp_path: Path, kind: str,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """The scratch repository reads DIR's objects through GIT_ALTERNATE_OBJECT_DIRECTORIES
+    (a colon-separated list: a path with a colon is quoted), finds them in the common
+    object store of a linked worktree, and uses DIR's object format."""
+    files = {"pkg/a.py": ORIG}
+    if kind == "sha256":
+        co = tmp_path / "co"
+        co.mkdir()
+        git(co, "init", "-q", "-b", "main", "--object-format=sha256")
+        (co / "pkg").mkdir()
+        (co / "pkg/a.py").write_text(ORIG)
+        git(co, "add", "-A")
+        git(co, "commit", "-q", "-m", "upstream")
+    else:
+        co = make_checkout(tmp_path / ("co:lon" if kind.startswith("colon") else "main"), files)
+    if kind == "linked worktree":
+        git(co, "worktree", "add", "-q", "-b", "side", str(tmp_path / "side"))
+        co = tmp_path / "side"
+    p = diff(co, {"pkg/a.py": edit(ORIG, "line 3\n", "line three\n")}, tmp_path / "p.patch")
+    head = git(co, "rev-parse", "HEAD")
+    assert main(["apply-patch", str(p), "--onto", str(co), "--commit"]) == 0, capsys.readouterr().err
+    assert git(co, "rev-parse", "stackbuild/p~1") == head
+    assert git(co, "rev-parse", "stackbuild/p^{tree}") == git_apply_tree(co, p)
+    subprocess.run(["git", "fsck", "--full", "--no-dangling"], cwd=co, env=ENV, check=True, capture_output=True)
