@@ -1,14 +1,16 @@
 """`stackbuild apply RECIPE --onto DIR` and `stackbuild apply-patch FILE --onto DIR`:
 a series (or one patch file) onto a git checkout the user already has.
 
-The user's checkout is never written while the verdicts are made: the patches are
-applied, through the same tree door and with the same verdicts as a workspace, in a
-scratch checkout outside DIR (`git clone --shared`: it reads DIR's objects and writes
-its own; only the files the series reads are written out, see `SparseTree`), one
-commit per patch. Only when every patch applied (and a commit was asked
-for) are the new commits and the branch fetched into DIR, in one `git fetch`. On any
-other outcome nothing under DIR changes, .git included; the scratch checkout is
-removed either way.
+The user's checkout is never written while the verdicts are made: two git commands
+only read DIR (`rev-parse`, `status`), and the patches are applied, through the same
+tree door and with the same verdicts as a workspace, in a scratch repository outside
+DIR (a fresh `git init`: its own config, so none of DIR's filters or hooks run there;
+it reads DIR's objects through GIT_ALTERNATE_OBJECT_DIRECTORIES and writes its own),
+one commit per patch, with only the files the series reads written out (SparseTree).
+Only when every patch applied (and a commit was asked for) do the new objects arrive
+in DIR, as one pack (`unpack-objects`), and then the branch (`update-ref`, compare and
+swap). On any other outcome nothing under DIR changes, .git included; the scratch
+repository is removed either way.
 """
 
 from __future__ import annotations
