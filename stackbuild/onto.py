@@ -1,8 +1,8 @@
 """`stackbuild apply RECIPE --onto DIR` and `stackbuild apply-patch FILE --onto DIR`:
 a series (or one patch file) onto a git checkout the user already has.
 
-The user's checkout is never written while the verdicts are made: two git commands
-only read DIR (`rev-parse`, `status`), and the patches are applied, through the same
+The user's checkout is never written while the verdicts are made: git only reads DIR
+(`rev-parse`, `status`, `config`), and the patches are applied, through the same
 tree door and with the same verdicts as a workspace, in a scratch repository outside
 DIR (a fresh `git init`: its own config, so none of DIR's filters or hooks run there;
 it reads DIR's objects through GIT_ALTERNATE_OBJECT_DIRECTORIES and writes its own),
