@@ -12,7 +12,7 @@ best of 5 each, every one a real command line (process start included):
 Target: cached local source and onto within 3x raw. Exit 1 when a target is missed.
 
 Then where the time goes, for each stackbuild row: the interpreter (`python -c pass`),
-importing the CLI (typer included) and the command's modules (best of 5 each), and one
+importing the CLI (typer included) and the command's modules (best of 15 each), and one
 in-process run of the same command with every git process timed (fastest of 3): git's
 share per subcommand, and what is left (our Python work).
 """
@@ -129,10 +129,17 @@ def main() -> int:
         t_dry = best(lambda _i: sh([*STACKBUILD, "apply-patch", str(patch), "--onto", str(co)], proj, env))
         t_start = best(lambda _i: sh([*STACKBUILD, "--version"], proj, env))
         py = [sys.executable, "-c"]
-        t_py = best(lambda _i: sh([*py, "pass"], proj, env))
-        t_cli = best(lambda _i: sh([*py, "import stackbuild.cli"], proj, env))
-        t_mods = {m: best(lambda _i, m=m: sh([*py, f"import stackbuild.cli, stackbuild.{m}"], proj, env))  # type: ignore[misc]
-                  for m in ("onto", "workspace")}
+        # start-up differences are a few ms: best of 3x as many runs, interleaved
+        starts: dict[str, list[float]] = {}
+        for _ in range(RUNS * 3):
+            for key, code in (("pass", "pass"), ("cli", "import stackbuild.cli"),
+                              ("onto", "import stackbuild.cli, stackbuild.onto"),
+                              ("workspace", "import stackbuild.cli, stackbuild.workspace")):
+                t0 = time.perf_counter()
+                sh([*py, code], proj, env)
+                starts.setdefault(key, []).append(time.perf_counter() - t0)
+        t_py, t_cli = min(starts["pass"]), min(starts["cli"])
+        t_mods = {m: min(starts[m]) for m in ("onto", "workspace")}
         timed = {
             "apply --force, cached local base": (["apply", str(recipe), "--workdir", str(wd), "--force"], "workspace"),
             "apply --onto (new branch)": (["apply", str(recipe), "--onto", str(co), "--branch", "bench/timed-{i}"], "onto"),

@@ -560,3 +560,31 @@ def test_checkouts_of_every_shape_get_git_applys_tree(tmp_path: Path, kind: str,
     assert git(co, "rev-parse", "stackbuild/p~1") == head
     assert git(co, "rev-parse", "stackbuild/p^{tree}") == git_apply_tree(co, p)
     subprocess.run(["git", "fsck", "--full", "--no-dangling"], cwd=co, env=ENV, check=True, capture_output=True)
+
+
+def test_local_identity_of_a_subfolder_a_submodule_and_a_folder_not_in_head(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """One rev-parse reads the top folder, the folder's place and HEAD's tree there; the
+    submodule listing is skipped only for a tree id already in the cache (which a tree
+    with a submodule never is)."""
+    from stackbuild import localbase
+
+    monkeypatch.setenv("STACKBUILD_CACHE", str(tmp_path / "cache"))
+    co = make_checkout(tmp_path / "co", {"pkg/a.py": ORIG, "top.txt": "x\n"})
+    sub = localbase.identify(co / "pkg")
+    assert sub.key == f"git-tree-{git(co, 'rev-parse', 'HEAD:pkg')}" and sub.repo == co
+    top = localbase.identify(co)
+    assert top.key == f"git-tree-{git(co, 'rev-parse', 'HEAD^{tree}')}"
+    localbase.base_repo(top)  # now cached: identify skips the listing, with the same answer
+    assert localbase.identify(co) == top
+    (co / "new").mkdir()
+    assert localbase.identify(co / "new").why_files == "the folder is not in the checkout's HEAD"
+    (co / "new").rmdir()
+    git(co, "update-index", "--add", "--cacheinfo", f"160000,{git(co, 'rev-parse', 'HEAD')},lib")
+    git(co, "commit", "-q", "-m", "a submodule")
+    (co / "lib").mkdir()
+    withsub = localbase.identify(co)
+    assert withsub.key.startswith("files-") and withsub.why_files == "the checkout has submodules"
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert localbase.identify(plain).why_files == "not a git checkout"
