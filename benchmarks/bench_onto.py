@@ -10,11 +10,17 @@ best of 5 each, every one a real command line (process start included):
   branch; the checkout itself untouched);
 - apply-patch: `stackbuild apply-patch PATCH --onto CHECKOUT` (the dry verdict).
 Target: cached local source and onto within 3x raw. Exit 1 when a target is missed.
+
+Then where the time goes, for each stackbuild row: the interpreter (`python -c pass`),
+importing the CLI (typer included) and the command's modules (best of 15 each), and one
+in-process run of the same command with every git process timed (fastest of 3): git's
+share per subcommand, and what is left (our Python work).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -42,6 +48,28 @@ def sh(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr[-2000:]}")
     return r.stdout
+
+
+# one in-process run of the CLI with every git process timed (argv[1:] is the command)
+_TIMED_RUN = """
+import json, subprocess, sys, time
+import stackbuild.cli, stackbuild.onto, stackbuild.workspace
+from stackbuild.gitrun import git_argv
+skip = len(git_argv())
+calls = []
+real = subprocess.run
+def timed(argv, *a, **k):
+    t = time.perf_counter()
+    try:
+        return real(argv, *a, **k)
+    finally:
+        if argv and argv[0] == "git":
+            calls.append((next((x for x in argv[skip:] if not x.startswith("-")), "?"), time.perf_counter() - t))
+subprocess.run = timed
+t0 = time.perf_counter()
+rc = stackbuild.cli.main(sys.argv[1:])
+print(json.dumps({"rc": rc, "run": time.perf_counter() - t0, "git": calls}), file=sys.stderr)
+"""
 
 
 def best(fn, runs: int = RUNS) -> float:  # type: ignore[no-untyped-def]
@@ -100,6 +128,32 @@ def main() -> int:
         t_onto = best(lambda i: sh([*STACKBUILD, "apply", str(recipe), "--onto", str(co), "--branch", f"bench/{i}"], proj, env))
         t_dry = best(lambda _i: sh([*STACKBUILD, "apply-patch", str(patch), "--onto", str(co)], proj, env))
         t_start = best(lambda _i: sh([*STACKBUILD, "--version"], proj, env))
+        py = [sys.executable, "-c"]
+        # start-up differences are a few ms: best of 3x as many runs, interleaved
+        starts: dict[str, list[float]] = {}
+        for _ in range(RUNS * 3):
+            for key, code in (("pass", "pass"), ("cli", "import stackbuild.cli"),
+                              ("onto", "import stackbuild.cli, stackbuild.onto"),
+                              ("workspace", "import stackbuild.cli, stackbuild.workspace")):
+                t0 = time.perf_counter()
+                sh([*py, code], proj, env)
+                starts.setdefault(key, []).append(time.perf_counter() - t0)
+        t_py, t_cli = min(starts["pass"]), min(starts["cli"])
+        t_mods = {m: min(starts[m]) for m in ("onto", "workspace")}
+        timed = {
+            "apply --force, cached local base": (["apply", str(recipe), "--workdir", str(wd), "--force"], "workspace"),
+            "apply --onto (new branch)": (["apply", str(recipe), "--onto", str(co), "--branch", "bench/timed-{i}"], "onto"),
+            "apply-patch --onto (dry verdict)": (["apply-patch", str(patch), "--onto", str(co)], "onto"),
+        }
+        breakdowns = {}
+        for name, (args, mod) in timed.items():
+            runs = []
+            for i in range(3):
+                r = subprocess.run([*py, _TIMED_RUN, *(a.format(i=i) for a in args)], cwd=proj, capture_output=True,
+                                   text=True, env={**os.environ, **GIT_ENV, **env})
+                runs.append(json.loads(r.stderr.strip().splitlines()[-1]))
+                assert runs[-1]["rc"] == 0, r.stderr[-2000:]
+            breakdowns[name] = (min(runs, key=lambda x: x["run"]), mod)
         assert sh(["git", "status", "--porcelain"], co) == "", "the checkout changed"
 
         print(f"vLLM 0.19.0 clean checkout, one patch; best of {RUNS}, wall clock, process start included")
@@ -115,6 +169,17 @@ def main() -> int:
             if not ok:
                 missed.append(name)
         print(f"  (stackbuild --version alone: {t_start * 1000:.0f} ms)")
+        print("where the time goes (ms): interpreter start, imports (typer + CLI, then the command's modules),")
+        print("  then one in-process run: git processes (count, total, by subcommand) and the rest (our Python)")
+        for name, (run, mod) in breakdowns.items():
+            git_total = sum(d for _c, d in run["git"])
+            per: dict[str, float] = {}
+            for c, d in run["git"]:
+                per[c] = per.get(c, 0.0) + d
+            top = ", ".join(f"{c} {d * 1000:.0f}" for c, d in sorted(per.items(), key=lambda x: -x[1])[:6])
+            print(f"  {name}: interpreter {t_py * 1000:.0f}, imports {(t_cli - t_py) * 1000:.0f} + "
+                  f"{(t_mods[mod] - t_cli) * 1000:.0f}, run {run['run'] * 1000:.0f} = git {git_total * 1000:.0f} "
+                  f"in {len(run['git'])} processes ({top}) + Python {(run['run'] - git_total) * 1000:.0f}")
         return 1 if missed else 0
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -12,9 +12,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-import platformdirs
-from filelock import FileLock, Timeout
-
 from stackbuild.errors import CacheError, DiskFullError, StackbuildError
 
 CACHE_ENV = "STACKBUILD_CACHE"
@@ -26,7 +23,12 @@ def cache_dir() -> Path:
     env = os.environ.get(CACHE_ENV)
     if env is not None and not env.strip():
         raise CacheError(f"{CACHE_ENV} is set but empty; unset it or give a directory", key=CACHE_ENV)
-    d = Path(env).expanduser().absolute() if env else Path(platformdirs.user_cache_dir("stackbuild"))
+    if env:
+        d = Path(env).expanduser().absolute()
+    else:
+        import platformdirs  # imported here: a command that never reaches the cache need not load it
+
+        d = Path(platformdirs.user_cache_dir("stackbuild"))
     where = f"{CACHE_ENV}={env}" if env else "the cache directory"
     try:
         d.mkdir(parents=True, exist_ok=True)
@@ -171,6 +173,8 @@ def atomic_write_text(dest: Path, text: str) -> None:
 @contextmanager
 def locked(path: Path, what: str, timeout: float = 0.5) -> Iterator[None]:
     """An exclusive lock on `path`; a second run on the same thing fails fast."""
+    from filelock import FileLock, Timeout  # 10 ms of start-up that `apply --onto` never needs
+
     lock = FileLock(str(path))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -59,6 +59,13 @@ def git_process(
     return subprocess.run(git_argv(*args), cwd=cwd, env=git_env(env), capture_output=True, text=True, input=stdin)
 
 
+def git_bytes(cwd: Path, *args: str, env: Mapping[str, str] | None = None,
+              stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    """`git_process` for binary data (a pack on stdin or stdout); never raises for
+    git's own failures."""
+    return subprocess.run(git_argv(*args), cwd=cwd, env=git_env(env), capture_output=True, input=stdin)
+
+
 def run_git(
     cwd: Path, *args: str, env: Mapping[str, str] | None = None, error: type[StackbuildError] = StackbuildError
 ) -> str:

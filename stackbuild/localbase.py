@@ -58,24 +58,28 @@ class LocalIdentity:
 
 def identify(path: Path) -> LocalIdentity:
     """What the local source at `path` holds, as a cache key (see the module doc)."""
-    r = git_process(path, "rev-parse", "--show-toplevel", "--show-prefix", env=_READ_ONLY)
-    if r.returncode != 0:
+    # one rev-parse: the top folder, the folder's place in it, and HEAD's tree there
+    # (`HEAD:./` is the folder's own path in HEAD); it prints each answer in turn
+    r = git_process(path, "rev-parse", "--show-toplevel", "--show-prefix", "--verify", "-q", "HEAD:./", env=_READ_ONLY)
+    lines = r.stdout.split("\n")
+    if r.returncode not in (0, 1) or len(lines) < 2:
         return _by_files(path, "not a git checkout")
-    top, _, prefix = r.stdout.partition("\n")
-    prefix = prefix.strip()
-    t = git_process(path, "rev-parse", "--verify", "-q", f"HEAD:{prefix}", env=_READ_ONLY)
-    if t.returncode != 0:
+    top = lines[0]
+    if r.returncode != 0 or len(lines) < 3 or not lines[2].strip():
         return _by_files(path, "the folder is not in the checkout's HEAD")
-    tree = t.stdout.strip()
+    tree = lines[2].strip()
     s = git_process(path, "status", "--porcelain", "-z", "--untracked-files=all", "--ignore-submodules=none",
                     "--", ".", env=_READ_ONLY)
     if s.returncode != 0:
         return _by_files(path, "git status failed")
     if s.stdout:
         return _by_files(path, "the checkout has uncommitted changes")
-    entries = git_process(path, "ls-tree", "-r", tree, env=_READ_ONLY)
-    if entries.returncode != 0 or "\n160000 " in "\n" + entries.stdout:
-        return _by_files(path, "the checkout has submodules")
+    # a tree with a submodule is never cached under its tree id, so a cache entry for
+    # this id means it was listed before and has none (the id names the content)
+    if not (cache_dir() / "bases" / f"local-git-tree-{tree}.git" / "refs" / "heads" / BRANCH).exists():
+        entries = git_process(path, "ls-tree", "-r", tree, env=_READ_ONLY)
+        if entries.returncode != 0 or "\n160000 " in "\n" + entries.stdout:
+            return _by_files(path, "the checkout has submodules")
     return LocalIdentity(path, f"git-tree-{tree}", tree, Path(top.strip()))
 
 

@@ -12,9 +12,9 @@ silently. Re-running with unchanged inputs changes nothing and says so.
 
 from __future__ import annotations
 
-import ctypes
 import datetime as _dt
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -28,15 +28,14 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from stackbuild import __version__, localbase
+from stackbuild import __version__
 from stackbuild.cache import atomic_file, cache_dir, diagnose_write_failure, disk_guard, locked
 from stackbuild.errors import PatchError, SourceError, StackbuildError, WorkspaceError
 from stackbuild.gitrun import GIT_ENV as GIT_ENV  # re-exported: the one git runner lives in gitrun
 from stackbuild.gitrun import git_env, run_git
 from stackbuild.gitrun import git_process as git_process
-from stackbuild.manifest import Manifest, PatchRecord, SourceRecord, read_manifest
 from stackbuild.recipe import (
     PatchEntry,
     PatchKind,
@@ -56,11 +55,18 @@ from stackbuild.series import (
     parse_patch,
     split_mbox,
 )
-from stackbuild.sources.git import GitCheckout, export_tree, fetch_git, read_file_at
+from stackbuild.sparsetree import SparseTree, commit_files
 from stackbuild.treewrite import Tree, TreeWriteError, UnsafePath, mode_bits
 
+if TYPE_CHECKING:
+    from stackbuild.localbase import LocalIdentity
+    from stackbuild.manifest import Manifest
+    from stackbuild.sources.git import GitCheckout
+
 # sources.pypi (urllib, http) and sources.archive (tarfile) are imported where they are
-# used: a re-apply with unchanged inputs needs neither, and it should take a blink.
+# used: a re-apply with unchanged inputs needs neither, and it should take a blink. The
+# manifest, local and git source modules too: apply --onto (which shares this module's
+# patch steps) needs none of them.
 
 Progress = Callable[[str], None]
 BASE_TAG = "stackbuild/base"
@@ -138,7 +144,7 @@ class _Ctx:
     checkouts: dict[str, GitCheckout] = field(default_factory=dict)
     sdists: dict[str, Path] = field(default_factory=dict)
     patch_data: dict[int, bytes] = field(default_factory=dict)  # series position -> checked bytes
-    locals: dict[str, localbase.LocalIdentity] = field(default_factory=dict)  # local sources, as identified
+    locals: dict[str, LocalIdentity] = field(default_factory=dict)  # local sources, as identified
 
 
 def default_workdir(recipe: Recipe) -> Path:
@@ -149,6 +155,9 @@ def default_workdir(recipe: Recipe) -> Path:
 
 
 def _source_identity(ctx: _Ctx, src: Source) -> dict[str, Any]:
+    from stackbuild import localbase
+    from stackbuild.sources.git import fetch_git
+
     if src.kind is SourceKind.PYPI:
         return {"kind": "pypi", "ref": src.requirement, "sha256": src.sha256, "commit": None}
     if src.kind is SourceKind.GIT:
@@ -196,6 +205,8 @@ def _patch_bytes(ctx: _Ctx, entry: PatchEntry, index: int) -> bytes:
 
 
 def _read_from_source(ctx: _Ctx, src: Source, path: str, key: str) -> bytes:
+    from stackbuild.sources.git import fetch_git, read_file_at
+
     try:
         check_safe_path(path)
     except MalformedPatch as e:
@@ -286,17 +297,25 @@ def _clone_base(base: Path, dest: Path) -> subprocess.CompletedProcess[str]:
     # --no-local: objects travel through git's pack protocol, so every object is read
     # and hashed (a damaged cache fails here, not later), nothing is hard-linked to the
     # cache (damage to it cannot reach the workspace), and it works across filesystems.
-    return git_process(dest.parent, "clone", "-q", "--no-local", "--no-tags", "-b", "stackbuild", str(base), dest.name)
+    # --no-checkout: the files are written out once, after the series (SparseTree).
+    return git_process(dest.parent, "clone", "-q", "--no-local", "--no-tags", "--no-checkout", "-c",
+                       "core.autocrlf=false", "-b", "stackbuild", str(base), dest.name)
 
 
 def _source_base(ctx: _Ctx, src: Source, rebuild: bool = False) -> Path:
     """The cache's bare base repository of a release or of a local tree."""
+    from stackbuild import localbase
+
     if src.kind is SourceKind.PYPI:
         return _base_repo(ctx, src, rebuild=rebuild)
     return localbase.base_repo(ctx.locals[src.name], rebuild=rebuild)
 
 
-def _materialise(ctx: _Ctx, src: Source, dest: Path) -> None:
+def _materialise(ctx: _Ctx, src: Source, dest: Path) -> SparseTree | None:
+    """The source's pristine tree as a git repository at `dest`, its base commit tagged.
+    A release or a local source comes from the cache as a sparse checkout (files
+    written out as the series reads them; `write_out_rest` writes the others once the
+    series is done); a git source is written out whole (None)."""
     if src.kind in (SourceKind.PYPI, SourceKind.LOCAL):
         base = _source_base(ctx, src)
         r = _clone_base(base, dest)
@@ -312,10 +331,12 @@ def _materialise(ctx: _Ctx, src: Source, dest: Path) -> None:
             if r.returncode != 0:
                 raise SourceError(f"git clone of the freshly imported base failed: {_tail(r.stderr)}", file=base)
         run_git(dest, "remote", "remove", "origin")
-        run_git(dest, "config", "core.autocrlf", "false")
         run_git(dest, "tag", BASE_TAG)
+        run_git(dest, "read-tree", BASE_TAG)
         _exclude_bytecode(dest)
-        return
+        return SparseTree(dest, run_git(dest, "rev-parse", BASE_TAG + "^{commit}"))
+    from stackbuild.sources.git import export_tree
+
     export_tree(ctx.checkouts[src.name], dest)  # a git source
     run_git(dest, "init", "-q", "-b", "stackbuild")
     run_git(dest, "config", "core.autocrlf", "false")
@@ -323,6 +344,7 @@ def _materialise(ctx: _Ctx, src: Source, dest: Path) -> None:
     run_git(dest, "commit", "-q", "--no-verify", "-m", f"base: {src.describe()}")
     run_git(dest, "tag", BASE_TAG)
     _exclude_bytecode(dest)
+    return None
 
 
 def _exclude_bytecode(tree: Path) -> None:
@@ -381,15 +403,31 @@ class _TreeText:
         return changed
 
 
+Committer = Callable[[Sequence[str], str], str]  # (changed paths, message) -> the new commit
+
+
+def _moving_head(sp: SparseTree) -> Committer:
+    """A sparse workspace tree's commits, each also moving HEAD (a workspace is the
+    user's repository: its HEAD is the last patch)."""
+    def commit(files: Sequence[str], message: str) -> str:
+        c = sp.commit(files, message)
+        run_git(sp.path, "update-ref", "-m", "commit: stackbuild", "HEAD", c)
+        return c
+    return commit
+
+
 def _commit(tree: Path, files: Sequence[str], message: str) -> str:
-    # literal: a file named `*.py` or `:(top)x` is that file, not a pattern
-    run_git(tree, "--literal-pathspecs", "add", "-A", "-f", "--", *files)
-    run_git(tree, "commit", "-q", "--no-verify", "--allow-empty", "-m", message)
-    return run_git(tree, "rev-parse", "HEAD")
+    commit = commit_files(tree, files, message, "HEAD")
+    run_git(tree, "update-ref", "-m", "commit: stackbuild", "HEAD", commit)
+    return commit
 
 
 def _apply_text_patch(ctx: _Ctx | None, entry: PatchEntry, data: bytes, tree: Path,
-                      fill: Callable[[str], None] | None = None) -> PatchResult:
+                      fill: Callable[[str], None] | None = None, commit_with: Committer | None = None) -> PatchResult:
+    """One patch (of one or more parts, one commit each) onto `tree`; `fill` brings a
+    file in before it is read and `commit_with` makes the commits (apply --onto's
+    scratch checkout has no files until read and moves no ref)."""
+    commit_with = commit_with or functools.partial(_commit, tree)
     sha = hashlib.sha256(data).hexdigest()
     base = PatchResult(entry.name, entry.kind.value, entry.source, PatchVerdict.MALFORMED, "", sha)
     try:
@@ -429,7 +467,7 @@ def _apply_text_patch(ctx: _Ctx | None, entry: PatchEntry, data: bytes, tree: Pa
             return _replace(base, verdict=PatchVerdict.CONFLICT, detail=f"{label}{e}", files=tuple(files))
         subject = parsed.description or entry.description or entry.name
         msg = f"{subject}\n\nstackbuild-patch: {entry.name}\nstackbuild-sha256: {sha}\n"
-        commit = _commit(tree, changed, msg)
+        commit = commit_with(changed, msg)
     if all(v is PatchVerdict.ALREADY_APPLIED for v in verdicts):
         verdict = PatchVerdict.ALREADY_APPLIED
     elif PatchVerdict.APPLIED_FUZZ in verdicts:
@@ -488,7 +526,7 @@ def _backport_files(ctx: _Ctx, entry: PatchEntry) -> dict[str, bytes]:
     return members
 
 
-def _apply_backport(ctx: _Ctx, entry: PatchEntry, tree: Path) -> PatchResult:
+def _apply_backport(ctx: _Ctx, entry: PatchEntry, tree: Path, commit_with: Committer | None = None) -> PatchResult:
     assert entry.release and entry.sha256
     members = _backport_files(ctx, entry)
     door = Tree(tree)
@@ -518,7 +556,7 @@ def _apply_backport(ctx: _Ctx, entry: PatchEntry, tree: Path) -> PatchResult:
                            f"files from {entry.release} already identical in the tree", sha, entry.files)
     msg = (f"{entry.description or 'backport'}\n\nBackport of {', '.join(entry.files)} from {entry.release}\n"
            f"stackbuild-patch: {entry.name}\n")
-    commit = _commit(tree, written, msg)
+    commit = (commit_with or functools.partial(_commit, tree))(written, msg)
     detail = f"{len(entry.files)} file(s) from {entry.release}"
     if replaced:
         detail += f"; replaced existing {', '.join(replaced)}"
@@ -594,6 +632,8 @@ def _inspect(workdir: Path) -> tuple[Manifest | None, str]:
     """The workspace's manifest, and what is wrong with it ("" when it still is what the
     manifest says: each tree's HEAD and a clean tree). Damage is reported, never raised:
     a damaged workspace is rebuilt, not a reason to stop."""
+    from stackbuild.manifest import read_manifest
+
     if not workdir.is_dir():
         return None, f"{workdir} is not a directory"
     try:
@@ -696,14 +736,17 @@ def _build_in(ctx: _Ctx, staging: Path, workdir: Path, digest: str, idents: dict
               patch_shas: list[str]) -> ApplyResult:
     recipe = ctx.recipe
     trees: dict[str, Path] = {}
+    sparse: dict[str, SparseTree] = {}
     base_commits: dict[str, str] = {}
     for name in recipe.patched_sources:
         src = recipe.source(name)
         ctx.progress(f"materialising {name} ({src.describe()})")
         tree = staging / name
-        _materialise(ctx, src, tree)
+        sp = _materialise(ctx, src, tree)
+        if sp is not None:
+            sparse[name] = sp
         trees[name] = tree
-        base_commits[name] = run_git(tree, "rev-parse", "HEAD")
+        base_commits[name] = sp.tip if sp is not None else run_git(tree, "rev-parse", "HEAD")
         fault_point("materialised")
     results: list[PatchResult] = []
     failed: PatchResult | None = None
@@ -714,10 +757,15 @@ def _build_in(ctx: _Ctx, staging: Path, workdir: Path, digest: str, idents: dict
             continue
         ctx.progress(f"[{i + 1}/{len(recipe.patches)}] {entry.name}")
         tree = trees[entry.source]
+        sp = sparse.get(entry.source)
+        fill, commit_with = (sp.fill, _moving_head(sp)) if sp is not None else (None, None)
         if entry.kind is PatchKind.BACKPORT:
-            r = _apply_backport(ctx, entry, tree)
+            if sp is not None:
+                for rel in entry.files:
+                    sp.fill(rel)
+            r = _apply_backport(ctx, entry, tree, commit_with)
         else:
-            r = _apply_text_patch(ctx, entry, _patch_bytes(ctx, entry, i), tree)
+            r = _apply_text_patch(ctx, entry, _patch_bytes(ctx, entry, i), tree, fill, commit_with)
         results.append(r)
         if not r.verdict.ok:
             failed = r
@@ -728,6 +776,10 @@ def _build_in(ctx: _Ctx, staging: Path, workdir: Path, digest: str, idents: dict
         msg = (f"{failed.name} ({where}): {failed.verdict.value}" + (f": {cause}" if cause else "")
                + "; the workspace was left as it was")
         return ApplyResult(recipe.name, workdir, False, False, msg, tuple(results), failed)
+    for sp in sparse.values():
+        sp.write_out_rest()
+    from stackbuild.manifest import Manifest, PatchRecord, SourceRecord
+
     manifest = Manifest(
         recipe=recipe.name,
         recipe_sha256=recipe.sha256,
@@ -738,7 +790,8 @@ def _build_in(ctx: _Ctx, staging: Path, workdir: Path, digest: str, idents: dict
                 name=s.name, kind=s.kind.value, ref=idents[s.name]["ref"], sha256=idents[s.name]["sha256"],
                 commit=idents[s.name]["commit"], tree=s.name if s.name in trees else None,
                 base_commit=base_commits.get(s.name),
-                head_commit=run_git(trees[s.name], "rev-parse", "HEAD") if s.name in trees else None,
+                head_commit=(sparse[s.name].tip if s.name in sparse else run_git(trees[s.name], "rev-parse", "HEAD"))
+                if s.name in trees else None,
             )
             for s in recipe.sources
         ),
@@ -793,6 +846,8 @@ def _exchange(a: Path, b: Path) -> bool:
     C library or the filesystem does not offer it."""
     if not sys.platform.startswith("linux"):
         return False
+    import ctypes
+
     try:
         fn = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 from fixtures import vllm_tree
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_workspace import Project, sha256, snapshot
 
 from stackbuild.cli import main
@@ -426,3 +428,163 @@ def test_file_folder_clashes_are_conflicts_as_in_a_full_checkout(checkout: Path,
     monkeypatch.setenv("STACKBUILD_CACHE", str(tmp_path / "cache"))
     w = apply_recipe(recipe, tmp_path / "ws")
     assert w.patches[0].verdict.value == "conflict" and w.patches[0].detail == r["detail"]
+
+
+# ------------------------------------------------------------------ what the faster path must keep (issue 16 item 5)
+
+
+def test_force_refuses_a_branch_checked_out_in_another_worktree(checkout: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """--force moves a branch with update-ref, which (unlike the fetch it replaced) would
+    move a branch under any checkout: one checked out in a linked worktree is refused."""
+    p = diff(checkout, {"pkg/a.py": edit(ORIG, "line 3\n", "line three\n")}, tmp_path / "p.patch")
+    git(checkout, "worktree", "add", "-q", "-b", "stackbuild/p", str(tmp_path / "wt"))
+    before = state(checkout)
+    assert main(["apply-patch", str(p), "--onto", str(checkout), "--commit", "--force"]) == 2
+    err = capsys.readouterr().err
+    assert "checked out in" in err and str(tmp_path / "wt") in err
+    assert state(checkout) == before
+
+
+def test_force_moves_the_branch_and_dir_stays_sound(checkout: Path, tmp_path: Path) -> None:
+    """The new objects arrive as a pack and the branch by compare-and-swap: after a
+    --force over an existing branch, DIR passes a full fsck and holds git apply's tree."""
+    p = diff(checkout, {"pkg/a.py": edit(ORIG, "line 3\n", "line three\n"), "pkg/new.py": "x = 1\n"}, tmp_path / "p.patch")
+    git(checkout, "branch", "stackbuild/p")
+    head = git(checkout, "rev-parse", "HEAD")
+    assert main(["apply-patch", str(p), "--onto", str(checkout), "--commit", "--force"]) == 0
+    assert git(checkout, "rev-parse", "stackbuild/p~1") == head
+    assert git(checkout, "rev-parse", "stackbuild/p^{tree}") == git_apply_tree(checkout, p)
+    subprocess.run(["git", "fsck", "--full", "--strict", "--no-dangling"], cwd=checkout, env=ENV, check=True,
+                   capture_output=True)
+    assert git(checkout, "status", "--porcelain") == "" and git(checkout, "rev-parse", "HEAD") == head
+
+
+def test_already_applied_patch_commits_a_branch_at_head(checkout: Path, tmp_path: Path) -> None:
+    p = diff(checkout, {"pkg/a.py": edit(ORIG, "line 3\n", "line three\n")}, tmp_path / "p.patch")
+    (checkout / "pkg/a.py").write_text(edit(ORIG, "line 3\n", "line three\n"))
+    git(checkout, "commit", "-q", "-am", "upstream took it")
+    assert main(["apply-patch", str(p), "--onto", str(checkout), "--commit"]) == 0
+    assert git(checkout, "rev-parse", "stackbuild/p") == git(checkout, "rev-parse", "HEAD")
+
+
+def test_dir_config_filters_do_not_run_and_dir_git_is_not_written(checkout: Path, tmp_path: Path) -> None:
+    """The scratch repository has its own config: a filter driver in DIR's .git/config
+    (git-lfs writes under .git/lfs when it cleans) runs only where the user's own git
+    would run it, in DIR (git status cleans files to compare them), never in the scratch
+    checkout, and DIR is byte for byte as it was."""
+    (checkout / ".gitattributes").write_text("*.py filter=mark\n")
+    git(checkout, "add", ".gitattributes")
+    git(checkout, "commit", "-q", "-m", "attributes")
+    log = tmp_path / "filter-log"
+    git(checkout, "config", "filter.mark.smudge", f'echo "smudge $PWD" >> {log}; cat')
+    git(checkout, "config", "filter.mark.clean", f'echo "clean $PWD" >> {log}; cat')
+    p = diff(checkout, {"pkg/a.py": edit(ORIG, "line 3\n", "line three\n")}, tmp_path / "p.patch")
+    log.unlink(missing_ok=True)
+    assert main(["apply-patch", str(p), "--onto", str(checkout), "--commit"]) == 0
+    ran = set(log.read_text().splitlines()) if log.exists() else set()
+    assert ran <= {f"clean {checkout}"}, ran
+    assert git(checkout, "rev-parse", "stackbuild/p^{tree}") == git_apply_tree(checkout, p)
+    git(checkout, "branch", "-D", "stackbuild/p")
+    before = state(checkout)
+    assert main(["apply-patch", str(p), "--onto", str(checkout)]) == 0
+    assert state(checkout) == before
+    assert set(log.read_text().splitlines()) <= {f"clean {checkout}"}
+
+
+@pytest.mark.parametrize("name", ["stackbuild/x y", "a..b", "-x", "x.lock", "a//b", ".x", "x/", "x.", "@", "a@{b",
+                                  "HEAD", "a~1", "ok/ä"])
+def test_branch_names_git_refuses_are_refused(checkout: Path, tmp_path: Path, name: str,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    p = diff(checkout, {"pkg/a.py": edit(ORIG, "line 3\n", "line three\n")}, tmp_path / "p.patch")
+    ok = subprocess.run(["git", "check-ref-format", "--branch", name], env=ENV, capture_output=True).returncode == 0
+    before = state(checkout)
+    rc = main(["apply-patch", str(p), "--onto", str(checkout), "--commit", "--branch", name])
+    if ok:
+        assert rc == 0 and git(checkout, "rev-parse", f"refs/heads/{name}^{{tree}}") == git_apply_tree(checkout, p)
+    else:
+        assert rc == 2 and "not a valid branch name" in capsys.readouterr().err
+        assert state(checkout) == before
+
+
+_NAME_CHARS = "abAZ09_-./@{}~^:?*[\\ ä\t"
+
+
+@settings(max_examples=400, deadline=None, database=None)
+@given(st.text(alphabet=_NAME_CHARS, min_size=1, max_size=12) | st.sampled_from(
+    ["stackbuild/r", "a.b/c-d_e", "x.lock/y", "a/.b", "a/b.", "-a", "a..b", "HEAD", "a/HEAD", "_x", "9"]))
+def test_branch_names_judged_without_git_are_ones_git_accepts(name: str) -> None:
+    """The fast branch-name check may send a valid name to git, never pass an invalid one."""
+    from stackbuild.onto import _plain_branch
+
+    if _plain_branch(name):
+        r = subprocess.run(["git", "check-ref-format", "--branch", name], env=ENV, capture_output=True, text=True)
+        assert r.returncode == 0 and r.stdout.strip() == name, name
+
+
+@settings(max_examples=150, deadline=None, database=None)
+@given(st.lists(st.text(alphabet="ab# \t\r\v", max_size=6), max_size=8).map("\n".join))
+def test_commit_message_cleaned_as_git_stripspace(message: str) -> None:
+    """Commits are made with commit-tree, which keeps the message as given: it is first
+    cleaned as `git commit -m` cleans it (`git stripspace`), so commit ids stay those
+    `git commit` made."""
+    from stackbuild.sparsetree import stripspace
+
+    want = subprocess.run(["git", "stripspace"], input=message.encode(), env=ENV, capture_output=True, check=True).stdout
+    assert stripspace(message).encode() == want
+
+
+@pytest.mark.parametrize("kind", ["colon:in path", "linked worktree", "sha256"])
+def test_checkouts_of_every_shape_get_git_applys_tree(tmp_path: Path, kind: str,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """The scratch repository reads DIR's objects through GIT_ALTERNATE_OBJECT_DIRECTORIES
+    (a colon-separated list: a path with a colon is quoted), finds them in the common
+    object store of a linked worktree, and uses DIR's object format."""
+    files = {"pkg/a.py": ORIG}
+    if kind == "sha256":
+        co = tmp_path / "co"
+        co.mkdir()
+        git(co, "init", "-q", "-b", "main", "--object-format=sha256")
+        (co / "pkg").mkdir()
+        (co / "pkg/a.py").write_text(ORIG)
+        git(co, "add", "-A")
+        git(co, "commit", "-q", "-m", "upstream")
+    else:
+        co = make_checkout(tmp_path / ("co:lon" if kind.startswith("colon") else "main"), files)
+    if kind == "linked worktree":
+        git(co, "worktree", "add", "-q", "-b", "side", str(tmp_path / "side"))
+        co = tmp_path / "side"
+    p = diff(co, {"pkg/a.py": edit(ORIG, "line 3\n", "line three\n")}, tmp_path / "p.patch")
+    head = git(co, "rev-parse", "HEAD")
+    assert main(["apply-patch", str(p), "--onto", str(co), "--commit"]) == 0, capsys.readouterr().err
+    assert git(co, "rev-parse", "stackbuild/p~1") == head
+    assert git(co, "rev-parse", "stackbuild/p^{tree}") == git_apply_tree(co, p)
+    subprocess.run(["git", "fsck", "--full", "--no-dangling"], cwd=co, env=ENV, check=True, capture_output=True)
+
+
+def test_local_identity_of_a_subfolder_a_submodule_and_a_folder_not_in_head(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """One rev-parse reads the top folder, the folder's place and HEAD's tree there; the
+    submodule listing is skipped only for a tree id already in the cache (which a tree
+    with a submodule never is)."""
+    from stackbuild import localbase
+
+    monkeypatch.setenv("STACKBUILD_CACHE", str(tmp_path / "cache"))
+    co = make_checkout(tmp_path / "co", {"pkg/a.py": ORIG, "top.txt": "x\n"})
+    sub = localbase.identify(co / "pkg")
+    assert sub.key == f"git-tree-{git(co, 'rev-parse', 'HEAD:pkg')}" and sub.repo == co
+    top = localbase.identify(co)
+    assert top.key == f"git-tree-{git(co, 'rev-parse', 'HEAD^{tree}')}"
+    localbase.base_repo(top)  # now cached: identify skips the listing, with the same answer
+    assert localbase.identify(co) == top
+    (co / "new").mkdir()
+    assert localbase.identify(co / "new").why_files == "the folder is not in the checkout's HEAD"
+    (co / "new").rmdir()
+    git(co, "update-index", "--add", "--cacheinfo", f"160000,{git(co, 'rev-parse', 'HEAD')},lib")
+    git(co, "commit", "-q", "-m", "a submodule")
+    (co / "lib").mkdir()
+    withsub = localbase.identify(co)
+    assert withsub.key.startswith("files-") and withsub.why_files == "the checkout has submodules"
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert localbase.identify(plain).why_files == "not a git checkout"

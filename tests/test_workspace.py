@@ -534,3 +534,38 @@ def test_a_release_is_imported_once_then_cloned_from_the_cache(tmp_path: Path, m
     assert t1.tags[BASE_TAG].commit.hexsha == t2.tags[BASE_TAG].commit.hexsha  # deterministic
     assert not t2.remotes  # the workspace does not point into the cache
     assert (tmp_path / "ws2" / "vllm" / "vllm" / "envs.py").read_bytes() == (fixtures.vllm_tree("0.19.0") / "vllm/envs.py").read_bytes()
+
+
+def test_cached_base_workspace_equals_a_full_checkout_of_its_head(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A release or local source is patched on a sparse checkout and the other files are
+    written out after the series: the workspace must still be, byte for byte and mode
+    for mode, a full checkout of its HEAD (line-ending attributes, links, executables,
+    deep folders), and clean."""
+    import subprocess
+
+    monkeypatch.setenv("STACKBUILD_CACHE", str(tmp_path / "cache"))
+    proj = Project(tmp_path / "proj")
+    files: dict[str, str | bytes] = {"pkg/a.py": ORIG, "pkg/b.py": ORIG, "deep/x/y/z.txt": b"z\r\n",
+                                     "run.sh": "echo hi\n", ".gitattributes": "*.txt text eol=crlf\n"}
+    patch = ("--- a/pkg/a.py\n+++ b/pkg/a.py\n@@ -1,3 +1,3 @@\n line 1\n-line 2\n+line two\n line 3\n"
+             "--- /dev/null\n+++ b/pkg/new.py\n@@ -0,0 +1 @@\n+x = 1\n"
+             "--- a/pkg/b.py\n+++ /dev/null\n@@ -1,20 +0,0 @@\n" + "".join(f"-{x}\n" for x in ORIG.splitlines()))
+    recipe = proj.simple(files, [("p", patch)])
+    (proj.root / "upstream/pkg/run.sh").chmod(0o755)
+    (proj.root / "upstream/pkg/link").symlink_to("pkg")
+    r = proj.apply(recipe)
+    assert r.ok, r.message
+    ws = proj.workdir / "pkg"
+    full = tmp_path / "full"
+    subprocess.run(["git", "clone", "-q", str(ws), str(full)], check=True, capture_output=True)
+
+    def tree(root: Path) -> dict[str, tuple[str, int]]:
+        return {k: (v, os.lstat(root / k).st_mode) for k, v in snapshot(root).items() if not k.startswith(".git/")}
+
+    assert tree(ws) == tree(full)
+    assert (ws / "pkg/a.py").read_text() == edit(ORIG, "line 2\n", "line two\n") and not (ws / "pkg/b.py").exists()
+    assert os.readlink(ws / "link") == "pkg" and os.access(ws / "run.sh", os.X_OK)
+    st = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ws, capture_output=True, text=True)
+    assert st.returncode == 0 and st.stdout == ""
+    parent = subprocess.run(["git", "rev-parse", "HEAD~1", BASE_TAG], cwd=ws, capture_output=True, text=True).stdout.split()
+    assert parent[0] == parent[1]

@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import platformdirs
-
 from stackbuild.cache import cache_dir, locked
 from stackbuild.errors import SourceError
 from stackbuild.inputs import read_user_text
@@ -44,7 +42,12 @@ class GitCheckout:
 def mirror_map() -> dict[str, str]:
     mirrors: dict[str, str] = {}
     f = os.environ.get("STACKBUILD_MIRRORS_FILE")
-    path = Path(f) if f else Path(platformdirs.user_config_dir("stackbuild")) / "mirrors.toml"
+    if f:
+        path = Path(f)
+    else:
+        import platformdirs  # only here: importing the module must stay cheap
+
+        path = Path(platformdirs.user_config_dir("stackbuild")) / "mirrors.toml"
     if path.exists():
         try:
             data = tomllib.loads(read_user_text(path, "mirror map", SourceError))
