@@ -751,6 +751,12 @@ def test_marked_entry_is_refused_even_where_its_file_applies(tmp_path: Path, mon
     assert applied.ok, applied.message
     assert [p.verdict.value for p in applied.patches] == ["applied", "applied"]
     assert "import multiprocessing  # ported\n" in (root / "work" / "mk-0.20.0" / "vllm" / UTILS).read_text()
+    # one importer: the refresh's new base is the cached base apply cloned
+    from stackbuild.gitrun import run_git
+
+    base = run_git(cache / "bases" / f"{VLLM_SDISTS['0.20.0']}.git", "rev-parse", "stackbuild")
+    assert run_git(res.worktree, "rev-parse", "stackbuild/base") == base
+    assert run_git(root / "work" / "mk-0.20.0" / "vllm", "rev-parse", "stackbuild/base") == base
 
 
 def test_export_keeps_the_mark_and_apply_still_refuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -787,3 +793,53 @@ def test_export_keeps_the_mark_and_apply_still_refuses(tmp_path: Path, monkeypat
     assert not refused.ok and refused.exit_code == 1 and "p (patches/p.patch): needs porting" in refused.message
     recipe_path.write_text(recipe_path.read_text().replace('refresh_verdict = "needs porting: moved to pkg/gamma.py"\n', ""))
     assert apply_recipe(load_recipe(recipe_path), tmp_path / "w").ok
+
+
+# ------------------------------------------------------------------ the cached base, the matrix's processes
+
+
+def test_matrix_matches_refresh_in_one_process_or_two_and_reuses_the_cached_base(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A local source refreshed onto another tree: the new base is the cache's base
+    repository of that tree (the commit apply would clone), and a matrix over it, in
+    this process or in two, gives the same verdicts as the refresh, without importing
+    the tree again."""
+    from stackbuild import localbase
+    from stackbuild.gitrun import run_git
+    from stackbuild.refresh import matrix_jobs
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("STACKBUILD_CACHE", str(cache))
+    v1, v2 = tmp_path / "v1", tmp_path / "v2"
+    monkeypatch.setenv("STACKBUILD_ALLOW_DIRS", os.pathsep.join([str(v1), str(v2)]))
+    make_upstream_repo(v1, V1, tag=None)
+    _v2(make_upstream_repo(v2, V1))
+    root = tmp_path / "proj"
+    pdir = root / "patches" / "pkg" / "v1"
+    pdir.mkdir(parents=True)
+    (root / "recipes").mkdir()
+    body = ""
+    for name, text in _constructed_patches().items():
+        (pdir / f"{name}.patch").write_text(text)
+        body += f'\n[[patches]]\nfile = "patches/pkg/v1/{name}.patch"\nsource = "pkg"\nsha256 = "{sha(pdir / f"{name}.patch")}"\n'
+    (root / "recipes" / "loc.toml").write_text(f'platform = "b70"\n\n[sources.pkg]\npath = "{v1}"\n' + body)
+    recipe = load_recipe(root / "recipes" / "loc.toml")
+    one = refresh(recipe, f"pkg={v2}")
+    base = localbase.base_repo(localbase.identify(v2))
+    assert run_git(one.worktree, "rev-parse", "stackbuild/base") == run_git(base, "rev-parse", "stackbuild")
+    imported = base.stat().st_ino
+
+    def cells(r) -> list[tuple[str, str, str | None, str]]:  # type: ignore[no-untyped-def]
+        return [(p.name, p.verdict.value, p.evidence.value if p.evidence else None, p.detail) for p in r.patches]
+
+    assert dict((c[0], c[1]) for c in cells(one)) == {
+        "moved": "needs porting", "reformatted": "already upstream", "elsewhere": "possibly upstream",
+        "deleted": "obsolete", "partial": "conflict"}
+    for jobs in (1, 2):
+        m = refresh_matrix(recipe, [f"pkg={v2}", f"pkg={v1}"], jobs=jobs)
+        assert m.errors == (None, None)
+        assert cells(m.results[0]) == cells(one), jobs
+        assert {p.verdict for p in m.results[1].patches} == {RefreshVerdict.CLEAN}  # its own base
+    assert base.stat().st_ino == imported  # fetched from, never imported again
+    assert matrix_jobs(None, 1) == 1 and matrix_jobs(3, 2) == 2 and matrix_jobs(1, 4) == 1
+    assert matrix_jobs(None, 64) == min(64, len(os.sched_getaffinity(0)))
