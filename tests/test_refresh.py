@@ -841,5 +841,13 @@ def test_matrix_matches_refresh_in_one_process_or_two_and_reuses_the_cached_base
         assert cells(m.results[0]) == cells(one), jobs
         assert {p.verdict for p in m.results[1].patches} == {RefreshVerdict.CLEAN}  # its own base
     assert base.stat().st_ino == imported  # fetched from, never imported again
+    # a damaged cached base is imported again, and the refresh goes on
+    for pack in (base / "objects" / "pack").glob("*.pack"):
+        pack.chmod(0o644)
+        pack.write_bytes(pack.read_bytes()[:100])
+    said: list[str] = []
+    again = refresh(recipe, f"pkg={v2}", progress=said.append, workdir=tmp_path / "again")
+    assert cells(again) == cells(one)
+    assert base.stat().st_ino != imported and any("is damaged" in x for x in said), said
     assert matrix_jobs(None, 1) == 1 and matrix_jobs(3, 2) == 2 and matrix_jobs(1, 4) == 1
     assert matrix_jobs(None, 64) == min(64, len(os.sched_getaffinity(0)))
