@@ -2,10 +2,11 @@
 (the target release itself comes from target.py; the evidence from verdict.py).
 
 The series, applied to its own (old) base, is cloned into work/<recipe>.refresh/<source>;
-the new release is committed there as a new root commit (tag `stackbuild/base`; the
-old base keeps `stackbuild/old-base`), and each patch's commits are cherry-picked onto
-it: a three-way merge against the old base, so context that moved or changed around a
-patch does not stop it. The order in which a verdict is decided:
+the new release is a new root commit there (tag `stackbuild/base`; the old base keeps
+`stackbuild/old-base`): for a pypi release or a local tree, the cache's base commit that
+`apply` clones, fetched (imported first if no run has yet). Each patch's commits are
+cherry-picked onto it: a three-way merge against the old base, so context that moved or
+changed around a patch does not stop it. The order in which a verdict is decided:
 
 1. already upstream, proven: the same `git patch-id` as an upstream commit (git
    sources), the reverse applies, the same code in substance (verdict.normalised_upstream),

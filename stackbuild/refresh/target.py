@@ -1,5 +1,6 @@
-"""The release a refresh goes to: parsing `--to` for each source kind, and writing the
-new release's files into the refresh worktree.
+"""The release a refresh goes to: parsing `--to` for each source kind, and where the new
+release's files come from (the cache's base repository, as for `apply`; git for git
+sources and refs of a local checkout).
 
 `--to` forms: NAME==VERSION (a pypi source), NAME@REF (a git source, or a git ref of a
 local source's checkout, read through a private index so the checkout is not touched),
