@@ -59,12 +59,18 @@ from stackbuild.buildcache import (
     record_last,
 )
 from stackbuild.cache import atomic_write_text, cache_dir, locked, sha256_file
-from stackbuild.errors import StackbuildError
+from stackbuild.errors import CheckFailed, StackbuildError
 from stackbuild.lock.api import default_lockfile
 from stackbuild.manifest import Manifest, SourceRecord, read_manifest
 from stackbuild.recipe import Recipe, Source, SourceKind
 from stackbuild.report import Table
-from stackbuild.workspace import apply_recipe, default_workdir, git_process, run_git
+from stackbuild.workspace import (
+    apply_recipe,
+    default_workdir,
+    git_process,
+    refused_for_refresh_marks,
+    run_git,
+)
 
 Progress = Callable[[str], None]
 
@@ -560,6 +566,9 @@ def build(
     cache would hit, and what this machine lacks."""
     say: Progress = progress or (lambda _m: None)
     started = time.monotonic()
+    refused = refused_for_refresh_marks(recipe, (workdir or default_workdir(recipe)).resolve())
+    if refused is not None:  # before anything: a verdict about the series (exit 1), as `apply` gives
+        raise CheckFailed(refused.message)
     target = target_device or recipe.build.target_device
     if target not in TARGETS:
         raise BuildError(f"unknown target device {target!r} (one of: {', '.join(TARGETS)})",

@@ -428,7 +428,7 @@ def refresh(
                                   "ref of a local source's checkout); NAME=PATH (a local source: another tree)."),
     sha256: str | None = typer.Option(None, "--sha256", help="The new release's sdist sha256 (default: from the index)."),
     matrix: str | None = typer.Option(None, "--matrix", help="Try several releases: vllm==0.19.0,0.20.0,0.21.0"),
-    jobs: int = typer.Option(2, "--jobs", help="--matrix: releases tried at once."),
+    jobs: int | None = typer.Option(None, "--jobs", help="--matrix: releases tried at once (default: one per release, at most one per CPU)."),
     cont: bool = typer.Option(False, "--continue", help="Go on after resolving a conflict in the refresh worktree."),
     abort: bool = typer.Option(False, "--abort", help="Drop the refresh in progress; restore everything."),
     force: bool = typer.Option(False, "--force", help="Overwrite refreshed patch files that differ."),
@@ -450,6 +450,8 @@ def refresh(
     elif cont:
         result = rf.refresh_continue(r, workdir, progress=progress, force=force)
     elif matrix is not None:
+        if jobs is not None and jobs < 1:
+            raise _E("must be >= 1", key="--jobs")
         result = rf.refresh_matrix(r, _matrix_versions(matrix), jobs=jobs, progress=progress)
     else:
         assert to is not None

@@ -39,6 +39,7 @@ from stackbuild.workspace import (
     _patch_bytes,
     _replace,
     entry_file,
+    refused_for_refresh_marks,
 )
 
 Progress = Callable[[str], None]
@@ -261,6 +262,9 @@ def apply_onto(recipe: Recipe, target: Path, source: str | None = None, branch: 
         source = patched[0]
     elif source not in patched:
         raise PatchError(f"--source {source}: the recipe patches {', '.join(patched) or 'no source'}", file=recipe.path)
+    refused = refused_for_refresh_marks(recipe, target, source)
+    if refused is not None:
+        return refused
     branch = branch or f"stackbuild/{recipe.name}"
     co = _prepare(target, branch, force)
     ctx = _Ctx(recipe, recipe.root, say)

@@ -135,6 +135,9 @@ class PatchEntry:
     files: tuple[str, ...] = ()  # BACKPORT: files to take from the release
     description: str | None = None
     test: str | None = None  # the test that exercises this patch
+    # set by `stackbuild refresh` on an entry a person must decide on ("obsolete: ..."):
+    # apply refuses the series while any entry has it
+    refresh_verdict: str | None = None
 
 
 @dataclass(frozen=True)
@@ -259,7 +262,7 @@ SOURCE_KEYS = {"pypi", "sha256", "git", "tag", "commit", "branch", "float", "pat
 LIMIT_KEYS = {"max_total_mb", "max_members", "max_member_mb"}
 PATCH_KEYS = {
     "name", "file", "from", "path", "backport", "files", "source", "sha256", "strip",
-    "fuzz", "description", "test",
+    "fuzz", "description", "test", "refresh_verdict",
 }
 PIN_KEYS = {"version", "index", "url", "sha256", "trust_on_first_use", "override", "markers"}
 BUILD_KEYS = {"target_device", "max_jobs", "kernels_from_source", "env"}
@@ -576,6 +579,9 @@ def _parse_patch(v: _V, i: int, t: Any, source_names: set[str]) -> PatchEntry:
     sha = v.sha(t["sha256"], f"{key}.sha256") if "sha256" in t else None
     desc = v.typed(t["description"], str, f"{key}.description") if "description" in t else None
     test = v.typed(t["test"], str, f"{key}.test") if "test" in t else None
+    mark = v.typed(t["refresh_verdict"], str, f"{key}.refresh_verdict") if "refresh_verdict" in t else None
+    if mark is not None and not mark.strip():
+        raise v.err(f"{key}.refresh_verdict", "is empty: delete the key once a person has decided on the patch")
     kind = kinds[0]
     if kind == "file":
         f = v.typed(t["file"], str, f"{key}.file")
@@ -584,7 +590,8 @@ def _parse_patch(v: _V, i: int, t: Any, source_names: set[str]) -> PatchEntry:
             raise v.err(f"{key}.sha256", "missing: every patch file is pinned by its sha256")
         name = v.typed(t.get("name", Path(f).name.removesuffix(".patch")), str, f"{key}.name")
         _patch_name(v, name, key)
-        return PatchEntry(name, PatchKind.FILE, src, sha, strip, fuzz, file=f, description=desc, test=test)
+        return PatchEntry(name, PatchKind.FILE, src, sha, strip, fuzz, file=f, description=desc, test=test,
+                          refresh_verdict=mark)
     if kind == "from":
         frm = v.typed(t["from"], str, f"{key}.from")
         if frm not in source_names:
@@ -595,7 +602,7 @@ def _parse_patch(v: _V, i: int, t: Any, source_names: set[str]) -> PatchEntry:
         name = v.typed(t.get("name", Path(path).name.removesuffix(".patch")), str, f"{key}.name")
         _patch_name(v, name, key)
         return PatchEntry(name, PatchKind.FROM_SOURCE, src, sha, strip, fuzz,
-                          from_source=frm, path=path, description=desc, test=test)
+                          from_source=frm, path=path, description=desc, test=test, refresh_verdict=mark)
     release = v.typed(t["backport"], str, f"{key}.backport")
     try:
         project, version = exact_pin(release)
@@ -612,7 +619,7 @@ def _parse_patch(v: _V, i: int, t: Any, source_names: set[str]) -> PatchEntry:
     name = v.typed(t.get("name", f"backport-{project}-{version}"), str, f"{key}.name")
     _patch_name(v, name, key)
     return PatchEntry(name, PatchKind.BACKPORT, src, sha, 0, 0, release=f"{project}=={version}", files=files,
-                      description=desc, test=test)
+                      description=desc, test=test, refresh_verdict=mark)
 
 
 _SIMPLE_CLAUSE = re.compile(r"\s*(==|!=|>=|<=|>|<)\s*([^\s,;*]+)\s*")

@@ -571,6 +571,28 @@ def _replace(r: PatchResult, **kw: Any) -> PatchResult:
 # ------------------------------------------------------------------ the command
 
 
+def refused_for_refresh_marks(recipe: Recipe, workdir: Path, source: str | None = None) -> ApplyResult | None:
+    """The verdict on a series holding an entry `stackbuild refresh` marked for a person
+    to decide (`refresh_verdict`): nothing is applied (exit 1, a verdict about the
+    world), even where the entry's old patch file would apply. None when no entry of
+    `source` (default: every source) is marked."""
+    marked = [p for p in recipe.patches if p.refresh_verdict and source in (None, p.source)]
+    if not marked:
+        return None
+    names = {p.name for p in marked}
+    first = marked[0]
+    results = tuple(
+        PatchResult(p.name, p.kind.value, p.source, PatchVerdict.NOT_ATTEMPTED,
+                    f"marked by refresh: {p.refresh_verdict}" if p.name in names else f"the series is refused: {first.name} is marked")
+        for p in recipe.patches if source in (None, p.source))
+    shown = "; ".join(f"{p.name} ({entry_file(recipe, p.name)}): {p.refresh_verdict}" for p in marked)
+    msg = (f"{recipe.path}: refresh marked {len(marked)} patch(es) for a person to decide, so nothing was applied: "
+           f"{shown}. Port each to the new release (point its `file` at the ported patch, run `stackbuild rehash "
+           f"{recipe.path.stem}`) and delete its `refresh_verdict` line, or delete the entry")
+    return ApplyResult(recipe.name, workdir, False, False, msg,
+                       results, next(r for r in results if r.name == first.name))
+
+
 def plan_apply(recipe: Recipe) -> tuple[str, ...]:
     steps = []
     for src in recipe.sources:
@@ -578,7 +600,8 @@ def plan_apply(recipe: Recipe) -> tuple[str, ...]:
         steps.append(f"fetch {src.name}: {src.describe()} ({role})")
     for p in recipe.patches:
         what = p.file or (f"{p.from_source}:{p.path}" if p.from_source else f"{', '.join(p.files)} from {p.release}")
-        steps.append(f"apply {p.name} to {p.source}: {what}")
+        steps.append(f"apply {p.name} to {p.source}: {what}" + (
+            f" (refused: marked by refresh: {p.refresh_verdict})" if p.refresh_verdict else ""))
     return tuple(steps)
 
 
@@ -593,6 +616,9 @@ def apply_recipe(
     ctx = _Ctx(recipe, recipe.root, progress or (lambda _m: None))
     if dry_run:
         return ApplyResult(recipe.name, workdir, False, True, "dry run: nothing fetched or applied", (), plan=plan_apply(recipe))
+    refused = refused_for_refresh_marks(recipe, workdir)
+    if refused is not None:
+        return refused
     with disk_guard(workdir.parent):
         workdir.parent.mkdir(parents=True, exist_ok=True)
         with locked(workdir.parent / f".{workdir.name}.lock", f"workspace {workdir}"):

@@ -535,3 +535,16 @@ def test_pin_with_a_bad_version_is_refused_naming_the_key(tmp_path: Path, spec: 
     (tmp_path / "recipes/r.toml").write_text(f'platform = "b70"\n[pins]\ntorch = {{ version = "{spec}" }}\n')
     with pytest.raises(RecipeError, match=r"pins\.torch\.version"):
         load_recipe(tmp_path / "recipes/r.toml", tmp_path)
+
+
+def test_refresh_verdict_is_a_one_line_string_on_a_patch(tmp_path: Path) -> None:
+    """`refresh_verdict` (the mark refresh leaves on an undecided entry) is read as it
+    is; anything but a non-empty single-line string is refused naming the key."""
+    entry = f'[sources.vllm]\npypi = "vllm==0.19.0"\nsha256 = "{SHA_A}"\n\n[[patches]]\nfile = "patches/x.patch"\nsource = "vllm"\nsha256 = "{SHA_A}"\n'
+    p = write(tmp_path, "ok", 'platform = "b70"\n' + entry + 'refresh_verdict = "obsolete: \\"x.py\\" is gone"\n')
+    (patch,) = load_recipe(p).patches
+    assert patch.refresh_verdict == 'obsolete: "x.py" is gone'
+    assert load_recipe(write(tmp_path, "plain", 'platform = "b70"\n' + entry)).patches[0].refresh_verdict is None
+    for bad, why in (("1", "str"), ('""', "is empty"), ('"conflict\\nrm -rf"', "control character")):
+        e = load_error(write(tmp_path, "bad", 'platform = "b70"\n' + entry + f"refresh_verdict = {bad}\n"))
+        assert e.key == "patches[0].refresh_verdict" and why in e.message, e.render()

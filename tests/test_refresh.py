@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import difflib
 import hashlib
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -210,12 +211,13 @@ def test_continue_refuses_markers_then_writes_patches_and_recipe(project: Path, 
         if p.file and p.name != "vanished":
             assert p.file.startswith("patches/vllm/0.20.0/")
             assert p.sha256 == sha(project / p.file)
-    # it stops at the undecided patch instead of building without it
+    # the undecided patch is marked: apply refuses the series instead of building without it
     from stackbuild.workspace import apply_recipe
 
     applied = apply_recipe(new, project / "work" / "applied-020")
     assert not applied.ok and applied.failed is not None and applied.failed.name == "vanished"
-    assert [r.verdict.value for r in applied.patches[:3]] == ["applied"] * 3
+    assert applied.exit_code == 1 and applied.failed.detail.startswith("marked by refresh: obsolete: ")
+    assert {r.verdict.value for r in applied.patches} == {"not attempted"}
 
 
 @pytest.mark.network
@@ -446,10 +448,12 @@ def test_constructed_upstream_gives_each_verdict_and_keeps_every_undecided_patch
     text = res.new_recipe.read_text()  # type: ignore[union-attr]
     for name in ("moved", "elsewhere", "deleted", "partial"):
         assert f'\nfile = "patches/pkg/v1.0/{name}.patch"' in text
-    assert text.count("so `stackbuild apply` stops here") == 4
+    assert text.count("refuses the whole series while it has `refresh_verdict`") == 4
     assert '# file = "patches/pkg/v1.0/reformatted.patch"' in text
     new = load_recipe(res.new_recipe)  # type: ignore[arg-type]
     assert [p.name for p in new.patches] == ["moved", "elsewhere", "deleted", "partial"]
+    assert [(p.refresh_verdict or "").split(":")[0] for p in new.patches] == [
+        "needs porting", "possibly upstream", "obsolete", "conflict"]
     assert not apply_recipe(new, tmp_path / "applied").ok  # never builds silently without them
 
 
@@ -819,3 +823,182 @@ def test_real_lunar_lake_series_on_0_23_0_and_0_33_0_sees_upstream_equivalents(
     assert "`is_int4=`" in r23.verdict("xpu-int4-moe").detail
     assert "moved from vllm/v1/core/kv_cache_utils.py to vllm/v1/core/kv_cache_planning.py:" in \
         r33.verdict("hybrid-kv-page-size-lcm").detail
+
+
+# ------------------------------------------------------------------ the mark apply refuses
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_marked_entry_is_refused_even_where_its_file_applies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """refresh 0.19.0 -> 0.20.0 keeps the obsolete "vanished" entry marked with
+    `refresh_verdict`. apply, apply --onto and build refuse the new recipe (exit 1, one
+    message naming the recipe, the patch and the verdict, nothing done), also once the
+    entry names a port that applies to 0.20.0 (rehash keeps the mark); without the mark
+    the series applies, the port included."""
+    from stackbuild.cli import main
+    from stackbuild.patchqueue import rehash
+    from stackbuild.workspace import apply_recipe
+
+    cache = tmp_path / "cache"
+    seed_cache(cache, ["0.19.0", "0.20.0"])
+    monkeypatch.setenv("STACKBUILD_CACHE", str(cache))
+    root = tmp_path / "proj"
+    pdir = root / "patches" / "vllm" / "0.19.0"
+    pdir.mkdir(parents=True)
+    (root / "recipes").mkdir()
+    series = _series(fixtures.vllm_tree("0.19.0"))
+    entries = []
+    for name in ("clean", "vanished"):
+        (pdir / f"{name}.patch").write_text(series[name])
+        entries.append(f'[[patches]]\nfile = "patches/vllm/0.19.0/{name}.patch"\nsource = "vllm"\n'
+                       f'sha256 = "{sha(pdir / f"{name}.patch")}"\n')
+    (root / "recipes" / "mk.toml").write_text(
+        f'name = "mk"\nplatform = "lunar-lake"\n\n[sources.vllm]\npypi = "vllm==0.19.0"\nsha256 = "{VLLM_SDISTS["0.19.0"]}"\n\n'
+        + "\n".join(entries))
+    res = refresh(load_recipe(root / "recipes" / "mk.toml"), "vllm==0.20.0", VLLM_SDISTS["0.20.0"])
+    assert res.state == "done" and res.exit_code == 1
+    assert _verdicts(res) == {"clean": (RefreshVerdict.CLEAN, None),
+                              "vanished": (RefreshVerdict.OBSOLETE, Evidence.FILE_GONE)}
+    new_path = root / "recipes" / "mk-0.20.0.toml"
+    assert res.new_recipe == new_path
+    marked = load_recipe(new_path).patches[1]
+    assert marked.name == "vanished" and marked.file == "patches/vllm/0.19.0/vanished.patch"
+    assert marked.refresh_verdict is not None and marked.refresh_verdict.startswith("obsolete: ")
+    assert "vllm/lora/layers/gate_linear.py is gone" in marked.refresh_verdict
+    assert load_recipe(new_path).patches[0].refresh_verdict is None  # carried: not marked
+
+    # a person ports it (a change 0.20.0 takes) but leaves the mark: still refused
+    utils = (fixtures.vllm_tree("0.20.0") / UTILS).read_text()
+    port = root / "patches" / "vllm" / "0.20.0" / "vanished.patch"
+    port.write_text(udiff(UTILS, utils, utils.replace("import multiprocessing\n", "import multiprocessing  # ported\n", 1),
+                          "Description: the port\n\n"))
+    new_path.write_text(new_path.read_text().replace('"patches/vllm/0.19.0/vanished.patch"',
+                                                     '"patches/vllm/0.20.0/vanished.patch"'))
+    assert rehash([str(new_path)]).entries[1].action == "updated"
+    text = new_path.read_text()
+    assert text.count("refresh_verdict = ") == 1  # rehash kept the mark
+    assert load_recipe(new_path).patches[1].refresh_verdict == marked.refresh_verdict
+
+    monkeypatch.chdir(root)
+    capsys.readouterr()
+    for argv in (["apply", "mk-0.20.0"], ["apply", "mk-0.20.0", "--onto", str(tmp_path / "checkout")],
+                 ["build", "mk-0.20.0", "--target-device", "empty"]):
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert str(new_path) in err and "vanished (patches/vllm/0.20.0/vanished.patch): obsolete: " in err, err
+        assert "nothing was applied" in err and "delete its `refresh_verdict` line" in err, err
+        assert "Traceback" not in err
+    assert not (root / "work" / "mk-0.20.0").exists()  # refused before anything was fetched or written
+    assert main(["apply", "mk-0.20.0", "--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["ok"] is False and out["failed"] == "vanished"
+    assert [p["verdict"] for p in out["patches"]] == ["not attempted", "not attempted"]
+
+    # the person decides: the mark goes, and the series applies, the port included
+    new_path.write_text("\n".join(ln for ln in text.split("\n") if not ln.startswith("refresh_verdict = ")))
+    applied = apply_recipe(load_recipe(new_path))
+    assert applied.ok, applied.message
+    assert [p.verdict.value for p in applied.patches] == ["applied", "applied"]
+    assert "import multiprocessing  # ported\n" in (root / "work" / "mk-0.20.0" / "vllm" / UTILS).read_text()
+    # one importer: the refresh's new base is the cached base apply cloned
+    from stackbuild.gitrun import run_git
+
+    base = run_git(cache / "bases" / f"{VLLM_SDISTS['0.20.0']}.git", "rev-parse", "stackbuild")
+    assert run_git(res.worktree, "rev-parse", "stackbuild/base") == base
+    assert run_git(root / "work" / "mk-0.20.0" / "vllm", "rev-parse", "stackbuild/base") == base
+
+
+def test_export_keeps_the_mark_and_apply_still_refuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`export` rewrites a marked entry's patch file and sha256 and keeps its
+    `refresh_verdict`; apply goes on refusing until a person deletes it."""
+    import subprocess
+
+    from stackbuild.patchqueue import edit, export
+    from stackbuild.workspace import apply_recipe
+
+    monkeypatch.setenv("STACKBUILD_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "proj"
+    (root / "tree" / "pkg").mkdir(parents=True)
+    (root / "tree" / "pkg" / "beta.py").write_text(BETA)
+    (root / "patches").mkdir()
+    (root / "recipes").mkdir()
+    p = root / "patches" / "p.patch"
+    p.write_text(udiff("pkg/beta.py", BETA, _mod(BETA, "    return x * 5\n", "    return x * 55\n"), "Description: p\n\n"))
+    recipe_path = root / "recipes" / "ex.toml"
+    recipe_path.write_text(f'platform = "b70"\n\n[sources.pkg]\npath = "tree"\n\n[[patches]]\nfile = "patches/p.patch"\n'
+                           f'source = "pkg"\nsha256 = "{sha(p)}"\n')
+    tree = edit(load_recipe(recipe_path)).trees[0].path
+    f = tree / "pkg" / "beta.py"
+    f.write_text(f.read_text().replace("    return x * 55\n", "    return x * 56\n"))
+    subprocess.run(["git", "-c", "user.name=m", "-c", "user.email=m@x", "commit", "-qa", "--amend", "--no-edit"],
+                   cwd=tree, check=True, capture_output=True)
+    recipe_path.write_text(recipe_path.read_text() + 'refresh_verdict = "needs porting: moved to pkg/gamma.py"\n')
+    out = export(load_recipe(recipe_path))
+    assert [x.action for x in out.patches] == ["updated"]
+    new = load_recipe(recipe_path)
+    assert new.patches[0].sha256 == sha(p) and "x * 56" in p.read_text()
+    assert new.patches[0].refresh_verdict == "needs porting: moved to pkg/gamma.py"
+    refused = apply_recipe(new, tmp_path / "w")
+    assert not refused.ok and refused.exit_code == 1 and "p (patches/p.patch): needs porting" in refused.message
+    recipe_path.write_text(recipe_path.read_text().replace('refresh_verdict = "needs porting: moved to pkg/gamma.py"\n', ""))
+    assert apply_recipe(load_recipe(recipe_path), tmp_path / "w").ok
+
+
+# ------------------------------------------------------------------ the cached base, the matrix's processes
+
+
+def test_matrix_matches_refresh_in_one_process_or_two_and_reuses_the_cached_base(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A local source refreshed onto another tree: the new base is the cache's base
+    repository of that tree (the commit apply would clone), and a matrix over it, in
+    this process or in two, gives the same verdicts as the refresh, without importing
+    the tree again."""
+    from stackbuild import localbase
+    from stackbuild.gitrun import run_git
+    from stackbuild.refresh import matrix_jobs
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("STACKBUILD_CACHE", str(cache))
+    v1, v2 = tmp_path / "v1", tmp_path / "v2"
+    monkeypatch.setenv("STACKBUILD_ALLOW_DIRS", os.pathsep.join([str(v1), str(v2)]))
+    make_upstream_repo(v1, V1, tag=None)
+    _v2(make_upstream_repo(v2, V1))
+    root = tmp_path / "proj"
+    pdir = root / "patches" / "pkg" / "v1"
+    pdir.mkdir(parents=True)
+    (root / "recipes").mkdir()
+    body = ""
+    for name, text in _constructed_patches().items():
+        (pdir / f"{name}.patch").write_text(text)
+        body += f'\n[[patches]]\nfile = "patches/pkg/v1/{name}.patch"\nsource = "pkg"\nsha256 = "{sha(pdir / f"{name}.patch")}"\n'
+    (root / "recipes" / "loc.toml").write_text(f'platform = "b70"\n\n[sources.pkg]\npath = "{v1}"\n' + body)
+    recipe = load_recipe(root / "recipes" / "loc.toml")
+    one = refresh(recipe, f"pkg={v2}")
+    base = localbase.base_repo(localbase.identify(v2))
+    assert run_git(one.worktree, "rev-parse", "stackbuild/base") == run_git(base, "rev-parse", "stackbuild")
+    imported = base.stat().st_ino
+
+    def cells(r) -> list[tuple[str, str, str | None, str]]:  # type: ignore[no-untyped-def]
+        return [(p.name, p.verdict.value, p.evidence.value if p.evidence else None, p.detail) for p in r.patches]
+
+    assert dict((c[0], c[1]) for c in cells(one)) == {
+        "moved": "needs porting", "reformatted": "already upstream", "elsewhere": "possibly upstream",
+        "deleted": "obsolete", "partial": "conflict"}
+    for jobs in (1, 2):
+        m = refresh_matrix(recipe, [f"pkg={v2}", f"pkg={v1}"], jobs=jobs)
+        assert m.errors == (None, None)
+        assert cells(m.results[0]) == cells(one), jobs
+        assert {p.verdict for p in m.results[1].patches} == {RefreshVerdict.CLEAN}  # its own base
+    assert base.stat().st_ino == imported  # fetched from, never imported again
+    # a damaged cached base is imported again, and the refresh goes on
+    for pack in (base / "objects" / "pack").glob("*.pack"):
+        pack.chmod(0o644)
+        pack.write_bytes(pack.read_bytes()[:100])
+    said: list[str] = []
+    again = refresh(recipe, f"pkg={v2}", progress=said.append, workdir=tmp_path / "again")
+    assert cells(again) == cells(one)
+    assert base.stat().st_ino != imported and any("is damaged" in x for x in said), said
+    assert matrix_jobs(None, 1) == 1 and matrix_jobs(3, 2) == 2 and matrix_jobs(1, 4) == 1
+    assert matrix_jobs(None, 64) == min(64, len(os.sched_getaffinity(0)))

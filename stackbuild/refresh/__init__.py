@@ -23,6 +23,7 @@ Where the pieces live:
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -31,7 +32,7 @@ from typing import Any
 
 from stackbuild.errors import PatchError, StackbuildError
 from stackbuild.recipe import Recipe, load_recipe
-from stackbuild.refresh.carry import OLD_BASE_TAG, STATE_FILE, Carrier, prepare
+from stackbuild.refresh.carry import OLD_BASE_TAG, STATE_FILE, Carrier, old_base_names, prepare
 from stackbuild.refresh.results import (
     Evidence,
     MatrixResult,
@@ -178,29 +179,47 @@ def _conclude(carrier: Carrier, write: bool, force: bool) -> RefreshResult:
 # ------------------------------------------------------------------ matrix
 
 
-def _matrix_worker(recipe_path: str, to: str, sha256: str | None, rdir: str, ws_tree: str, manifest_dir: str) -> RefreshResult:
+def _matrix_worker(recipe_path: str, to: str, sha256: str | None, rdir: str, ws_tree: str, manifest_dir: str,
+                   old_names: dict[str, list[str]] | None = None) -> RefreshResult:
+    """One release of a matrix: what `refresh --to` does after its apply, except that a
+    conflict is recorded and skipped and nothing is written. `old_names`: read once by
+    the matrix for every release (without it the run reads them itself, as a refresh does)."""
     from stackbuild.manifest import read_manifest
 
     recipe = load_recipe(recipe_path)
     target = make_target(recipe, to, sha256)
-    carrier = prepare(recipe, target, Path(rdir), Path(ws_tree), read_manifest(Path(manifest_dir)), False, lambda _m: None)
+    carrier = prepare(recipe, target, Path(rdir), Path(ws_tree), read_manifest(Path(manifest_dir)), False,
+                      lambda _m: None, old_names)
     carrier.run()
     return _conclude(carrier, write=False, force=False)
+
+
+def matrix_jobs(jobs: int | None, releases: int) -> int:
+    """Processes for a matrix: one per release, at most one per CPU this process may use."""
+    if jobs is not None:
+        return max(1, min(jobs, releases))
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, releases))
 
 
 def refresh_matrix(
     recipe: Recipe,
     versions: list[str],
-    jobs: int = 2,
+    jobs: int | None = None,
     progress: Progress | None = None,
     *,
     sha256s: dict[str, str] | None = None,
     base_workspace: Path | None = None,
 ) -> MatrixResult:
-    """Try the series on several releases at once (one process and one temporary
-    directory each); nothing is written. A conflict is recorded and the series goes on
-    without that patch, so the grid shows every patch on every release."""
-    from concurrent.futures import ProcessPoolExecutor
+    """Try the series on several releases at once (a process and a temporary directory
+    per release, `matrix_jobs` at a time); nothing is written. A conflict is recorded and
+    the series goes on without that patch, so the grid shows every patch on every
+    release. What every release would repeat is done once here: applying the series to
+    its old base, and looking up at the old base the names the series adds."""
+    from concurrent.futures import Future, ProcessPoolExecutor
 
     progress = progress or (lambda _m: None)
     t0 = time.perf_counter()
@@ -217,22 +236,33 @@ def refresh_matrix(
         source = target_source_name(recipe, to)
     assert source is not None
     ws_tree, _manifest = _applied_workspace(recipe, source, base_workspace, progress)
+    old_names = old_base_names(recipe, source, ws_tree)
     base = Path(tempfile.mkdtemp(prefix=f"stackbuild-matrix-{recipe.name}-"))
     results: list[RefreshResult | None] = [None] * len(tos)
     errors: list[str | None] = [None] * len(tos)
+    n = matrix_jobs(jobs, len(tos))
+
+    def args(i: int) -> tuple[Any, ...]:
+        sha = (sha256s or {}).get(tos[i]) or (sha256s or {}).get(versions[i])
+        return (str(recipe.path), tos[i], sha, str(base / str(i)), str(ws_tree), str(ws_tree.parent), old_names)
+
+    def collect(i: int, get: Any) -> None:
+        try:
+            r = get()
+            results[i] = r
+            progress(f"{tos[i]}: {r.message}")
+        except StackbuildError as e:
+            errors[i] = e.render()
+
     try:
-        with ProcessPoolExecutor(max_workers=max(1, jobs)) as ex:
-            futs = {}
-            for i, to in enumerate(tos):
-                sha = (sha256s or {}).get(to) or (sha256s or {}).get(versions[i])
-                futs[i] = ex.submit(_matrix_worker, str(recipe.path), to, sha, str(base / str(i)), str(ws_tree), str(ws_tree.parent))
-            for i, f in futs.items():
-                try:
-                    r = f.result()
-                    results[i] = r
-                    progress(f"{tos[i]}: {r.message}")
-                except StackbuildError as e:
-                    errors[i] = e.render()
+        if n == 1:  # one at a time: in this process, no worker to start
+            for i in range(len(tos)):
+                collect(i, lambda i=i: _matrix_worker(*args(i)))
+        else:
+            with ProcessPoolExecutor(max_workers=n) as ex:
+                futs: dict[int, Future[RefreshResult]] = {i: ex.submit(_matrix_worker, *args(i)) for i in range(len(tos))}
+                for i, f in futs.items():
+                    collect(i, f.result)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     return MatrixResult(recipe.name, tuple(versions), tuple(results), tuple(errors), time.perf_counter() - t0)

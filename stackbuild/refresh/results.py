@@ -3,9 +3,10 @@ the new recipe.
 
 A patch that is not clean, offset, merged, resolved or already upstream is never
 dropped: the new recipe keeps its entry as it was (naming the patch file for the old
-base, which does not apply to the new one, so `stackbuild apply` of the new recipe
-stops at it instead of building without it), with a comment above it saying the
-verdict and what to do. Already-upstream entries are commented out with the evidence.
+base), marked with `refresh_verdict = "VERDICT: detail"` and a comment above it saying
+the verdict and what to do. `stackbuild apply` refuses a series holding a marked entry
+(workspace.refused_for_refresh_marks), whether or not the old file happens to apply to
+the new base. Already-upstream entries are commented out with the evidence.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from stackbuild.cache import atomic_write_text
 from stackbuild.errors import RecipeError, StackbuildError
 from stackbuild.inputs import read_user_text
 from stackbuild.patchqueue import (
+    _toml_str,
     bump_last_update,
     commit_diff,
     find_block,
@@ -30,7 +32,7 @@ from stackbuild.patchqueue import (
     split_header,
     today,
 )
-from stackbuild.recipe import PatchEntry, PatchKind, Recipe, SourceKind
+from stackbuild.recipe import CONTROL_RE, PatchEntry, PatchKind, Recipe, SourceKind
 from stackbuild.report import Table
 from stackbuild.series import split_mbox
 
@@ -187,6 +189,17 @@ class MatrixResult:
         return out
 
 
+MARK_KEY = "refresh_verdict"  # recipe.PatchEntry.refresh_verdict: apply refuses a series holding it
+_MARK_MAX = 300
+
+
+def mark_value(p: RefreshedPatch) -> str:
+    """The mark's one line: the verdict, and the detail cut to fit."""
+    detail = " ".join(CONTROL_RE.sub(" ", p.detail or "").split())
+    text = p.verdict.value + (f": {detail}" if detail else "")
+    return text if len(text) <= _MARK_MAX else text[:_MARK_MAX - 3] + "..."
+
+
 def counts(pats: list[RefreshedPatch]) -> str:
     c: dict[str, int] = {}
     for p in pats:
@@ -332,11 +345,13 @@ def new_recipe_text(text: str, recipe: Recipe, st: dict[str, Any], final: list[R
             continue
         if not p.verdict.ok:
             marked += 1
+            set_key(lines, block, MARK_KEY, _toml_str(mark_value(p)))
             note = [f"# stackbuild refresh to {st['new']} ({today()}): {p.verdict.value}"
                     + (f" ({p.evidence.value})" if p.evidence else "") + ":",
                     *(f"#   {d}" for d in (p.detail or "").split("\n") if d),
-                    "#   This entry still names the patch for the old base, which does not apply to the new one,",
-                    "#   so `stackbuild apply` stops here: port it (stackbuild edit, then export) or delete the entry."]
+                    "#   This entry still names the patch for the old base. `stackbuild apply` (and --onto, build)",
+                    f"#   refuses the whole series while it has `{MARK_KEY}`: port the patch to the new release",
+                    "#   (set `file` to the ported patch, `stackbuild rehash`) and delete that line, or delete the entry."]
             lines[block.start:block.start] = note
             continue
         if entry.kind is PatchKind.BACKPORT:

@@ -1,5 +1,6 @@
-"""The release a refresh goes to: parsing `--to` for each source kind, and writing the
-new release's files into the refresh worktree.
+"""The release a refresh goes to: parsing `--to` for each source kind, and where the new
+release's files come from (the cache's base repository, as for `apply`; git for git
+sources and refs of a local checkout).
 
 `--to` forms: NAME==VERSION (a pypi source), NAME@REF (a git source, or a git ref of a
 local source's checkout, read through a private index so the checkout is not touched),
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,17 +18,12 @@ from typing import Any
 
 from packaging.requirements import Requirement
 
+from stackbuild import localbase
 from stackbuild.errors import SourceError, StackbuildError
 from stackbuild.patchqueue import git_out
 from stackbuild.recipe import Recipe, Source, SourceKind, local_source_dir
-from stackbuild.sources.archive import DEFAULT_LIMITS, extract_tarball
 from stackbuild.sources.git import GitCheckout, export_tree, fetch_git
-from stackbuild.sources.pypi import (
-    configured_index,
-    fetch_sdist,
-    list_files,
-    sdist_filename_candidates,
-)
+from stackbuild.sources.pypi import configured_index, list_files, sdist_filename_candidates
 
 Progress = Callable[[str], None]
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
@@ -137,22 +132,36 @@ def make_target(recipe: Recipe, to: str, sha256: str | None) -> Target:
     return Target(src, new, old_label, f"{src.name}@{ref}", ref if not commit else ref[:12])
 
 
-def materialise_new(recipe: Recipe, target: Target, dest: Path, progress: Progress) -> str | None:
-    """Write the new release's files into `dest`; the upstream commit for git sources."""
+def new_base_repo(recipe: Recipe, target: Target, progress: Progress, rebuild: bool = False) -> Path | None:
+    """The cache's bare base repository holding the new release (branch `stackbuild`,
+    one commit), made by the importer `stackbuild apply` uses: a release's sdist goes
+    through the archive scanner into `git fast-import` once (workspace._source_base),
+    a local tree through localbase. A release that apply or an earlier refresh already
+    imported costs a fetch. None where the new tree comes from git (a git source, a ref
+    of a local checkout): `materialise_new` exports it. `rebuild` imports it again (a
+    fetch from the cached one failed: the cache is damaged)."""
+    src = target.new_source
+    if target.local_repo is not None:
+        return None
+    if src.kind is SourceKind.PYPI:
+        from stackbuild.workspace import _Ctx, _source_base
+
+        return _source_base(_Ctx(recipe, recipe.root, progress), src, rebuild=rebuild)
+    if src.kind is SourceKind.LOCAL:
+        assert src.path is not None
+        return localbase.base_repo(localbase.identify(_local_dir(recipe, src.path)), rebuild=rebuild)
+    return None
+
+
+def materialise_new(target: Target, dest: Path) -> str | None:
+    """Write the new release's files into `dest` where they come from git (see
+    `new_base_repo`); the upstream commit for git sources."""
     src = target.new_source
     if target.local_repo is not None:
         assert src.commit is not None
         export_tree(GitCheckout(target.local_repo / ".git", src.commit, str(target.local_repo)), dest)
         return None
-    if src.kind is SourceKind.PYPI:
-        assert src.requirement and src.sha256
-        extract_tarball(fetch_sdist(src.requirement, src.sha256, progress, limits=src.limits), dest,
-                        limits=src.limits or DEFAULT_LIMITS)
-        return None
-    if src.kind is SourceKind.LOCAL:
-        assert src.path is not None
-        shutil.copytree(_local_dir(recipe, src.path), dest, ignore=shutil.ignore_patterns(".git"), symlinks=True)  # --to NAME=PATH
-        return None
+    assert src.kind is SourceKind.GIT, src.kind
     co = fetch_git(src)
     export_tree(co, dest)
     return co.commit
