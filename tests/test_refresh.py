@@ -317,6 +317,19 @@ def test_git_upstream_that_merged_our_patches(tmp_path: Path, monkeypatch: pytes
 
 # ------------------------------------------------------------------ the real series (patches/vllm/0.19.0)
 
+def _real_matrix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, recipe_name: str, versions: list[str]):  # type: ignore[no-untyped-def]
+    """`refresh --matrix` of a shipped 0.19.0 recipe (a copy of the project's recipes and
+    patches) onto real releases, from sdists seeded into a private cache."""
+    repo = Path(__file__).resolve().parent.parent
+    seed_cache(tmp_path / "cache", ["0.19.0", *versions])
+    monkeypatch.setenv("STACKBUILD_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "proj"
+    shutil.copytree(repo / "recipes", root / "recipes")
+    shutil.copytree(repo / "patches", root / "patches")
+    recipe = load_recipe(root / "recipes" / f"{recipe_name}.toml")
+    return refresh_matrix(recipe, versions, jobs=2, sha256s={v: VLLM_SDISTS[v] for v in versions})
+
+
 REAL_EXPECTED = {
     # 0.20.0 made the UMA free-memory branch a platform hook (is_integrated_gpu)
     "xpu-unified-memory-free-check": "needs porting",
@@ -331,15 +344,7 @@ REAL_EXPECTED = {
 @pytest.mark.network
 @pytest.mark.slow
 def test_real_lunar_lake_series_on_0_20_0_and_0_21_0(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    repo = Path(__file__).resolve().parent.parent
-    seed_cache(tmp_path / "cache", ["0.19.0", "0.20.0", "0.21.0"])
-    monkeypatch.setenv("STACKBUILD_CACHE", str(tmp_path / "cache"))
-    root = tmp_path / "proj"
-    shutil.copytree(repo / "recipes", root / "recipes")
-    shutil.copytree(repo / "patches", root / "patches")
-    recipe = load_recipe(root / "recipes" / "lunar-lake-moe.toml")
-    m = refresh_matrix(recipe, ["0.20.0", "0.21.0"], jobs=2,
-                       sha256s={v: VLLM_SDISTS[v] for v in ("0.20.0", "0.21.0")})
+    m = _real_matrix(tmp_path, monkeypatch, "lunar-lake-moe", ["0.20.0", "0.21.0"])
     assert m.errors == (None, None)
     grid = m.grid()
     for name, verdict in REAL_EXPECTED.items():
@@ -618,14 +623,7 @@ def test_real_b70_gemma4_series_on_0_21_0_and_0_23_0(tmp_path: Path, monkeypatch
     """Already upstream in substance (upstream's comments and docstrings differ, and it
     changed the functions around ours), and possibly upstream where 0.23.0 has XPU INT4
     linear of its own."""
-    repo = Path(__file__).resolve().parent.parent
-    seed_cache(tmp_path / "cache", ["0.19.0", "0.21.0", "0.23.0"])
-    monkeypatch.setenv("STACKBUILD_CACHE", str(tmp_path / "cache"))
-    root = tmp_path / "proj"
-    shutil.copytree(repo / "recipes", root / "recipes")
-    shutil.copytree(repo / "patches", root / "patches")
-    recipe = load_recipe(root / "recipes" / "b70-gemma4.toml")
-    m = refresh_matrix(recipe, ["0.21.0", "0.23.0"], jobs=2, sha256s={v: VLLM_SDISTS[v] for v in ("0.21.0", "0.23.0")})
+    m = _real_matrix(tmp_path, monkeypatch, "b70-gemma4", ["0.21.0", "0.23.0"])
     assert m.errors == (None, None)
     grid = m.grid()
     assert grid["gemma4-unified-prereqs"] == {"0.21.0": "already upstream", "0.23.0": "already upstream"}
@@ -800,14 +798,7 @@ def test_real_lunar_lake_series_on_0_23_0_and_0_33_0_sees_upstream_equivalents(
     UnquantizedFusedMoEMethod; XPU INT4 MoE is upstream in 0.23.0 (XPUExperts, is_int4);
     0.33.0 moved unify_kv_cache_spec_page_size to kv_cache_planning.py; and nothing
     upstream does the unified-memory check (no false 'possibly upstream')."""
-    repo = Path(__file__).resolve().parent.parent
-    seed_cache(tmp_path / "cache", ["0.19.0", "0.23.0", "0.33.0"])
-    monkeypatch.setenv("STACKBUILD_CACHE", str(tmp_path / "cache"))
-    root = tmp_path / "proj"
-    shutil.copytree(repo / "recipes", root / "recipes")
-    shutil.copytree(repo / "patches", root / "patches")
-    recipe = load_recipe(root / "recipes" / "lunar-lake-moe.toml")
-    m = refresh_matrix(recipe, ["0.23.0", "0.33.0"], jobs=2, sha256s={v: VLLM_SDISTS[v] for v in ("0.23.0", "0.33.0")})
+    m = _real_matrix(tmp_path, monkeypatch, "lunar-lake-moe", ["0.23.0", "0.33.0"])
     assert m.errors == (None, None)
     grid = m.grid()
     assert grid["xpu-moe-kernel-layout"] == {"0.23.0": "possibly upstream", "0.33.0": "possibly upstream"}
