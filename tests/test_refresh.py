@@ -690,7 +690,8 @@ PLANNING_UP = ("def plan(pages):\n    return unify(pages)\n\n\n"
                "def unify(pages):\n    biggest = max(pages)\n    return [biggest for _ in pages]\n")
 
 
-def _elsewhere_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upstream_does_it: bool):  # type: ignore[no-untyped-def]
+def _elsewhere_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upstream_does_it: bool,  # type: ignore[no-untyped-def]
+                       extra: dict[str, str] | None = None):
     """Two patches on a v1.0 git upstream: `unify` changes unify(); `layout` adds an
     XPU transpose to convert(). v2.0 rewrites convert() (the patch conflicts) and moves
     unify() to pkg/planning.py; with `upstream_does_it`, v2.0's Method.process does
@@ -719,7 +720,7 @@ def _elsewhere_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upstream
              "pkg/planning.py": PLANNING_UP}
     if upstream_does_it:
         files["pkg/method.py"] = METHOD_UP
-    commit_files(up, files, "v2")
+    commit_files(up, {**files, **(extra or {})}, "v2")
     up.create_tag("v2.0")
     return load_recipe(root / "recipes" / "el.toml")
 
@@ -993,3 +994,39 @@ def test_matrix_matches_refresh_in_one_process_or_two_and_reuses_the_cached_base
     assert base.stat().st_ino != imported and any("is damaged" in x for x in said), said
     assert matrix_jobs(None, 1) == 1 and matrix_jobs(3, 2) == 2 and matrix_jobs(1, 4) == 1
     assert matrix_jobs(None, 64) == min(64, len(os.sched_getaffinity(0)))
+
+
+DEEP = "def deep(a):\n    return " + " + ".join(["a.transpose(-1, -2)"] * 1500) + "\n"  # parses; ast.dump overflows
+DEEPER = "def deeper(a):\n    return " + " + ".join(["a"] * 6000) + "\n"  # the parser itself overflows
+
+
+def test_release_files_nested_too_deeply_are_unparsable_not_a_crash() -> None:
+    """A release's Python file is input: one nested past the interpreter's recursion
+    limit counts as unparsable in every evidence function."""
+    from stackbuild.refresh import verdict as V
+    from stackbuild.series import parse_patch
+
+    for text in (DEEP, DEEPER):
+        fp = parse_patch(udiff("m.py", text, text.replace("(a)", "(a, b)"))).files[0]
+        assert V.function_index(text) == {}
+        assert V.normalised_upstream(text, text, text, fp, lambda _q: iter(())) is None
+        assert V.similar_upstream_code("m.py", text, text, text, text, fp) is None
+        assert V.changed_functions(text, text, fp) == []
+        assert V.added_behaviour(text, text, fp) == frozenset()
+    assert V.function_behaviours(DEEPER, None) == [] and V.def_line(DEEPER, "deeper") == 0
+    # what needs no recursion still works on the file that parses
+    assert V.def_line(DEEP, "deep") == 1
+    assert "call transpose(-1, -2)" in V.function_behaviours(DEEP, None)[0][3]
+
+
+def test_refresh_with_a_release_file_nested_too_deeply_gives_verdicts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The behaviour search reads every changed file that names the patch's words: a
+    hostile one (an expression of 1,500 transposes, and one of 6,000 terms) leaves the
+    verdicts as they are, no internal error."""
+    res = refresh(_elsewhere_project(tmp_path, monkeypatch, upstream_does_it=True,
+                                     extra={"pkg/deep.py": DEEP.replace("return", "# Backend.XPU\n    return"),
+                                            "pkg/deeper.py": DEEPER.replace("return", "# Backend.XPU transpose\n    return")}),
+                  "pkg@v2.0")
+    assert _verdicts(res)["layout"] == (RefreshVerdict.POSSIBLY_UPSTREAM, Evidence.SAME_BEHAVIOUR)
+    assert _verdicts(res)["unify"] == (RefreshVerdict.NEEDS_PORTING, Evidence.FUNCTION_MOVED)

@@ -18,10 +18,12 @@ Pure functions over file texts and a tree index; no git, no writes.
 from __future__ import annotations
 
 import ast
+import functools
 import keyword
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 from stackbuild.series import FilePatch, ParsedPatch
 
@@ -205,8 +207,26 @@ def _parse(text: str | None) -> ast.Module | None:
         return None
     try:
         return ast.parse(text)
-    except (SyntaxError, ValueError):
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # a release's file is input too
         return None
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _unparsable_as(default: Any) -> Callable[[_F], _F]:
+    """For an entry point that walks Python files of a release: a file nested too deeply
+    for the interpreter's recursion (a 1,500-term expression parses, then `ast.dump`
+    of it overflows) counts as unparsable, `default`, instead of ending the refresh."""
+    def wrap(fn: _F) -> _F:
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except RecursionError:
+                return default
+        return cast(_F, run)
+    return wrap
 
 
 def changed_lines(fp: FilePatch) -> tuple[set[int], set[int]]:
@@ -233,6 +253,7 @@ def changed_lines(fp: FilePatch) -> tuple[set[int], set[int]]:
 FindFunction = Callable[[str], Iterable[tuple[str, str]]]  # qualname -> (path, normalised) elsewhere
 
 
+@_unparsable_as(None)
 def normalised_upstream(pre: str | None, post: str | None, new: str | None, fp: FilePatch,
                         elsewhere: FindFunction) -> tuple[bool, list[str]] | None:
     """Whether the new release already has this file's change in substance.
@@ -302,6 +323,7 @@ def normalised_upstream(pre: str | None, post: str | None, new: str | None, fp: 
     return True, notes
 
 
+@_unparsable_as({})
 def function_index(text: str) -> dict[str, str]:
     """qualname -> normalised code of every function in a Python file ({} when it does
     not parse)."""
@@ -328,6 +350,7 @@ class MoveCandidate:
         return f"{self.path} (similarity {self.similarity:.2f}; {self.code_share:.0%} of the changed code's lines)"
 
 
+@_unparsable_as(frozenset())
 def hunk_old_lines(fp: FilePatch, old_text: str = "") -> frozenset[str]:
     """The code a file's hunks change: for Python, the whole top-level functions and
     classes the hunks touch in the old file (three lines of context are too little to
@@ -533,6 +556,7 @@ class SimilarCode:
 SIMILAR_THRESHOLD = 0.6
 
 
+@_unparsable_as(None)
 def similar_upstream_code(path: str, pre: str | None, post: str | None, up_old: str | None, up_new: str | None,
                           fp: FilePatch) -> SimilarCode | None:
     """In a function the patch changes, a statement upstream added between the two
@@ -672,6 +696,7 @@ def _const(node: ast.AST) -> str | None:
     return text if len(text) <= 40 else None
 
 
+@_unparsable_as(frozenset())
 def behaviour_features(node: ast.AST) -> frozenset[str]:
     """What a piece of code does, without the names it gives its own variables: the
     calls it makes (with their constant arguments and keyword names), the enum-like
@@ -703,6 +728,7 @@ def behaviour_features(node: ast.AST) -> frozenset[str]:
     return frozenset(out)
 
 
+@_unparsable_as(frozenset())
 def added_behaviour(pre: str | None, post: str | None, fp: FilePatch) -> frozenset[str]:
     """The behaviour features of the statements a patch adds to a Python file that the
     function (or module) they land in did not have before the patch."""
@@ -763,6 +789,7 @@ class SameBehaviour:
 BEHAVIOUR_THRESHOLD = 0.5
 
 
+@_unparsable_as([])
 def function_behaviours(new_text: str | None, old_text: str | None) -> list[tuple[str, int, bool, frozenset[str]]]:
     """(qualname, line, whether the function is new, its features new to it) for every
     function of a file at the new release that is new or changed since the old one."""
@@ -844,6 +871,7 @@ def same_behaviour_upstream(wanted: frozenset[str], novel: frozenset[str],
 # ------------------------------------------------------------------ functions moved to another file
 
 
+@_unparsable_as([])
 def changed_functions(pre: str | None, post: str | None, fp: FilePatch) -> list[str]:
     """Qualified names of the functions a file's hunks change (added lines in the
     patched file, removed lines in the file before), in file order."""
@@ -861,6 +889,7 @@ def changed_functions(pre: str | None, post: str | None, fp: FilePatch) -> list[
     return list(names)
 
 
+@_unparsable_as(0)
 def def_line(text: str, qualname: str) -> int:
     """The line of `def NAME` for a qualified name in a Python file (0 when absent)."""
     tree = _parse(text)
