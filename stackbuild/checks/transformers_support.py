@@ -165,7 +165,10 @@ def _evaluate_mapping(z: zipfile.ZipFile, file: str, name: str, seen: set[tuple[
         source = z.read(file)
     except KeyError:
         return None, file
-    tree = ast.parse(source, filename=file)
+    try:
+        tree = ast.parse(source, filename=file)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # the wheel's file is input: unreadable, not a crash
+        return None, file
     env: dict[str, dict[str, str]] = {}
     where = file
     for node in tree.body:

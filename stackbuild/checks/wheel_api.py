@@ -202,7 +202,7 @@ class WheelAPI:
         assert mod.file is not None
         try:
             mod.tree = ast.parse(self._source(mod.file) or b"", filename=mod.file)
-        except (SyntaxError, ValueError):
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
             mod.getattr_line = 0  # unreadable: answer every name as unknown rather than "missing"
             return
 

@@ -542,3 +542,11 @@ def test_an_index_release_is_fetched_once_and_checked_against_the_pinned_sha256(
     with pytest.raises(SourceError):
         api_closure.run(_index_ctx(tmp_path / "d", pin))
     assert not cached.exists()
+
+
+def test_a_wheel_module_nested_past_the_parsers_recursion_is_unknown_not_a_crash(tmp_path: Path) -> None:
+    """The wheel is input: a module the parser cannot take (6,000 terms deep) answers every
+    name as unknown, like any unreadable module; a call into it is not called missing."""
+    files = {**KERNEL_016, "vllm_xpu_kernels/deep.py": "X = " + " + ".join(["1"] * 6000) + "\n"}
+    r = check(tmp_path, "from vllm_xpu_kernels.deep import anything\nanything(1, 2)\n", files)
+    assert r.status is not CheckStatus.FAIL, r.detail

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,14 @@ def test_non_exact_pin_is_skipped_not_passed(tmp_path: Path) -> None:
 def test_no_pin_fails(tmp_path: Path) -> None:
     [r] = ts.run(vb.context(tmp_path, [], model_types=("gemma4",)))
     assert r.status is CheckStatus.FAIL and "pins no transformers release" in r.detail
+
+
+@pytest.mark.parametrize("body", ["CONFIG_MAPPING_NAMES = (", "CONFIG_MAPPING_NAMES = " + "+".join(["x"] * 6000)])
+def test_a_wheel_whose_mapping_file_does_not_parse_is_one_error(tmp_path: Path, body: str) -> None:
+    """The wheel is input: a mapping file that is not Python, or nested past the parser's
+    recursion, is 'layout unknown' (exit 2 naming the wheel), not an internal error."""
+    wheel = tmp_path / "transformers-9.9.9-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr(ts.AUTO_FILE, body + "\n")
+    with pytest.raises(SourceError, match="layout of this release is unknown"):
+        ts.release_model_types(wheel, "9.9.9")
