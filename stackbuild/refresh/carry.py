@@ -146,6 +146,7 @@ class Carrier:
         self.tree = rdir / state["source"]
         self.progress = progress
         self._sig: dict[str, frozenset[str]] | None = None
+        self._shown: dict[tuple[str, str], str | None] = {}
         self._additions: dict[str, str] = {}
         self._changed: frozenset[str] | None = None
         self._behaviour_memo: dict[str, list[tuple[str, int, bool, frozenset[str]]]] = {}
@@ -174,8 +175,17 @@ class Carrier:
         return None if data is None else data.decode("utf-8", "replace")
 
     def show(self, rev: str, rel: str) -> str | None:
+        """A file at `rev`. Read once per run for a commit or tag (the evidence steps ask
+        for the same files before and after a patch in turn); HEAD moves, so it is
+        read each time."""
+        key = (rev, rel)
+        if key in self._shown:
+            return self._shown[key]
         r = self.git("show", f"{rev}:{rel}", check=False)
-        return r.stdout if r.returncode == 0 else None
+        text = r.stdout if r.returncode == 0 else None
+        if rev != "HEAD":
+            self._shown[key] = text
+        return text
 
     # -- the series
     def run(self) -> None:
@@ -346,7 +356,7 @@ class Carrier:
         if not candidates:
             return None
         by_word = {f: V.feature_word(f) for f in specific}
-        at_old = names_in(self.tree, OLD_BASE_TAG, sorted(set(by_word.values())))
+        at_old = self._at_old_base(sorted(set(by_word.values())))
         novel = frozenset(f for f, w in by_word.items() if w not in at_old)
         return V.same_behaviour_upstream(frozenset(wanted), novel, candidates)
 
