@@ -30,6 +30,7 @@ import tarfile
 import tempfile
 import zlib
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -93,17 +94,25 @@ def _decompressor(raw: BinaryIO) -> Any:
     return raw
 
 
-def verify_compressed(f: BinaryIO, what: str | Path, limits: ArchiveLimits = DEFAULT_LIMITS) -> None:
-    """Read a compressed archive to its end: a bad CRC, a wrong length or a truncated
-    stream is a SourceError naming `what`. Used on downloads before they are cached."""
+@contextmanager
+def _archive_errors(what: str | Path) -> Iterator[None]:
+    """The one translation of what reading a compressed tar can raise into a SourceError
+    naming `what`: a limit the stream passed, or a corrupt stream."""
     try:
-        stream = _Capped(_decompressor(f), limits.stream_cap, f"limit max_total_mb = {limits.max_total_mb}")
-        while stream.read(CHUNK):
-            pass
+        yield
     except _Refused as e:
         raise SourceError(f"refusing archive: it {e}", file=what) from None
     except _READ_ERRORS as e:
         raise SourceError(f"corrupt archive: {_reason(e)}", file=what) from None
+
+
+def verify_compressed(f: BinaryIO, what: str | Path, limits: ArchiveLimits = DEFAULT_LIMITS) -> None:
+    """Read a compressed archive to its end: a bad CRC, a wrong length or a truncated
+    stream is a SourceError naming `what`. Used on downloads before they are cached."""
+    with _archive_errors(what):
+        stream = _Capped(_decompressor(f), limits.stream_cap, f"limit max_total_mb = {limits.max_total_mb}")
+        while stream.read(CHUNK):
+            pass
 
 
 def _reason(e: BaseException) -> str:
@@ -217,105 +226,96 @@ def _scan(archive: Path, limits: ArchiveLimits, strip_top: bool) -> Iterator[_Me
                 f"refusing {what} {name!r}: outside the archive's one top folder {top!r}", file=archive)
         return parts[1:]
 
-    try:
-        with open(archive, "rb") as raw:
-            stream = _Capped(_decompressor(raw), limits.stream_cap, cap_note)
-            with tarfile.open(fileobj=stream, mode="r|", tarinfo=_SafeTarInfo) as tf:  # type: ignore[call-overload]
-                for m in tf:
-                    count += 1
-                    if count > limits.max_members:
-                        raise SourceError(
-                            f"refusing archive: more than {limits.max_members:,} members (limit max_members)",
-                            file=archive)
-                    parts = stripped(m.name, "member")
-                    if m.isdev() or m.isfifo():
-                        raise refuse(m.name, "device or fifo")
-                    if not (m.isdir() or m.isreg() or m.issym() or m.islnk()):
-                        raise refuse(m.name, f"unsupported member type {m.type!r}")
-                    if not parts:
-                        if m.isdir():
-                            continue  # the top folder itself
-                        raise refuse(m.name, "a file where the archive's top folder should be")
-                    rel = "/".join(parts)
-                    for i in range(1, len(parts)):
-                        parent = "/".join(parts[:i])
-                        kind = tree.kinds.get(parent)
-                        if kind in ("file", "symlink"):
-                            raise refuse(m.name, f"it lies below {parent!r}, which is a {'link' if kind == 'symlink' else 'file'}")
-                        tree.kinds[parent] = "dir"
-                    old = tree.kinds.get(rel)
-                    new = "dir" if m.isdir() else "symlink" if m.issym() else "file"
-                    if old is not None and not (old == new and new in ("dir", "file")):
-                        raise refuse(m.name, f"appears twice (a {old}, then a {new})")
+    with _archive_errors(archive), open(archive, "rb") as raw:
+        stream = _Capped(_decompressor(raw), limits.stream_cap, cap_note)
+        with tarfile.open(fileobj=stream, mode="r|", tarinfo=_SafeTarInfo) as tf:  # type: ignore[call-overload]
+            for m in tf:
+                count += 1
+                if count > limits.max_members:
+                    raise SourceError(
+                        f"refusing archive: more than {limits.max_members:,} members (limit max_members)",
+                        file=archive)
+                parts = stripped(m.name, "member")
+                if m.isdev() or m.isfifo():
+                    raise refuse(m.name, "device or fifo")
+                if not (m.isdir() or m.isreg() or m.issym() or m.islnk()):
+                    raise refuse(m.name, f"unsupported member type {m.type!r}")
+                if not parts:
                     if m.isdir():
-                        tree.kinds[rel] = "dir"
-                        yield _Member(rel, "dir", 0, False, None)
-                        continue
-                    if m.issym():
-                        if not m.linkname or m.linkname.startswith("/"):
-                            raise refuse(m.name, f"link to {m.linkname!r} points outside the archive's tree")
-                        _check_text(archive, m.linkname, "link target")
-                        if any(p.lower() == ".git" for p in m.linkname.split("/")):
-                            raise refuse(m.name, f"link to {m.linkname!r} points into git metadata")
-                        why = tree.escapes(parts[:-1], m.linkname)
-                        if why:
-                            raise refuse(m.name, f"link to {m.linkname!r} {why}")
-                        tree.kinds[rel], tree.links[rel] = "symlink", m.linkname
-                        yield _Member(rel, "symlink", 0, False, m.linkname)
-                        continue
-                    if m.islnk():
-                        try:
-                            tparts = stripped(m.linkname, "hard link target")
-                        except SourceError as e:
-                            why = e.message.split(": ", 1)[-1]
-                            raise refuse(m.name, f"hard link to {m.linkname!r} points outside the archive's tree "
-                                                 f"({why})") from None
-                        target = "/".join(tparts or [])
-                        if tree.kinds.get(target) != "file":
-                            what = tree.kinds.get(target)
-                            raise refuse(m.name, f"hard link to {m.linkname!r}, which is "
-                                                 + (f"a {what}" if what else "not an earlier file of the archive"))
-                        size, executable = tree.sizes[target], tree.modes[target]
-                    else:
-                        size, executable = m.size, bool(m.mode & 0o111)
-                    if size > limits.max_member_mb * MiB:
-                        raise refuse(m.name, f"{size:,} bytes, over the limit of {limits.max_member_mb} MiB "
-                                             "per member (limit max_member_mb)")
-                    total += size
-                    if total > limits.max_total_mb * MiB:
-                        raise SourceError(f"refusing archive: it expands to more than {limits.max_total_mb} MiB "
-                                          f"(limit max_total_mb), reached at member {m.name!r}", file=archive)
-                    tree.kinds[rel], tree.sizes[rel], tree.modes[rel] = "file", size, executable
-                    if m.islnk():
-                        yield _Member(rel, "hardlink", size, executable, target)
-                        continue
-                    member = m
+                        continue  # the top folder itself
+                    raise refuse(m.name, "a file where the archive's top folder should be")
+                rel = "/".join(parts)
+                for i in range(1, len(parts)):
+                    parent = "/".join(parts[:i])
+                    kind = tree.kinds.get(parent)
+                    if kind in ("file", "symlink"):
+                        raise refuse(m.name, f"it lies below {parent!r}, which is a {'link' if kind == 'symlink' else 'file'}")
+                    tree.kinds[parent] = "dir"
+                old = tree.kinds.get(rel)
+                new = "dir" if m.isdir() else "symlink" if m.issym() else "file"
+                if old is not None and not (old == new and new in ("dir", "file")):
+                    raise refuse(m.name, f"appears twice (a {old}, then a {new})")
+                if m.isdir():
+                    tree.kinds[rel] = "dir"
+                    yield _Member(rel, "dir", 0, False, None)
+                    continue
+                if m.issym():
+                    if not m.linkname or m.linkname.startswith("/"):
+                        raise refuse(m.name, f"link to {m.linkname!r} points outside the archive's tree")
+                    _check_text(archive, m.linkname, "link target")
+                    if any(p.lower() == ".git" for p in m.linkname.split("/")):
+                        raise refuse(m.name, f"link to {m.linkname!r} points into git metadata")
+                    why = tree.escapes(parts[:-1], m.linkname)
+                    if why:
+                        raise refuse(m.name, f"link to {m.linkname!r} {why}")
+                    tree.kinds[rel], tree.links[rel] = "symlink", m.linkname
+                    yield _Member(rel, "symlink", 0, False, m.linkname)
+                    continue
+                if m.islnk():
+                    try:
+                        tparts = stripped(m.linkname, "hard link target")
+                    except SourceError as e:
+                        why = e.message.split(": ", 1)[-1]
+                        raise refuse(m.name, f"hard link to {m.linkname!r} points outside the archive's tree "
+                                             f"({why})") from None
+                    target = "/".join(tparts or [])
+                    if tree.kinds.get(target) != "file":
+                        what = tree.kinds.get(target)
+                        raise refuse(m.name, f"hard link to {m.linkname!r}, which is "
+                                             + (f"a {what}" if what else "not an earlier file of the archive"))
+                    size, executable = tree.sizes[target], tree.modes[target]
+                else:
+                    size, executable = m.size, bool(m.mode & 0o111)
+                if size > limits.max_member_mb * MiB:
+                    raise refuse(m.name, f"{size:,} bytes, over the limit of {limits.max_member_mb} MiB "
+                                         "per member (limit max_member_mb)")
+                total += size
+                if total > limits.max_total_mb * MiB:
+                    raise SourceError(f"refusing archive: it expands to more than {limits.max_total_mb} MiB "
+                                      f"(limit max_total_mb), reached at member {m.name!r}", file=archive)
+                tree.kinds[rel], tree.sizes[rel], tree.modes[rel] = "file", size, executable
+                if m.islnk():
+                    yield _Member(rel, "hardlink", size, executable, target)
+                    continue
+                member = m
 
-                    def reader(member: tarfile.TarInfo = member) -> Iterator[bytes]:
-                        f = tf.extractfile(member)
-                        assert f is not None
-                        left = member.size
-                        while left > 0:
-                            try:
-                                chunk = f.read(min(CHUNK, left))
-                            except _READ_ERRORS as e:
-                                raise SourceError(f"corrupt archive: {_reason(e)}", file=archive) from None
-                            except _Refused as e:
-                                raise SourceError(f"refusing archive: it {e}", file=archive) from None
-                            if not chunk:
-                                raise SourceError(f"corrupt archive: member {member.name!r} is truncated", file=archive)
-                            left -= len(chunk)
-                            yield chunk
+                def reader(member: tarfile.TarInfo = member) -> Iterator[bytes]:
+                    f = tf.extractfile(member)
+                    assert f is not None
+                    left = member.size
+                    while left > 0:
+                        with _archive_errors(archive):
+                            chunk = f.read(min(CHUNK, left))
+                        if not chunk:
+                            raise SourceError(f"corrupt archive: member {member.name!r} is truncated", file=archive)
+                        left -= len(chunk)
+                        yield chunk
 
-                    yield _Member(rel, "file", size, executable, None, reader)
-            # the tar end marker is not the end of the stream: read on, so the
-            # decompressor checks its CRC and length (and trailing data is bounded)
-            while stream.read(CHUNK):
-                pass
-    except _Refused as e:
-        raise SourceError(f"refusing archive: it {e}", file=archive) from None
-    except _READ_ERRORS as e:
-        raise SourceError(f"corrupt archive: {_reason(e)}", file=archive) from None
+                yield _Member(rel, "file", size, executable, None, reader)
+        # the tar end marker is not the end of the stream: read on, so the
+        # decompressor checks its CRC and length (and trailing data is bounded)
+        while stream.read(CHUNK):
+            pass
     for rel, target in tree.links.items():
         why = tree.escapes(rel.split("/")[:-1], target)
         if why:
