@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -254,6 +254,24 @@ class _Input:
     def recorded(self) -> str:
         return self.shown or self.requirement
 
+    def unresolved(self, reason: str) -> Unresolved:
+        """This input, left out of the lock for `reason`."""
+        return Unresolved(self.name, self.recorded, self.origin, reason, self.pin.sha256 if self.pin else None)
+
+
+def _set_aside(inputs: list[_Input], reason: Callable[[_Input], str | None],
+               unresolved: list[Unresolved]) -> list[_Input]:
+    """The inputs to resolve: those `reason` says nothing of. The others go to
+    `unresolved` with what it says (an unreachable index, an offline run)."""
+    kept = []
+    for i in inputs:
+        why = reason(i)
+        if why is None:
+            kept.append(i)
+        else:
+            unresolved.append(i.unresolved(why))
+    return kept
+
 
 @dataclass(frozen=True)
 class _Plan:
@@ -482,16 +500,11 @@ def lock(
                 failed.append((url, origins.get(url, "?"), why))
         dead = {url: why for url, _, why in failed}
         if failed and partial and index_urls[0][0] not in dead:
-            kept_inputs: list[_Input] = []
-            for i in inputs:
+            def unreachable(i: _Input) -> str | None:
                 bad = [u for u in i.remote_urls if u in dead]
-                if bad:
-                    unresolved.append(Unresolved(i.name, i.recorded, i.origin,
-                                                 f"partial: {imap.real(bad[0])} unreachable ({dead[bad[0]]})",
-                                                 i.pin.sha256 if i.pin else None))
-                else:
-                    kept_inputs.append(i)
-            inputs = kept_inputs
+                return f"partial: {imap.real(bad[0])} unreachable ({dead[bad[0]]})" if bad else None
+
+            inputs = _set_aside(inputs, unreachable, unresolved)
             index_urls = [(u, o) for u, o in index_urls if u not in dead]
             find_links = [(u, o) for u, o in find_links if u not in dead]
             failed = []
@@ -509,16 +522,11 @@ def lock(
     else:
         # Offline: nothing remote is contacted. Pins that need a remote index or URL are
         # recorded as pinned by the recipe; the rest comes from local indexes (and uv's cache).
-        kept: list[_Input] = []
-        for i in inputs:
-            remote = [u for u in i.remote_urls if not backends.is_local(u)]
-            if remote:
-                unresolved.append(Unresolved(i.name, i.recorded, i.origin,
-                                             f"offline: {remote[0]} not contacted",
-                                             i.pin.sha256 if i.pin else None))
-            else:
-                kept.append(i)
-        inputs = kept
+        def remote(i: _Input) -> str | None:
+            urls = [u for u in i.remote_urls if not backends.is_local(u)]
+            return f"offline: {urls[0]} not contacted" if urls else None
+
+        inputs = _set_aside(inputs, remote, unresolved)
         local_ix = [u for u, _ in index_urls if backends.is_local(u)]
         links = [u for u, _ in find_links if backends.is_local(u)]
         if resolver == "uv":
@@ -527,15 +535,12 @@ def lock(
         else:
             resolver_primary = local_ix[0] if local_ix else None
             active_indexes = local_ix[1:]
-            kept = []
-            for i in inputs:
+            def not_local(i: _Input) -> str | None:
                 if i.pin is not None and i.pin.url or _available_locally(i.name, local_ix, links):
-                    kept.append(i)
-                else:
-                    unresolved.append(Unresolved(i.name, i.recorded, i.origin,
-                                                 "offline: in no local index",
-                                                 i.pin.sha256 if i.pin else None))
-            inputs = kept
+                    return None
+                return "offline: in no local index"
+
+            inputs = _set_aside(inputs, not_local, unresolved)
 
     kept_names = {(i.name, i.origin) for i in inputs}
     for i in plan.inputs:
@@ -570,9 +575,7 @@ def lock(
                 # resolved (torchvision on the XPU torch); locking it would pull another
                 # build of that pin in. Leave those inputs to the recipe too, and retry.
                 for i, needs in clash:
-                    unresolved.append(Unresolved(i.name, i.recorded, i.origin,
-                                                 f"{mode}: depends on {needs}, which is not resolved here",
-                                                 i.pin.sha256 if i.pin else None))
+                    unresolved.append(i.unresolved(f"{mode}: depends on {needs}, which is not resolved here"))
                 dropped = {i for i, _ in clash}
                 inputs = [i for i in inputs if i not in dropped]
                 packages = []
@@ -581,11 +584,9 @@ def lock(
             top = [i for i in inputs if i.name in missing]
             if (offline or partial) and top:  # each retry drops at least one input, so this ends
                 for i in top:
-                    unresolved.append(Unresolved(i.name, i.recorded, i.origin,
-                                                 "partial: not resolvable from the reachable indexes" if not offline
-                                                 else "offline: not resolvable from local indexes"
-                                                 + (" or the uv cache" if resolver == "uv" else ""),
-                                                 i.pin.sha256 if i.pin else None))
+                    unresolved.append(i.unresolved("partial: not resolvable from the reachable indexes" if not offline
+                                                   else "offline: not resolvable from local indexes"
+                                                   + (" or the uv cache" if resolver == "uv" else "")))
                 inputs = [i for i in inputs if i not in top]
                 continue
             raise ResolutionFailed(_explain_failure(resolver, run.stderr, inputs, plan.label, replacements),
