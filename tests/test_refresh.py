@@ -50,6 +50,18 @@ def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _patch_entries(root: Path, version: str, patches: dict[str, str]) -> str:
+    """Write each patch to patches/pkg/VERSION/NAME.patch in the project at `root`; the
+    recipe's [[patches]] entries for them, in order."""
+    pdir = root / "patches" / "pkg" / version
+    pdir.mkdir(parents=True, exist_ok=True)
+    body = ""
+    for name, text in patches.items():
+        (pdir / f"{name}.patch").write_text(text)
+        body += f'\n[[patches]]\nfile = "patches/pkg/{version}/{name}.patch"\nsource = "pkg"\nsha256 = "{sha(pdir / f"{name}.patch")}"\n'
+    return body
+
+
 def _series(tree: Path) -> dict[str, str]:
     """Our own small series against 0.19.0, each patch made on top of the previous."""
     cur: dict[str, str] = {}
@@ -283,18 +295,13 @@ def test_git_upstream_that_merged_our_patches(tmp_path: Path, monkeypatch: pytes
                  "def b7(x):\n    if x is None:\n        raise ValueError('x is None')\n    y = x + 7\n    return y * 2\n")
     beta_up = beta2.replace("raise ValueError('x is None')", "raise TypeError('x must not be None')")
     root = tmp_path / "proj"
-    pdir = root / "patches" / "pkg" / "v1.0"
-    pdir.mkdir(parents=True)
-    (root / "recipes").mkdir()
+    (root / "recipes").mkdir(parents=True)
     hdr = "Description: {}\nForwarded: yes\nLast-Update: 2026-01-01\n\n"
     patches = {
         "verbatim": udiff("pkg/alpha.py", BASE_FILES["pkg/alpha.py"], alpha2, hdr.format("merged as it is")),
         "reworded": udiff("pkg/beta.py", BASE_FILES["pkg/beta.py"], beta2, hdr.format("merged with a line changed")),
     }
-    body = ""
-    for name, text in patches.items():
-        (pdir / f"{name}.patch").write_text(text)
-        body += f'\n[[patches]]\nfile = "patches/pkg/v1.0/{name}.patch"\nsource = "pkg"\nsha256 = "{sha(pdir / f"{name}.patch")}"\n'
+    body = _patch_entries(root, "v1.0", patches)
     (root / "recipes" / "gitrec.toml").write_text(
         f'platform = "b70"\n\n[sources.pkg]\ngit = "{up.working_tree_dir}"\ntag = "v1.0"\n' + body)
     # upstream merges the first verbatim, the second with one added line changed, and moves on
@@ -420,13 +427,8 @@ def test_constructed_upstream_gives_each_verdict_and_keeps_every_undecided_patch
     monkeypatch.setenv("STACKBUILD_CACHE", str(tmp_path / "cache"))
     up = make_upstream_repo(tmp_path / "upstream", V1, tag="v1.0")
     root = tmp_path / "proj"
-    pdir = root / "patches" / "pkg" / "v1.0"
-    pdir.mkdir(parents=True)
-    (root / "recipes").mkdir()
-    body = ""
-    for name, text in _constructed_patches().items():
-        (pdir / f"{name}.patch").write_text(text)
-        body += f'\n[[patches]]\nfile = "patches/pkg/v1.0/{name}.patch"\nsource = "pkg"\nsha256 = "{sha(pdir / f"{name}.patch")}"\n'
+    (root / "recipes").mkdir(parents=True)
+    body = _patch_entries(root, "v1.0", _constructed_patches())
     (root / "recipes" / "con.toml").write_text(f'platform = "b70"\n\n[sources.pkg]\ngit = "{up.working_tree_dir}"\ntag = "v1.0"\n' + body)
     _v2(up)
     recipe = load_recipe(root / "recipes" / "con.toml")
@@ -700,19 +702,14 @@ def _elsewhere_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upstream
     up = make_upstream_repo(tmp_path / "upstream", {"pkg/__init__.py": "", "pkg/oracle.py": ORACLE,
                                                     "pkg/method.py": METHOD, "pkg/utils.py": UTILS_V1}, tag="v1.0")
     root = tmp_path / "proj"
-    pdir = root / "patches" / "pkg" / "v1.0"
-    pdir.mkdir(parents=True)
-    (root / "recipes").mkdir()
+    (root / "recipes").mkdir(parents=True)
     layout = _mod(ORACLE, "    return w13, w2\n", "    elif backend == Backend.XPU:\n"
                   "        w13 = w13.transpose(-1, -2).contiguous()\n        w2 = w2.transpose(-1, -2).contiguous()\n"
                   "    return w13, w2\n")
     patches = {"unify": udiff("pkg/utils.py", UTILS_V1, _mod(UTILS_V1, "        raise ValueError(pages)\n",
                                                                "        return biggest * 2\n"), "Description: pad\n\n"),
                "layout": udiff("pkg/oracle.py", ORACLE, layout, "Description: kernels read [E, K, N]\n\n")}
-    body = ""
-    for name, text in patches.items():
-        (pdir / f"{name}.patch").write_text(text)
-        body += f'\n[[patches]]\nfile = "patches/pkg/v1.0/{name}.patch"\nsource = "pkg"\nsha256 = "{sha(pdir / f"{name}.patch")}"\n'
+    body = _patch_entries(root, "v1.0", patches)
     (root / "recipes" / "el.toml").write_text(f'platform = "b70"\n\n[sources.pkg]\ngit = "{up.working_tree_dir}"\ntag = "v1.0"\n' + body)
     oracle_up = _mod(ORACLE, "    if backend == Backend.CPU:\n        w13 = w13 + 0\n    return w13, w2\n",
                      "    if backend in (Backend.CPU,):\n        w13 = w13 * 1\n    return w13, w2\n")
@@ -958,13 +955,8 @@ def test_matrix_matches_refresh_in_one_process_or_two_and_reuses_the_cached_base
     make_upstream_repo(v1, V1, tag=None)
     _v2(make_upstream_repo(v2, V1))
     root = tmp_path / "proj"
-    pdir = root / "patches" / "pkg" / "v1"
-    pdir.mkdir(parents=True)
-    (root / "recipes").mkdir()
-    body = ""
-    for name, text in _constructed_patches().items():
-        (pdir / f"{name}.patch").write_text(text)
-        body += f'\n[[patches]]\nfile = "patches/pkg/v1/{name}.patch"\nsource = "pkg"\nsha256 = "{sha(pdir / f"{name}.patch")}"\n'
+    (root / "recipes").mkdir(parents=True)
+    body = _patch_entries(root, "v1", _constructed_patches())
     (root / "recipes" / "loc.toml").write_text(f'platform = "b70"\n\n[sources.pkg]\npath = "{v1}"\n' + body)
     recipe = load_recipe(root / "recipes" / "loc.toml")
     one = refresh(recipe, f"pkg={v2}")
